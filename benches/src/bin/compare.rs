@@ -1,0 +1,139 @@
+//! Runs the Rust workloads and the JavaScript baselines side by side, in one run, and prints
+//! times, ratios and peak RSS.
+//!
+//! `cargo run --release -p multifeed-benches --bin compare -- [--disk] [WORKLOAD ...]`
+//!
+//! Each measurement runs in its own child process (so its peak RSS is its own): the Rust side
+//! re-invokes this binary with `--child`, the JS side runs `node bench.js` of
+//! `../shared/baselines/js-multifeed` (installed with `npm install` on first use). In memory, the
+//! JS figure is the better of its default and 4 KiB pages, as the baseline's README asks.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use multifeed_benches::{check, prepare, replicate, workload, StorageKind, WORKLOADS};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--child") {
+        return child(&args[1..]);
+    }
+    let disk = args.iter().any(|a| a == "--disk");
+    let names: Vec<String> = args.iter().filter(|a| !a.starts_with("--")).cloned().collect();
+    let selected: Vec<_> = if names.is_empty() {
+        WORKLOADS.to_vec()
+    } else {
+        names.iter().filter_map(|n| workload(n)).collect()
+    };
+    let baseline = baseline_dir()?;
+    let kind = if disk { "disk" } else { "memory" };
+    println!("| workload | storage | rust ms | rust RSS MB | js ms | js RSS MB | js setting | speed-up | RSS ratio |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for w in selected {
+        let rust = run_rust(w.name, kind)?;
+        let js = if w.name == "feeds10000x1" {
+            None
+        } else if disk {
+            run_js(&baseline, w.name, &[("MF_DISK", "1")])?.map(|r| (r, "disk"))
+        } else {
+            let default = run_js(&baseline, w.name, &[])?;
+            let small = run_js(&baseline, w.name, &[("MF_RAM_PAGE", "4096")])?;
+            match (default, small) {
+                (Some(d), Some(s)) if s.0 < d.0 => Some((s, "4 KiB pages")),
+                (Some(d), _) => Some((d, "1 MiB pages")),
+                (None, Some(s)) => Some((s, "4 KiB pages")),
+                (None, None) => None,
+            }
+        };
+        match js {
+            Some(((js_ms, js_rss), setting)) => println!(
+                "| {} | {kind} | {:.0} | {:.0} | {:.0} | {:.0} | {setting} | {:.1}x | {:.2} |",
+                w.name, rust.0, rust.1, js_ms, js_rss, js_ms / rust.0, rust.1 / js_rss
+            ),
+            None => println!("| {} | {kind} | {:.0} | {:.0} | - | - | - | - | - |", w.name, rust.0, rust.1),
+        }
+    }
+    Ok(())
+}
+
+/// Measures one workload in this process and prints `ms rss_mb`.
+fn child(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
+    let name = args.first().ok_or("--child WORKLOAD [memory|disk]")?;
+    let w = workload(name).ok_or("unknown workload")?;
+    let kind = match args.get(1).map(String::as_str) {
+        Some("disk") => StorageKind::Disk,
+        _ => StorageKind::Memory,
+    };
+    async_std::task::block_on(async {
+        let prepared = prepare(w, kind).await?;
+        let elapsed = replicate(&prepared).await?;
+        check(&prepared, w).await?;
+        println!("{} {}", elapsed.as_secs_f64() * 1e3, peak_rss_mb());
+        Ok(())
+    })
+}
+
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb * 1024.0 / 1e6)
+}
+
+fn run_rust(name: &str, kind: &str) -> Result<(f64, f64), Box<dyn std::error::Error>> {
+    let out = Command::new(std::env::current_exe()?)
+        .args(["--child", name, kind])
+        .output()?;
+    if !out.status.success() {
+        return Err(format!("rust {name} failed: {}", String::from_utf8_lossy(&out.stderr)).into());
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut parts = text.split_whitespace().map(str::parse::<f64>);
+    match (parts.next(), parts.next()) {
+        (Some(Ok(ms)), Some(Ok(rss))) => Ok((ms, rss)),
+        _ => Err(format!("rust {name}: unexpected output {text:?}").into()),
+    }
+}
+
+fn baseline_dir() -> Result<PathBuf, Box<dyn std::error::Error>> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dir = std::env::var_os("MULTIFEED_JS_BASELINE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("../shared/baselines/js-multifeed"));
+    if !dir.join("node_modules").exists() {
+        eprintln!("installing the JS baseline in {}", dir.display());
+        let status = Command::new("npm")
+            .args(["install", "--no-audit", "--no-fund", "--loglevel=error"])
+            .current_dir(&dir)
+            .status()?;
+        if !status.success() {
+            return Err("npm install of the JS baseline failed".into());
+        }
+    }
+    Ok(dir)
+}
+
+/// Runs `node bench.js WORKLOAD`; returns (ms, rss MB), or None if it failed.
+fn run_js(dir: &PathBuf, name: &str, env: &[(&str, &str)]) -> Result<Option<(f64, f64)>, Box<dyn std::error::Error>> {
+    let out = Command::new("node")
+        .arg("bench.js")
+        .arg(name)
+        .envs(env.iter().copied())
+        .current_dir(dir)
+        .output()?;
+    if !out.status.success() {
+        eprintln!("js {name} {env:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        return Ok(None);
+    }
+    let line = String::from_utf8_lossy(&out.stdout);
+    let json: serde_json::Value = serde_json::from_str(line.trim())?;
+    Ok(Some((
+        json["ms"].as_f64().unwrap_or(f64::NAN),
+        json["rss_mb"].as_f64().unwrap_or(f64::NAN),
+    )))
+}

@@ -1,0 +1,35 @@
+//! What the replication driver needs from the multifeed that owns the feeds.
+
+use async_trait::async_trait;
+use multifeed_storage::{FeedKey, SharedCore};
+
+/// The error a [`FeedHost`] reports; the driver wraps it in its own error.
+pub type HostError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// A feed the host holds, with its current length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalFeed {
+    /// The feed's public key.
+    pub key: FeedKey,
+    /// The feed's length now.
+    pub length: u64,
+}
+
+/// The set of feeds a replication runs against (implemented by the `multifeed` facade).
+///
+/// All methods may be called concurrently from several connections.
+#[async_trait]
+pub trait FeedHost: Send + Sync + 'static {
+    /// Every feed the host holds now, in a stable order (offer filtering is done by the driver).
+    async fn local_feeds(&self) -> Result<Vec<LocalFeed>, HostError>;
+
+    /// Opens (lazily) the hypercore of a feed the host holds; `None` if it holds no such feed.
+    async fn open_feed(&self, key: &FeedKey) -> Result<Option<SharedCore>, HostError>;
+
+    /// Adds a feed learned from a remote (read-only, empty), or returns the existing one.
+    async fn add_remote_feed(&self, key: &FeedKey) -> Result<SharedCore, HostError>;
+
+    /// A stream of keys of feeds added to the host after this call (local writers created, or
+    /// feeds learned from other connections), for live replication to offer them.
+    fn subscribe_new_feeds(&self) -> futures::stream::BoxStream<'static, FeedKey>;
+}

@@ -1,0 +1,265 @@
+//! The namespaced root: the index plus one hypercore namespace per feed.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+
+use futures::FutureExt;
+use hypercore::{
+    CacheOptionsBuilder, Hypercore, HypercoreBuilder, PartialKeypair, Storage, Store,
+};
+use random_access_storage::RandomAccessError;
+
+use crate::factory::{BoxedStore, StorageFactory};
+use crate::index::{FeedIndex, FeedOrigin, FeedRecord, IndexRecovery};
+use crate::{FeedKey, StorageError};
+
+/// Path of the index inside the root.
+pub const INDEX_PATH: &str = "index";
+
+/// When stored bytes reach stable storage.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Durability {
+    /// Acknowledged writes are in the OS page cache: they survive a killed process, not a power loss.
+    #[default]
+    Process,
+    /// Also fsync at batch boundaries (each append batch, each index record, and on close).
+    Sync,
+}
+
+/// Hypercore options passed through to every feed.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CoreOptions {
+    /// Capacity of hypercore's merkle-tree node cache, in nodes; `None` keeps hypercore's default.
+    pub node_cache_capacity: Option<u64>,
+}
+
+/// The namespace of a feed: `feeds/<first two hex digits>/<hex key>`.
+pub fn namespace_for(key: &FeedKey) -> String {
+    let hex = hex::encode(key);
+    format!("feeds/{}/{}", &hex[..2], hex)
+}
+
+/// A multifeed root: the index of feeds and the factory that stores their hypercores.
+#[derive(Debug)]
+pub struct RootStorage {
+    factory: Arc<dyn StorageFactory>,
+    index: FeedIndex,
+    options: CoreOptions,
+    durability: Durability,
+}
+
+impl RootStorage {
+    /// Opens the root, reading every valid index record, in creation order.
+    pub async fn open(
+        factory: Arc<dyn StorageFactory>,
+        options: CoreOptions,
+        durability: Durability,
+    ) -> Result<(Self, Vec<FeedRecord>, IndexRecovery), StorageError> {
+        let store = factory
+            .open(INDEX_PATH)
+            .await
+            .map_err(|e| StorageError::io(INDEX_PATH, e))?;
+        let (index, records, recovery) = FeedIndex::load(store, INDEX_PATH).await?;
+        let root = Self {
+            factory,
+            index,
+            options,
+            durability,
+        };
+        Ok((root, records, recovery))
+    }
+
+    /// The factory behind this root.
+    pub fn factory(&self) -> &Arc<dyn StorageFactory> {
+        &self.factory
+    }
+
+    /// Creates the hypercore of a new feed and then lists it in the index.
+    ///
+    /// A local feed needs the secret key in `key_pair`; a remote one only the public key.
+    /// If the index write fails, the feed is not listed and the error is returned.
+    pub async fn create_feed(
+        &mut self,
+        key_pair: PartialKeypair,
+        name: Option<String>,
+        origin: FeedOrigin,
+    ) -> Result<(FeedRecord, Hypercore), StorageError> {
+        let key = key_pair.public.to_bytes();
+        let record = FeedRecord {
+            namespace: namespace_for(&key),
+            key,
+            name,
+            origin,
+        };
+        if let Some(name) = &record.name {
+            if name.len() > crate::MAX_NAME_LEN {
+                return Err(StorageError::NameTooLong {
+                    len: name.len(),
+                    limit: crate::MAX_NAME_LEN,
+                });
+            }
+        }
+        let storage = self.core_storage(&record, false).await?;
+        let builder = self.builder(storage).key_pair(key_pair);
+        let core = build_guarded(builder, &record).await?;
+        self.index.append(&record).await?;
+        if self.durability == Durability::Sync {
+            self.index.sync().await?;
+        }
+        Ok((record, core))
+    }
+
+    /// Opens the hypercore of a feed the index lists.
+    pub async fn open_feed(&self, record: &FeedRecord) -> Result<Hypercore, StorageError> {
+        open_feed(&self.factory, self.options, record).await
+    }
+
+    /// A handle that opens feeds without borrowing the root (index writes need `&mut`).
+    pub fn opener(&self) -> FeedOpener {
+        FeedOpener {
+            factory: self.factory.clone(),
+            options: self.options,
+        }
+    }
+
+    /// Flushes the index to stable storage.
+    pub async fn sync(&mut self) -> Result<(), StorageError> {
+        self.index.sync().await
+    }
+
+    async fn core_storage(
+        &self,
+        record: &FeedRecord,
+        must_exist: bool,
+    ) -> Result<Storage, StorageError> {
+        core_storage(&self.factory, record, must_exist).await
+    }
+
+    fn builder(&self, storage: Storage) -> HypercoreBuilder {
+        builder(storage, self.options)
+    }
+}
+
+/// Opens listed feeds; cheap to clone, usable while the root is busy.
+#[derive(Debug, Clone)]
+pub struct FeedOpener {
+    factory: Arc<dyn StorageFactory>,
+    options: CoreOptions,
+}
+
+impl FeedOpener {
+    /// Opens the hypercore of a feed the index lists.
+    pub async fn open_feed(&self, record: &FeedRecord) -> Result<Hypercore, StorageError> {
+        open_feed(&self.factory, self.options, record).await
+    }
+}
+
+async fn open_feed(
+    factory: &Arc<dyn StorageFactory>,
+    options: CoreOptions,
+    record: &FeedRecord,
+) -> Result<Hypercore, StorageError> {
+    let storage = core_storage(factory, record, true).await?;
+    let core = build_guarded(builder(storage, options).open(true), record).await?;
+    let found = core.key_pair().public.to_bytes();
+    if found != record.key {
+        return Err(StorageError::FeedKeyMismatch {
+            namespace: record.namespace.clone(),
+            expected: hex::encode(record.key),
+            found: hex::encode(found),
+        });
+    }
+    Ok(core)
+}
+
+fn builder(storage: Storage, options: CoreOptions) -> HypercoreBuilder {
+    let builder = HypercoreBuilder::new(storage);
+    match options.node_cache_capacity {
+        Some(capacity) => {
+            builder.node_cache_options(CacheOptionsBuilder::new().max_capacity(capacity))
+        }
+        None => builder,
+    }
+}
+
+/// Builds a hypercore, turning its errors and panics on damaged files into typed errors.
+async fn build_guarded(
+    builder: HypercoreBuilder,
+    record: &FeedRecord,
+) -> Result<Hypercore, StorageError> {
+    match AssertUnwindSafe(builder.build()).catch_unwind().await {
+        Ok(Ok(core)) => Ok(core),
+        Ok(Err(err)) => Err(StorageError::FeedCorrupt {
+            key: hex::encode(record.key),
+            namespace: record.namespace.clone(),
+            reason: err.to_string(),
+        }),
+        Err(_) => Err(StorageError::FeedCorrupt {
+            key: hex::encode(record.key),
+            namespace: record.namespace.clone(),
+            reason: "hypercore panicked while reading it".to_owned(),
+        }),
+    }
+}
+
+/// The four stores of a feed's namespace, as a hypercore `Storage`.
+async fn core_storage(
+    factory: &Arc<dyn StorageFactory>,
+    record: &FeedRecord,
+    must_exist: bool,
+) -> Result<Storage, StorageError> {
+    let mut stores: [Option<BoxedStore>; 4] = [None, None, None, None];
+    for (slot, file) in stores.iter_mut().zip(["tree", "data", "bitfield", "oplog"]) {
+        let path = format!("{}/{}", record.namespace, file);
+        *slot = Some(
+            factory
+                .open(&path)
+                .await
+                .map_err(|e| StorageError::io(&path, e))?,
+        );
+    }
+    if must_exist {
+        let oplog_path = format!("{}/oplog", record.namespace);
+        let oplog = stores[3].as_mut().ok_or_else(|| missing(record))?;
+        let len = oplog
+            .len()
+            .await
+            .map_err(|e| StorageError::io(&oplog_path, e))?;
+        if len == 0 {
+            return Err(missing(record));
+        }
+    }
+    let slots = Mutex::new(stores);
+    let take = |store: Store| {
+        let slot = match store {
+            Store::Tree => 0,
+            Store::Data => 1,
+            Store::Bitfield => 2,
+            Store::Oplog => 3,
+        };
+        let taken = slots
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())[slot]
+            .take();
+        async move {
+            taken.ok_or_else(|| {
+                RandomAccessError::from(std::io::Error::other("store opened twice"))
+            })
+        }
+        .boxed()
+    };
+    Storage::open(take, false)
+        .await
+        .map_err(|source| StorageError::Hypercore {
+            namespace: record.namespace.clone(),
+            source,
+        })
+}
+
+fn missing(record: &FeedRecord) -> StorageError {
+    StorageError::FeedMissing {
+        key: hex::encode(record.key),
+        namespace: record.namespace.clone(),
+    }
+}

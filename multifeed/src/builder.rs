@@ -1,0 +1,120 @@
+//! Options for opening a multifeed.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use multifeed_storage::{CoreOptions, DiskFactory, Durability, MemoryFactory, StorageFactory};
+
+use crate::{Error, Multifeed, ValueEncoding};
+
+/// Where a multifeed keeps its feeds.
+#[derive(Debug, Clone, Default)]
+enum StorageChoice {
+    #[default]
+    Memory,
+    Disk(PathBuf),
+    Custom(Arc<dyn StorageFactory>),
+}
+
+/// Settings shared by the whole multifeed.
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub(crate) encoding: ValueEncoding,
+    pub(crate) durability: Durability,
+    pub(crate) core_options: CoreOptions,
+    pub(crate) event_capacity: usize,
+    pub(crate) encryption_key: Option<[u8; 32]>,
+}
+
+/// Builds a [`Multifeed`] with options; from [`Multifeed::builder`].
+#[derive(Debug, Clone)]
+pub struct MultifeedBuilder {
+    storage: StorageChoice,
+    max_open_files: usize,
+    config: Config,
+}
+
+impl Default for MultifeedBuilder {
+    fn default() -> Self {
+        Self {
+            storage: StorageChoice::Memory,
+            max_open_files: DiskFactory::DEFAULT_MAX_OPEN_FILES,
+            config: Config {
+                encoding: ValueEncoding::default(),
+                durability: Durability::default(),
+                core_options: CoreOptions::default(),
+                event_capacity: 1024,
+                encryption_key: None,
+            },
+        }
+    }
+}
+
+impl MultifeedBuilder {
+    /// Keep every feed in memory (the default).
+    pub fn memory(mut self) -> Self {
+        self.storage = StorageChoice::Memory;
+        self
+    }
+
+    /// Keep feeds in the directory `path` (created when first written).
+    pub fn disk(mut self, path: impl Into<PathBuf>) -> Self {
+        self.storage = StorageChoice::Disk(path.into());
+        self
+    }
+
+    /// Keep feeds in any storage: a factory from paths inside the root to `random-access-storage` stores.
+    pub fn storage(mut self, factory: impl StorageFactory) -> Self {
+        self.storage = StorageChoice::Custom(Arc::new(factory));
+        self
+    }
+
+    /// How typed values are encoded: binary (default), utf-8 or JSON.
+    pub fn value_encoding(mut self, encoding: ValueEncoding) -> Self {
+        self.config.encoding = encoding;
+        self
+    }
+
+    /// When writes reach stable storage (see [`Durability`]).
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.config.durability = durability;
+        self
+    }
+
+    /// Capacity of each hypercore's merkle-tree node cache (passed to hypercore).
+    pub fn node_cache_capacity(mut self, nodes: u64) -> Self {
+        self.config.core_options.node_cache_capacity = Some(nodes);
+        self
+    }
+
+    /// The most files kept open at once on disk (default 128).
+    pub fn max_open_files(mut self, max: usize) -> Self {
+        self.max_open_files = max.max(1);
+        self
+    }
+
+    /// How many events each [`events`](Multifeed::events) subscriber may lag behind (default 1024).
+    pub fn event_capacity(mut self, capacity: usize) -> Self {
+        self.config.event_capacity = capacity.max(1);
+        self
+    }
+
+    /// The shared key that peers must know to replicate with this multifeed.
+    ///
+    /// It is kept in memory only and never written to storage. Without it, replication uses the
+    /// public default key of JS multifeed (anyone can then replicate).
+    pub fn encryption_key(mut self, key: [u8; 32]) -> Self {
+        self.config.encryption_key = Some(key);
+        self
+    }
+
+    /// Opens the multifeed, reading its index.
+    pub async fn open(self) -> Result<Multifeed, Error> {
+        let factory: Arc<dyn StorageFactory> = match self.storage {
+            StorageChoice::Memory => Arc::new(MemoryFactory::new()),
+            StorageChoice::Disk(path) => Arc::new(DiskFactory::new(path, self.max_open_files)),
+            StorageChoice::Custom(factory) => factory,
+        };
+        Multifeed::from_config(factory, self.config).await
+    }
+}

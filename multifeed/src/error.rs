@@ -1,0 +1,79 @@
+//! The facade's error type.
+
+use multifeed_storage::StorageError;
+
+/// What went wrong in a multifeed operation.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The multifeed was closed; no further use is possible.
+    #[error("the multifeed is closed")]
+    Closed,
+    /// Storage failed (index, namespaces, files).
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// A hypercore operation on a feed failed.
+    #[error("feed {key}: {source}")]
+    Hypercore {
+        /// Hex key of the feed.
+        key: String,
+        /// What hypercore reported.
+        #[source]
+        source: hypercore::HypercoreError,
+    },
+    /// An append to a feed that this multifeed cannot write (learned from a peer).
+    #[error("feed {key} is not writable here")]
+    NotWritable {
+        /// Hex key of the feed.
+        key: String,
+    },
+    /// A key given by the caller is not 32 bytes nor 64 hex characters.
+    #[error("invalid feed key `{input}`: {reason}")]
+    InvalidKey {
+        /// The input, shortened for display.
+        input: String,
+        /// Why it was rejected.
+        reason: &'static str,
+    },
+    /// A name is already used by another feed, or a key pair belongs to an existing feed.
+    #[error("{what} already exists")]
+    AlreadyExists {
+        /// What exists already.
+        what: String,
+    },
+    /// A value does not fit the multifeed's value encoding.
+    #[error("value encoding is {expected}, but the value is {found}")]
+    EncodingMismatch {
+        /// The multifeed's encoding.
+        expected: &'static str,
+        /// What was given.
+        found: &'static str,
+    },
+    /// A stored entry could not be decoded with the value encoding.
+    #[error("entry {index} of feed {key} is not valid {encoding}: {reason}")]
+    Decode {
+        /// Hex key of the feed.
+        key: String,
+        /// Index of the entry.
+        index: u64,
+        /// The encoding tried.
+        encoding: &'static str,
+        /// Why decoding failed.
+        reason: String,
+    },
+    /// A value could not be encoded as JSON.
+    #[error("value cannot be encoded as JSON: {0}")]
+    Encode(#[source] serde_json::Error),
+    /// Replication failed.
+    #[error(transparent)]
+    Replicate(#[from] multifeed_replicate::ReplicateError),
+}
+
+impl Error {
+    pub(crate) fn hypercore(key: &[u8; 32], source: hypercore::HypercoreError) -> Self {
+        Self::Hypercore {
+            key: hex::encode(key),
+            source,
+        }
+    }
+}

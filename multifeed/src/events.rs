@@ -1,0 +1,64 @@
+//! Events a multifeed reports: feeds added, replication progress.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures::Stream;
+use multifeed_storage::{FeedKey, FeedOrigin};
+
+/// Something that happened to a multifeed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// A feed was added: a local writer was created, or a feed was learned from a peer.
+    Feed {
+        /// The feed's public key.
+        key: FeedKey,
+        /// Its local writer name, if any.
+        name: Option<String>,
+        /// Whether it is ours or a peer's.
+        origin: FeedOrigin,
+    },
+    /// A batch of remote feeds started replicating on a connection.
+    RemoteFeeds {
+        /// Their keys.
+        keys: Vec<FeedKey>,
+    },
+    /// Replication progress on a connection, for progress bars.
+    Progress {
+        /// Blocks transferred so far.
+        blocks_done: u64,
+        /// Blocks known to need transfer.
+        blocks_known: u64,
+    },
+    /// The subscriber fell behind and `missed` events were dropped; re-read [`feeds`](crate::Multifeed::feeds).
+    Lagged {
+        /// How many events were dropped.
+        missed: u64,
+    },
+}
+
+/// A stream of [`Event`]s, from [`Multifeed::events`](crate::Multifeed::events).
+///
+/// Each subscriber has a bounded buffer; a subscriber that falls behind gets [`Event::Lagged`].
+#[derive(Debug)]
+pub struct Events {
+    pub(crate) receiver: async_broadcast::Receiver<Event>,
+}
+
+impl Stream for Events {
+    type Item = Event;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Event>> {
+        match Pin::new(&mut self.receiver).poll_recv(cx) {
+            Poll::Ready(Some(Ok(event))) => Poll::Ready(Some(event)),
+            Poll::Ready(Some(Err(async_broadcast::RecvError::Overflowed(missed)))) => {
+                Poll::Ready(Some(Event::Lagged { missed }))
+            }
+            Poll::Ready(Some(Err(async_broadcast::RecvError::Closed))) | Poll::Ready(None) => {
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! The `Feed` handle: one hypercore of the multifeed.
+
+use std::fmt;
+use std::ops::Range;
+use std::sync::Arc;
+
+use multifeed_storage::{FeedKey, FeedOrigin, FeedRecord, SharedCore};
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::multifeed::Inner;
+use crate::{Error, Value};
+
+/// Whether a feed's hypercore is open.
+pub(crate) enum CoreState {
+    Unopened,
+    Open(SharedCore),
+    Closed,
+}
+
+impl fmt::Debug for CoreState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Unopened => "Unopened",
+            Self::Open(_) => "Open",
+            Self::Closed => "Closed",
+        })
+    }
+}
+
+/// One feed as the multifeed holds it: its record and, once used, its open hypercore.
+#[derive(Debug)]
+pub(crate) struct FeedSlot {
+    pub(crate) record: FeedRecord,
+    pub(crate) discovery_key: [u8; 32],
+    pub(crate) core: async_lock::Mutex<CoreState>,
+}
+
+impl FeedSlot {
+    pub(crate) fn new(record: FeedRecord, core: CoreState) -> Self {
+        Self {
+            discovery_key: hypercore_protocol::discovery_key(&record.key),
+            record,
+            core: async_lock::Mutex::new(core),
+        }
+    }
+}
+
+/// A handle to one feed of a [`Multifeed`](crate::Multifeed). Cheap to clone.
+///
+/// Its hypercore is opened on first use, so listing thousands of feeds opens no files.
+#[derive(Clone)]
+pub struct Feed {
+    slot: Arc<FeedSlot>,
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Feed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Feed")
+            .field("key", &hex::encode(self.key()))
+            .field("name", &self.name())
+            .field("origin", &self.origin())
+            .finish()
+    }
+}
+
+impl Feed {
+    pub(crate) fn new(slot: Arc<FeedSlot>, inner: Arc<Inner>) -> Self {
+        Self { slot, inner }
+    }
+
+    /// The feed's public key.
+    pub fn key(&self) -> &FeedKey {
+        &self.slot.record.key
+    }
+
+    /// The feed's public key as 64 hex characters.
+    pub fn key_hex(&self) -> String {
+        hex::encode(self.key())
+    }
+
+    /// The discovery key: a hash of the public key that peers use to find the feed.
+    pub fn discovery_key(&self) -> &[u8; 32] {
+        &self.slot.discovery_key
+    }
+
+    /// The local writer name, if it has one (never sent to peers).
+    pub fn name(&self) -> Option<&str> {
+        self.slot.record.name.as_deref()
+    }
+
+    /// Whether it was created here or learned from a peer.
+    pub fn origin(&self) -> FeedOrigin {
+        self.slot.record.origin
+    }
+
+    /// Whether this multifeed holds the secret key and can append.
+    pub fn is_writable(&self) -> bool {
+        self.slot.record.origin == FeedOrigin::Local
+    }
+
+    /// The number of entries the feed has (some may not be downloaded yet).
+    pub async fn len(&self) -> Result<u64, Error> {
+        Ok(self.core().await?.lock().await.info().length)
+    }
+
+    /// Whether the feed has no entries.
+    pub async fn is_empty(&self) -> Result<bool, Error> {
+        Ok(self.len().await? == 0)
+    }
+
+    /// Appends one entry; returns its index.
+    pub async fn append(&self, entry: &[u8]) -> Result<u64, Error> {
+        let range = self.append_batch([entry]).await?;
+        Ok(range.start)
+    }
+
+    /// Appends entries atomically; returns the range of their indexes.
+    pub async fn append_batch<I, B>(&self, entries: I) -> Result<Range<u64>, Error>
+    where
+        I: IntoIterator<Item = B>,
+        B: AsRef<[u8]>,
+    {
+        if !self.is_writable() {
+            return Err(Error::NotWritable {
+                key: self.key_hex(),
+            });
+        }
+        let batch: Vec<B> = entries.into_iter().collect();
+        let core = self.core().await?;
+        let mut core = core.lock().await;
+        let start = core.info().length;
+        let outcome = core
+            .append_batch(&batch)
+            .await
+            .map_err(|e| Error::hypercore(self.key(), e))?;
+        drop(core);
+        self.inner.sync_after_batch().await?;
+        Ok(start..outcome.length)
+    }
+
+    /// The entry at `index`, or `None` if it is not stored here (yet).
+    pub async fn get(&self, index: u64) -> Result<Option<Vec<u8>>, Error> {
+        let core = self.core().await?;
+        let mut core = core.lock().await;
+        if index >= core.info().length || !core.has(index) {
+            return Ok(None);
+        }
+        core.get(index)
+            .await
+            .map_err(|e| Error::hypercore(self.key(), e))
+    }
+
+    /// Appends a value through the multifeed's value encoding; returns its index.
+    pub async fn append_value(&self, value: impl Into<Value>) -> Result<u64, Error> {
+        let bytes = self.inner.config.encoding.encode(&value.into())?;
+        self.append(&bytes).await
+    }
+
+    /// The entry at `index`, decoded with the multifeed's value encoding.
+    pub async fn get_value(&self, index: u64) -> Result<Option<Value>, Error> {
+        match self.get(index).await? {
+            Some(bytes) => self
+                .inner
+                .config
+                .encoding
+                .decode(bytes, self.key(), index)
+                .map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Appends any serde value as JSON (the multifeed's encoding must be JSON).
+    pub async fn append_json<T: Serialize + ?Sized>(&self, value: &T) -> Result<u64, Error> {
+        self.append_value(Value::json(value)?).await
+    }
+
+    /// The entry at `index` deserialized from JSON (the multifeed's encoding must be JSON).
+    pub async fn get_json<T: DeserializeOwned>(&self, index: u64) -> Result<Option<T>, Error> {
+        match self.get_value(index).await? {
+            Some(value) => value.to_json().map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The underlying hypercore, for proofs and other low-level use.
+    pub async fn core(&self) -> Result<SharedCore, Error> {
+        self.inner.core(&self.slot).await
+    }
+}

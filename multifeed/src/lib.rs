@@ -1,0 +1,43 @@
+//! Many hypercores by many authors, stored together, replicated union-style over one connection.
+//!
+//! A [`Multifeed`] holds any number of feeds (signed append-only logs, [hypercores](hypercore)):
+//! local ones that it can write, each created by [`Multifeed::writer`] under a local name, and
+//! remote ones learned from peers. Replication swaps the feeds both sides know, so each ends with
+//! the union: every author writes their own feed, and everyone gets every feed.
+//!
+//! ```
+//! # async_std::task::block_on(async {
+//! use multifeed::{Multifeed, ValueEncoding};
+//!
+//! let multi = Multifeed::builder().value_encoding(ValueEncoding::Json).open().await?;
+//! let notes = multi.writer("notes").await?;
+//! notes.append_json(&serde_json::json!({ "text": "hello" })).await?;
+//!
+//! // The same name gives the same feed; feeds are found by key or hex key.
+//! assert_eq!(multi.writer("notes").await?.key(), notes.key());
+//! let found = multi.feed(notes.key_hex())?.expect("the feed is here");
+//! let value: serde_json::Value = found.get_json(0).await?.expect("entry 0 is stored");
+//! assert_eq!(value["text"], "hello");
+//! multi.close().await?;
+//! # Ok::<(), multifeed::Error>(())
+//! # }).unwrap();
+//! ```
+
+mod builder;
+mod encoding;
+mod error;
+mod events;
+mod feed;
+mod multifeed;
+
+pub use builder::MultifeedBuilder;
+pub use encoding::{Value, ValueEncoding};
+pub use error::Error;
+pub use events::{Event, Events};
+pub use feed::Feed;
+pub use multifeed::Multifeed;
+pub use multifeed_storage::{
+    Durability, FeedKey, FeedOrigin, IndexRecovery, MemoryFactory, DiskFactory, FnFactory,
+    StorageFactory,
+};
+pub use hypercore::SigningKey;

@@ -1,0 +1,357 @@
+//! The `Multifeed` type: a set of feeds under one root.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use hypercore::{generate_signing_key, PartialKeypair, SigningKey, VerifyingKey};
+use multifeed_storage::{
+    FeedKey, FeedOpener, FeedOrigin, FeedRecord, IndexRecovery, RootStorage, SharedCore,
+    StorageFactory,
+};
+
+use crate::builder::{Config, MultifeedBuilder};
+use crate::feed::{CoreState, Feed, FeedSlot};
+use crate::{Error, Event, Events};
+
+/// Many hypercores, by many authors, stored together under one root.
+///
+/// Cheap to clone: clones share the same feeds. See the [crate docs](crate) for an example.
+#[derive(Debug, Clone)]
+pub struct Multifeed {
+    pub(crate) inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    /// The index writer; `None` once closed. Its lock also serializes feed creation.
+    root: async_lock::Mutex<Option<RootStorage>>,
+    opener: FeedOpener,
+    factory: Arc<dyn StorageFactory>,
+    table: RwLock<FeedTable>,
+    events: async_broadcast::Sender<Event>,
+    _events_open: async_broadcast::InactiveReceiver<Event>,
+    closed: AtomicBool,
+    recovery: IndexRecovery,
+    pub(crate) config: Config,
+}
+
+#[derive(Debug, Default)]
+struct FeedTable {
+    list: Vec<Arc<FeedSlot>>,
+    by_key: HashMap<FeedKey, usize>,
+    by_name: HashMap<String, usize>,
+}
+
+impl FeedTable {
+    fn insert(&mut self, slot: Arc<FeedSlot>) {
+        let at = self.list.len();
+        self.by_key.insert(slot.record.key, at);
+        if let Some(name) = &slot.record.name {
+            self.by_name.entry(name.clone()).or_insert(at);
+        }
+        self.list.push(slot);
+    }
+}
+
+impl Multifeed {
+    /// A builder for a multifeed with options (storage, value encoding, durability, ...).
+    pub fn builder() -> MultifeedBuilder {
+        MultifeedBuilder::default()
+    }
+
+    /// Opens (or creates) a multifeed stored in the directory `path`.
+    pub async fn open_disk(path: impl Into<std::path::PathBuf>) -> Result<Self, Error> {
+        Self::builder().disk(path).open().await
+    }
+
+    /// Creates a multifeed kept in memory.
+    pub async fn open_memory() -> Result<Self, Error> {
+        Self::builder().memory().open().await
+    }
+
+    pub(crate) async fn from_config(
+        factory: Arc<dyn StorageFactory>,
+        config: Config,
+    ) -> Result<Self, Error> {
+        let (root, records, recovery) =
+            RootStorage::open(factory.clone(), config.core_options, config.durability).await?;
+        let mut table = FeedTable::default();
+        for record in records {
+            if !table.by_key.contains_key(&record.key) {
+                table.insert(Arc::new(FeedSlot::new(record, CoreState::Unopened)));
+            }
+        }
+        let (mut events, receiver) = async_broadcast::broadcast(config.event_capacity.max(1));
+        events.set_overflow(true);
+        events.set_await_active(false);
+        let inner = Inner {
+            opener: root.opener(),
+            root: async_lock::Mutex::new(Some(root)),
+            factory,
+            table: RwLock::new(table),
+            events,
+            _events_open: receiver.deactivate(),
+            closed: AtomicBool::new(false),
+            recovery,
+            config,
+        };
+        Ok(Self {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// The local writable feed called `name`, created on first use.
+    ///
+    /// The same name always gives the same feed, across restarts and concurrent calls.
+    pub async fn writer(&self, name: &str) -> Result<Feed, Error> {
+        self.inner.ensure_open()?;
+        if let Some(feed) = self.by_name(name) {
+            return Ok(feed);
+        }
+        let mut root = self.inner.root.lock().await;
+        if let Some(feed) = self.by_name(name) {
+            return Ok(feed);
+        }
+        let root = root.as_mut().ok_or(Error::Closed)?;
+        let signing_key = generate_signing_key();
+        self.create(root, key_pair(signing_key), Some(name.to_owned()), FeedOrigin::Local)
+            .await
+    }
+
+    /// The local writable feed called `name`, created from `signing_key` on first use.
+    ///
+    /// Fails with [`Error::AlreadyExists`] if the name belongs to a feed with another key, or the
+    /// key to a feed with another name.
+    pub async fn writer_with_keypair(
+        &self,
+        name: &str,
+        signing_key: SigningKey,
+    ) -> Result<Feed, Error> {
+        self.inner.ensure_open()?;
+        let key = signing_key.verifying_key().to_bytes();
+        let mut root = self.inner.root.lock().await;
+        if let Some(feed) = self.by_name(name) {
+            return if feed.key() == &key {
+                Ok(feed)
+            } else {
+                Err(Error::AlreadyExists {
+                    what: format!("a writer named `{name}` with another key"),
+                })
+            };
+        }
+        if self.by_key(&key).is_some() {
+            return Err(Error::AlreadyExists {
+                what: format!("feed {}", hex::encode(key)),
+            });
+        }
+        let root = root.as_mut().ok_or(Error::Closed)?;
+        self.create(root, key_pair(signing_key), Some(name.to_owned()), FeedOrigin::Local)
+            .await
+    }
+
+    /// A new local writable feed with no name: a different feed on every call.
+    pub async fn anonymous_writer(&self) -> Result<Feed, Error> {
+        self.inner.ensure_open()?;
+        let mut root = self.inner.root.lock().await;
+        let root = root.as_mut().ok_or(Error::Closed)?;
+        self.create(root, key_pair(generate_signing_key()), None, FeedOrigin::Local)
+            .await
+    }
+
+    /// Adds a read-only feed known by its key (as replication does), or returns the existing one.
+    pub async fn add_remote_feed(&self, key: &FeedKey) -> Result<Feed, Error> {
+        self.inner.ensure_open()?;
+        if let Some(feed) = self.by_key(key) {
+            return Ok(feed);
+        }
+        let public = VerifyingKey::from_bytes(key).map_err(|_| Error::InvalidKey {
+            input: hex::encode(key),
+            reason: "not a valid ed25519 public key",
+        })?;
+        let mut root = self.inner.root.lock().await;
+        if let Some(feed) = self.by_key(key) {
+            return Ok(feed);
+        }
+        let root = root.as_mut().ok_or(Error::Closed)?;
+        let key_pair = PartialKeypair {
+            public,
+            secret: None,
+        };
+        self.create(root, key_pair, None, FeedOrigin::Remote).await
+    }
+
+    async fn create(
+        &self,
+        root: &mut RootStorage,
+        key_pair: PartialKeypair,
+        name: Option<String>,
+        origin: FeedOrigin,
+    ) -> Result<Feed, Error> {
+        let (record, core) = root.create_feed(key_pair, name, origin).await?;
+        let core: SharedCore = Arc::new(async_lock::Mutex::new(core));
+        let slot = Arc::new(FeedSlot::new(record.clone(), CoreState::Open(core)));
+        self.inner.table_mut().insert(slot.clone());
+        let _ = self.inner.events.try_broadcast(Event::Feed {
+            key: record.key,
+            name: record.name,
+            origin: record.origin,
+        });
+        Ok(Feed::new(slot, self.inner.clone()))
+    }
+
+    /// Every feed, in a stable order: creation or arrival.
+    pub fn feeds(&self) -> Vec<Feed> {
+        self.inner
+            .table()
+            .list
+            .iter()
+            .map(|slot| Feed::new(slot.clone(), self.inner.clone()))
+            .collect()
+    }
+
+    /// The feed with this key: 32 raw bytes, or 64 hex characters.
+    ///
+    /// Returns `Ok(None)` if no such feed is here, and [`Error::InvalidKey`] for malformed input.
+    pub fn feed(&self, key: impl AsRef<[u8]>) -> Result<Option<Feed>, Error> {
+        let key = parse_key(key.as_ref())?;
+        Ok(self.by_key(&key))
+    }
+
+    /// A stream of events: feeds added, replication progress.
+    pub fn events(&self) -> Events {
+        Events {
+            receiver: self.inner.events.new_receiver(),
+        }
+    }
+
+    /// What loading the index found damaged (empty after a clean shutdown).
+    pub fn index_recovery(&self) -> &IndexRecovery {
+        &self.inner.recovery
+    }
+
+    /// Whether [`close`](Self::close) was called.
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.load(Ordering::SeqCst)
+    }
+
+    /// Closes every feed and file. Calling it again, or concurrently, is fine.
+    ///
+    /// Any later use of this multifeed or its feeds fails with [`Error::Closed`].
+    pub async fn close(&self) -> Result<(), Error> {
+        self.inner.closed.store(true, Ordering::SeqCst);
+        let root = self.inner.root.lock().await.take();
+        let mut result = Ok(());
+        if let Some(mut root) = root {
+            if self.inner.config.durability == multifeed_storage::Durability::Sync {
+                result = root.sync().await.map_err(Error::from);
+            }
+        }
+        let slots: Vec<Arc<FeedSlot>> = self.inner.table().list.clone();
+        for slot in slots {
+            *slot.core.lock().await = CoreState::Closed;
+        }
+        self.inner.factory.release();
+        self.inner.events.close();
+        result
+    }
+
+    fn by_name(&self, name: &str) -> Option<Feed> {
+        let table = self.inner.table();
+        let at = *table.by_name.get(name)?;
+        let slot = table.list.get(at)?.clone();
+        Some(Feed::new(slot, self.inner.clone()))
+    }
+
+    pub(crate) fn by_key(&self, key: &FeedKey) -> Option<Feed> {
+        let table = self.inner.table();
+        let at = *table.by_key.get(key)?;
+        let slot = table.list.get(at)?.clone();
+        Some(Feed::new(slot, self.inner.clone()))
+    }
+}
+
+impl Inner {
+    pub(crate) fn ensure_open(&self) -> Result<(), Error> {
+        if self.closed.load(Ordering::SeqCst) {
+            Err(Error::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The feed's hypercore, opened on first use.
+    pub(crate) async fn core(&self, slot: &FeedSlot) -> Result<SharedCore, Error> {
+        self.ensure_open()?;
+        let mut state = slot.core.lock().await;
+        match &*state {
+            CoreState::Open(core) => Ok(core.clone()),
+            CoreState::Closed => Err(Error::Closed),
+            CoreState::Unopened => {
+                let core = self.opener.open_feed(&slot.record).await?;
+                let core: SharedCore = Arc::new(async_lock::Mutex::new(core));
+                *state = CoreState::Open(core.clone());
+                Ok(core)
+            }
+        }
+    }
+
+    pub(crate) fn records(&self) -> Vec<FeedRecord> {
+        self.table().list.iter().map(|s| s.record.clone()).collect()
+    }
+
+    fn table(&self) -> RwLockReadGuard<'_, FeedTable> {
+        // Every write to the table is a single insert that cannot leave it half-done.
+        self.table.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn table_mut(&self) -> RwLockWriteGuard<'_, FeedTable> {
+        self.table.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub(crate) fn new_event_receiver(&self) -> async_broadcast::Receiver<Event> {
+        self.events.new_receiver()
+    }
+
+    /// Flushes to stable storage after a batch, if the durability option asks for it.
+    pub(crate) async fn sync_after_batch(&self) -> Result<(), Error> {
+        if self.config.durability == multifeed_storage::Durability::Sync {
+            self.factory.sync_all().await.map_err(Error::from)?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn emit(&self, event: Event) {
+        let _ = self.events.try_broadcast(event);
+    }
+}
+
+fn key_pair(signing_key: SigningKey) -> PartialKeypair {
+    PartialKeypair {
+        public: signing_key.verifying_key(),
+        secret: Some(signing_key),
+    }
+}
+
+/// Parses 32 raw bytes or 64 hex characters into a key.
+pub(crate) fn parse_key(input: &[u8]) -> Result<FeedKey, Error> {
+    let shown = || {
+        let text = String::from_utf8_lossy(input);
+        text.chars().take(80).collect::<String>()
+    };
+    match input.len() {
+        32 => Ok(input.try_into().unwrap_or([0; 32])),
+        64 => {
+            let mut key = [0u8; 32];
+            hex::decode_to_slice(input, &mut key).map_err(|_| Error::InvalidKey {
+                input: shown(),
+                reason: "not hexadecimal",
+            })?;
+            Ok(key)
+        }
+        _ => Err(Error::InvalidKey {
+            input: shown(),
+            reason: "expected 32 bytes or 64 hex characters",
+        }),
+    }
+}

@@ -1,0 +1,415 @@
+//! The local multifeed: writers, feeds, encodings, close, persistence and crash safety.
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use multifeed::{Error, Event, FeedOrigin, MemoryFactory, Multifeed, Value, ValueEncoding};
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+async fn memory_multifeed(factory: &MemoryFactory) -> Result<Multifeed, Error> {
+    Multifeed::builder().storage(factory.clone()).open().await
+}
+
+#[async_std::test]
+async fn starts_with_no_feeds() -> TestResult {
+    let multi = Multifeed::open_memory().await?;
+    assert!(multi.feeds().is_empty());
+    assert!(multi.index_recovery().is_clean());
+    Ok(())
+}
+
+#[async_std::test]
+async fn writer_creates_a_writable_feed_once_per_name() -> TestResult {
+    let multi = Multifeed::open_memory().await?;
+    let a = multi.writer("a").await?;
+    assert!(a.is_writable());
+    assert_eq!(a.name(), Some("a"));
+    assert_eq!(a.origin(), FeedOrigin::Local);
+    assert_eq!(a.len().await?, 0);
+    assert_eq!(a.append(b"one").await?, 0);
+    assert_eq!(a.append_batch([b"two".as_slice(), b"three"]).await?, 1..3);
+    assert_eq!(a.len().await?, 3);
+    assert_eq!(a.get(2).await?, Some(b"three".to_vec()));
+    assert_eq!(a.get(3).await?, None);
+
+    let again = multi.writer("a").await?;
+    assert_eq!(again.key(), a.key());
+    let b = multi.writer("b").await?;
+    assert_ne!(b.key(), a.key());
+    let keys: Vec<_> = multi.feeds().iter().map(|f| *f.key()).collect();
+    assert_eq!(keys, vec![*a.key(), *b.key()]);
+    Ok(())
+}
+
+#[async_std::test]
+async fn anonymous_writers_are_new_feeds_each_time() -> TestResult {
+    let multi = Multifeed::open_memory().await?;
+    let one = multi.anonymous_writer().await?;
+    let two = multi.anonymous_writer().await?;
+    assert_ne!(one.key(), two.key());
+    assert_eq!(one.name(), None);
+    assert_eq!(multi.feeds().len(), 2);
+    Ok(())
+}
+
+#[async_std::test]
+async fn finds_feeds_by_key_and_hex_and_rejects_bad_input() -> TestResult {
+    let multi = Multifeed::open_memory().await?;
+    let a = multi.writer("a").await?;
+    assert_eq!(multi.feed(a.key())?.map(|f| *f.key()), Some(*a.key()));
+    assert_eq!(multi.feed(a.key_hex())?.map(|f| *f.key()), Some(*a.key()));
+    assert_eq!(
+        multi.feed(a.key_hex().to_uppercase())?.map(|f| *f.key()),
+        Some(*a.key())
+    );
+    assert!(multi.feed([7u8; 32])?.is_none());
+    let bad_hex = "zz".repeat(32);
+    assert!(matches!(multi.feed(&bad_hex), Err(Error::InvalidKey { .. })));
+    assert!(matches!(multi.feed("abc"), Err(Error::InvalidKey { .. })));
+    assert!(matches!(multi.feed(""), Err(Error::InvalidKey { .. })));
+    Ok(())
+}
+
+#[async_std::test]
+async fn custom_key_pair_gives_that_key() -> TestResult {
+    let multi = Multifeed::open_memory().await?;
+    let signing_key = hypercore::generate_signing_key();
+    let public = signing_key.verifying_key().to_bytes();
+    let feed = multi
+        .writer_with_keypair("mine", signing_key.clone())
+        .await?;
+    assert_eq!(feed.key(), &public);
+    feed.append(b"signed by me").await?;
+    // Same name and key again: the same feed. Another key under the same name: an error.
+    assert_eq!(
+        multi.writer_with_keypair("mine", signing_key).await?.key(),
+        &public
+    );
+    let other = hypercore::generate_signing_key();
+    assert!(matches!(
+        multi.writer_with_keypair("mine", other).await,
+        Err(Error::AlreadyExists { .. })
+    ));
+    Ok(())
+}
+
+#[async_std::test]
+async fn concurrent_writer_calls_create_one_feed() -> TestResult {
+    let multi = Multifeed::open_memory().await?;
+    let calls = (0..16).map(|_| {
+        let multi = multi.clone();
+        async_std::task::spawn(async move { multi.writer("shared").await })
+    });
+    let feeds = futures::future::join_all(calls).await;
+    let first = *feeds[0].as_ref().map_err(|e| e.to_string())?.key();
+    for feed in &feeds {
+        assert_eq!(feed.as_ref().map_err(|e| e.to_string())?.key(), &first);
+    }
+    assert_eq!(multi.feeds().len(), 1);
+    Ok(())
+}
+
+#[async_std::test]
+async fn remote_feeds_are_read_only() -> TestResult {
+    let source = Multifeed::open_memory().await?;
+    let key = *source.writer("a").await?.key();
+    let multi = Multifeed::open_memory().await?;
+    let remote = multi.add_remote_feed(&key).await?;
+    assert!(!remote.is_writable());
+    assert_eq!(remote.origin(), FeedOrigin::Remote);
+    assert!(matches!(
+        remote.append(b"nope").await,
+        Err(Error::NotWritable { .. })
+    ));
+    assert_eq!(remote.len().await?, 0);
+    assert_eq!(multi.add_remote_feed(&key).await?.key(), &key);
+    assert_eq!(multi.feeds().len(), 1);
+    Ok(())
+}
+
+#[async_std::test]
+async fn value_encodings_round_trip_and_reject_mismatches() -> TestResult {
+    let json = Multifeed::builder()
+        .value_encoding(ValueEncoding::Json)
+        .open()
+        .await?;
+    let feed = json.writer("j").await?;
+    feed.append_json(&serde_json::json!({"n": 1, "msg": "hi"}))
+        .await?;
+    let back: serde_json::Value = feed.get_json(0).await?.ok_or("entry 0 missing")?;
+    assert_eq!(back["msg"], "hi");
+    assert!(matches!(
+        feed.append_value("text").await,
+        Err(Error::EncodingMismatch { .. })
+    ));
+    feed.append(b"{not json").await?;
+    assert!(matches!(feed.get_value(1).await, Err(Error::Decode { .. })));
+
+    let text = Multifeed::builder()
+        .value_encoding(ValueEncoding::Utf8)
+        .open()
+        .await?;
+    let feed = text.writer("t").await?;
+    feed.append_value("héllo").await?;
+    assert_eq!(feed.get_value(0).await?, Some(Value::Text("héllo".into())));
+    feed.append(&[0xff, 0xfe]).await?;
+    assert!(matches!(feed.get_value(1).await, Err(Error::Decode { .. })));
+
+    let binary = Multifeed::open_memory().await?;
+    let feed = binary.writer("b").await?;
+    feed.append_value(vec![0u8, 1, 2]).await?;
+    assert_eq!(feed.get_value(0).await?, Some(Value::Binary(vec![0, 1, 2])));
+    Ok(())
+}
+
+#[async_std::test]
+async fn events_report_every_new_feed() -> TestResult {
+    let multi = Multifeed::open_memory().await?;
+    let mut events = multi.events();
+    let a = multi.writer("a").await?;
+    let anon = multi.anonymous_writer().await?;
+    let wait = |events: &mut multifeed::Events| {
+        let next = events.next();
+        async move {
+            async_std::future::timeout(std::time::Duration::from_secs(10), next)
+                .await
+                .map_err(|_| "timed out waiting for a Feed event")
+        }
+    };
+    match wait(&mut events).await? {
+        Some(Event::Feed { key, name, origin }) => {
+            assert_eq!(&key, a.key());
+            assert_eq!(name.as_deref(), Some("a"));
+            assert_eq!(origin, FeedOrigin::Local);
+        }
+        other => return Err(format!("expected a Feed event, got {other:?}").into()),
+    }
+    match wait(&mut events).await? {
+        Some(Event::Feed { key, name: None, .. }) => assert_eq!(&key, anon.key()),
+        other => return Err(format!("expected a Feed event, got {other:?}").into()),
+    }
+    multi.close().await?;
+    assert_eq!(wait(&mut events).await?, None, "stream ends on close");
+    Ok(())
+}
+
+#[async_std::test]
+async fn close_twice_concurrently_and_use_after_close() -> TestResult {
+    let multi = Multifeed::open_memory().await?;
+    let feed = multi.writer("a").await?;
+    feed.append(b"x").await?;
+    assert!(!multi.is_closed());
+    let (one, two) = futures::join!(multi.close(), multi.clone().close());
+    one?;
+    two?;
+    multi.close().await?;
+    assert!(multi.is_closed());
+    assert!(matches!(multi.writer("a").await, Err(Error::Closed)));
+    assert!(matches!(multi.writer("new").await, Err(Error::Closed)));
+    assert!(matches!(multi.anonymous_writer().await, Err(Error::Closed)));
+    assert!(matches!(feed.append(b"y").await, Err(Error::Closed)));
+    assert!(matches!(feed.get(0).await, Err(Error::Closed)));
+    assert!(matches!(feed.len().await, Err(Error::Closed)));
+    Ok(())
+}
+
+#[async_std::test]
+async fn names_keys_and_entries_survive_reopen_on_disk() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let (a_key, b_key, anon_key) = {
+        let multi = Multifeed::open_disk(dir.path()).await?;
+        let a = multi.writer("a").await?;
+        a.append_batch([b"a0".as_slice(), b"a1"]).await?;
+        let b = multi.writer("b").await?;
+        b.append(b"b0").await?;
+        let anon = multi.anonymous_writer().await?;
+        multi.close().await?;
+        (*a.key(), *b.key(), *anon.key())
+    };
+    let multi = Multifeed::open_disk(dir.path()).await?;
+    let keys: Vec<_> = multi.feeds().iter().map(|f| *f.key()).collect();
+    assert_eq!(keys, vec![a_key, b_key, anon_key]);
+    let a = multi.writer("a").await?;
+    assert_eq!(a.key(), &a_key);
+    assert_eq!(a.get(1).await?, Some(b"a1".to_vec()));
+    assert_eq!(a.append(b"a2").await?, 2, "still writable after reopen");
+    assert_eq!(multi.writer("b").await?.get(0).await?, Some(b"b0".to_vec()));
+    assert_eq!(multi.feeds().len(), 3);
+    Ok(())
+}
+
+#[async_std::test]
+async fn the_shared_secret_never_lands_in_storage() -> TestResult {
+    let secret = [0x5au8; 32];
+    let factory = MemoryFactory::new();
+    let dir = tempfile::tempdir()?;
+    for multi in [
+        Multifeed::builder()
+            .storage(factory.clone())
+            .encryption_key(secret)
+            .open()
+            .await?,
+        Multifeed::builder()
+            .disk(dir.path())
+            .encryption_key(secret)
+            .open()
+            .await?,
+    ] {
+        let feed = multi.writer("a").await?;
+        feed.append_batch((0..100u32).map(|i| i.to_le_bytes())).await?;
+        multi.add_remote_feed(&[9; 32]).await.ok();
+        multi.close().await?;
+    }
+    let contains = |haystack: &[u8]| haystack.windows(32).any(|w| w == secret);
+    for path in factory.paths() {
+        let bytes = factory.file(&path).ok_or("listed file vanished")?.snapshot();
+        assert!(!contains(&bytes), "secret found in memory file {path}");
+    }
+    let mut checked = 0;
+    for entry in walk(dir.path())? {
+        assert!(
+            !contains(&std::fs::read(&entry)?),
+            "secret found in {entry:?}"
+        );
+        checked += 1;
+    }
+    assert!(checked >= 5, "expected the index and feed files, found {checked}");
+    Ok(())
+}
+
+fn walk(dir: &std::path::Path) -> std::io::Result<Vec<std::path::PathBuf>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            files.extend(walk(&path)?);
+        } else {
+            files.push(path);
+        }
+    }
+    Ok(files)
+}
+
+/// Builds a root with three named writers and returns the index bytes and where the last record starts.
+async fn three_writer_index(factory: &MemoryFactory) -> Result<(Vec<u8>, usize), Box<dyn std::error::Error>> {
+    let multi = memory_multifeed(factory).await?;
+    multi.writer("first").await?.append(b"1").await?;
+    multi.writer("second").await?.append(b"2").await?;
+    let index = factory.file("index").ok_or("no index file")?;
+    let before_last = index.snapshot().len();
+    multi.writer("third").await?.append(b"3").await?;
+    multi.close().await?;
+    Ok((index.snapshot(), before_last))
+}
+
+#[async_std::test]
+async fn index_survives_truncation_or_corruption_at_every_byte_of_its_last_record() -> TestResult {
+    let factory = MemoryFactory::new();
+    let (full, last_start) = three_writer_index(&factory).await?;
+    let reference = memory_multifeed(&factory).await?;
+    let expected: Vec<_> = reference
+        .feeds()
+        .iter()
+        .take(2)
+        .map(|f| (*f.key(), f.name().map(str::to_owned)))
+        .collect();
+    reference.close().await?;
+    let index = factory.file("index").ok_or("no index file")?;
+    let mut damaged_variants = Vec::new();
+    for cut in last_start..full.len() {
+        damaged_variants.push(full[..cut].to_vec());
+    }
+    for at in last_start..full.len() {
+        let mut bytes = full.clone();
+        bytes[at] ^= 0x41;
+        damaged_variants.push(bytes);
+    }
+    for bytes in damaged_variants {
+        index.replace(bytes.clone());
+        let multi = memory_multifeed(&factory).await?;
+        let got: Vec<_> = multi
+            .feeds()
+            .iter()
+            .take(2)
+            .map(|f| (*f.key(), f.name().map(str::to_owned)))
+            .collect();
+        assert_eq!(got, expected, "damaged index of {} bytes", bytes.len());
+        assert_eq!(multi.feeds().len(), 2, "the damaged record is dropped");
+        for (i, feed) in multi.feeds().iter().enumerate() {
+            assert_eq!(feed.get(0).await?, Some(vec![b'1' + i as u8]));
+        }
+        // The next writer lands cleanly after the good records.
+        multi.writer("after").await?;
+        multi.close().await?;
+        let reopened = memory_multifeed(&factory).await?;
+        assert_eq!(reopened.feeds().len(), 3);
+        assert!(reopened.index_recovery().is_clean());
+        reopened.close().await?;
+    }
+    Ok(())
+}
+
+#[async_std::test]
+async fn a_missing_or_corrupt_namespace_names_the_feed_and_hides_no_other() -> TestResult {
+    let factory = MemoryFactory::new();
+    let multi = memory_multifeed(&factory).await?;
+    let keys: Vec<_> = futures::future::try_join_all(
+        ["a", "b", "c"].map(|name| {
+            let multi = multi.clone();
+            async move {
+                let feed = multi.writer(name).await?;
+                feed.append(name.as_bytes()).await?;
+                Ok::<_, Error>(*feed.key())
+            }
+        }),
+    )
+    .await?;
+    multi.close().await?;
+
+    let ns = |key: &[u8; 32]| multifeed_storage::namespace_for(key);
+    factory.remove(&format!("{}/oplog", ns(&keys[0])));
+    let oplog_b = factory
+        .file(&format!("{}/oplog", ns(&keys[1])))
+        .ok_or("no oplog for b")?;
+    oplog_b.replace(vec![0xAB; oplog_b.snapshot().len()]);
+
+    let multi = memory_multifeed(&factory).await?;
+    assert_eq!(multi.feeds().len(), 3, "every listed feed is still listed");
+    let a = multi.feed(keys[0])?.ok_or("a not listed")?;
+    match a.len().await {
+        Err(Error::Storage(multifeed_storage::StorageError::FeedMissing { key, .. })) => {
+            assert_eq!(key, hex::encode(keys[0]))
+        }
+        other => return Err(format!("expected FeedMissing, got {other:?}").into()),
+    }
+    let b = multi.feed(keys[1])?.ok_or("b not listed")?;
+    match b.get(0).await {
+        Err(Error::Storage(multifeed_storage::StorageError::FeedCorrupt { key, .. })) => {
+            assert_eq!(key, hex::encode(keys[1]))
+        }
+        other => return Err(format!("expected FeedCorrupt, got {other:?}").into()),
+    }
+    let c = multi.feed(keys[2])?.ok_or("c not listed")?;
+    assert_eq!(c.get(0).await?, Some(b"c".to_vec()));
+    Ok(())
+}
+
+#[async_std::test]
+async fn custom_storage_from_a_closure() -> TestResult {
+    let opened = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = opened.clone();
+    let factory = multifeed::FnFactory::new(move |_path: &str| {
+        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Box::pin(async {
+            Ok(Box::new(random_access_memory::RandomAccessMemory::new(4096))
+                as multifeed_storage::BoxedStore)
+        })
+    });
+    let multi = Multifeed::builder().storage(factory).open().await?;
+    let feed = multi.writer("a").await?;
+    feed.append(b"custom").await?;
+    assert_eq!(feed.get(0).await?, Some(b"custom".to_vec()));
+    assert_eq!(opened.load(std::sync::atomic::Ordering::SeqCst), 5, "index + 4 feed files");
+    Ok(())
+}
