@@ -40,13 +40,13 @@
 //! # }).unwrap();
 //! ```
 
-mod backend;
+mod store;
 mod error;
 mod factory;
 mod index;
 mod root;
 
-pub use backend::{DiskStore, FdPool, MemoryStore};
+pub use store::{DiskStore, FdPool, MemoryStore};
 pub use error::StorageError;
 pub use factory::{BoxedStore, DiskFactory, FnFactory, MemoryFactory, StorageFactory};
 pub use index::{FeedOrigin, FeedRecord, IndexRecovery, MAX_NAME_LEN};

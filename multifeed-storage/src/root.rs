@@ -100,8 +100,8 @@ impl RootStorage {
                 });
             }
         }
-        let storage = self.core_storage(&record, false).await?;
-        let builder = self.builder(storage).key_pair(key_pair);
+        let storage = core_storage(&self.factory, &record, false).await?;
+        let builder = builder(storage, self.options).key_pair(key_pair);
         let core = build_guarded(builder, &record).await?;
         self.index.append(&record).await?;
         if self.durability == Durability::Sync {
@@ -112,7 +112,8 @@ impl RootStorage {
 
     /// Opens the hypercore of a feed the index lists.
     pub async fn open_feed(&self, record: &FeedRecord) -> Result<Hypercore, StorageError> {
-        open_feed(&self.factory, self.options, record).await
+        let (factory, options) = (self.factory.clone(), self.options);
+        open_feed(&factory, options, record).await
     }
 
     /// A handle that opens feeds without borrowing the root (index writes need `&mut`).
@@ -126,18 +127,6 @@ impl RootStorage {
     /// Flushes the index to stable storage.
     pub async fn sync(&mut self) -> Result<(), StorageError> {
         self.index.sync().await
-    }
-
-    async fn core_storage(
-        &self,
-        record: &FeedRecord,
-        must_exist: bool,
-    ) -> Result<Storage, StorageError> {
-        core_storage(&self.factory, record, must_exist).await
-    }
-
-    fn builder(&self, storage: Storage) -> HypercoreBuilder {
-        builder(storage, self.options)
     }
 }
 

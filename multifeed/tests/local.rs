@@ -169,15 +169,7 @@ async fn events_report_every_new_feed() -> TestResult {
     let mut events = multi.events();
     let a = multi.writer("a").await?;
     let anon = multi.anonymous_writer().await?;
-    let wait = |events: &mut multifeed::Events| {
-        let next = events.next();
-        async move {
-            async_std::future::timeout(std::time::Duration::from_secs(10), next)
-                .await
-                .map_err(|_| "timed out waiting for a Feed event")
-        }
-    };
-    match wait(&mut events).await? {
+    match next_event(&mut events).await? {
         Some(Event::Feed { key, name, origin }) => {
             assert_eq!(&key, a.key());
             assert_eq!(name.as_deref(), Some("a"));
@@ -185,13 +177,19 @@ async fn events_report_every_new_feed() -> TestResult {
         }
         other => return Err(format!("expected a Feed event, got {other:?}").into()),
     }
-    match wait(&mut events).await? {
+    match next_event(&mut events).await? {
         Some(Event::Feed { key, name: None, .. }) => assert_eq!(&key, anon.key()),
         other => return Err(format!("expected a Feed event, got {other:?}").into()),
     }
     multi.close().await?;
-    assert_eq!(wait(&mut events).await?, None, "stream ends on close");
+    assert_eq!(next_event(&mut events).await?, None, "stream ends on close");
     Ok(())
+}
+
+async fn next_event(events: &mut multifeed::Events) -> Result<Option<Event>, &'static str> {
+    async_std::future::timeout(std::time::Duration::from_secs(10), events.next())
+        .await
+        .map_err(|_| "timed out waiting for an event")
 }
 
 #[async_std::test]
@@ -200,7 +198,8 @@ async fn close_twice_concurrently_and_use_after_close() -> TestResult {
     let feed = multi.writer("a").await?;
     feed.append(b"x").await?;
     assert!(!multi.is_closed());
-    let (one, two) = futures::join!(multi.close(), multi.clone().close());
+    let other = multi.clone();
+    let (one, two) = futures::join!(multi.close(), other.close());
     one?;
     two?;
     multi.close().await?;

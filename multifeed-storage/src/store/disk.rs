@@ -1,0 +1,156 @@
+//! A disk store: synchronous positioned I/O through a shared descriptor pool.
+
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+use random_access_storage::{RandomAccess, RandomAccessError};
+
+use super::fd_pool::{io_error, FdPool};
+
+/// A file on disk, opened on demand through an [`FdPool`].
+///
+/// Every operation is one or two syscalls done in place (`pwrite`, `pread`, `ftruncate`), with no
+/// hand-off to a thread and no fsync; see the [module docs](crate#durability) for what survives
+/// what. One store per path: the length is cached in the store.
+#[derive(Debug)]
+pub struct DiskStore {
+    pool: FdPool,
+    path: PathBuf,
+    len: Option<u64>,
+}
+
+impl DiskStore {
+    /// A store for the file at `path`; touches the disk only when used.
+    pub fn open(pool: &FdPool, path: impl Into<PathBuf>) -> Self {
+        Self {
+            pool: pool.clone(),
+            path: path.into(),
+            len: None,
+        }
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    fn err(&self, source: std::io::Error) -> RandomAccessError {
+        io_error(&self.path, source)
+    }
+
+    fn current_len(&mut self) -> Result<u64, RandomAccessError> {
+        if let Some(len) = self.len {
+            return Ok(len);
+        }
+        let len = match self.pool.file(&self.path, false).map_err(|e| self.err(e))? {
+            Some(file) => file.metadata().map_err(|e| self.err(e))?.len(),
+            None => 0,
+        };
+        self.len = Some(len);
+        Ok(len)
+    }
+
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), RandomAccessError> {
+        let file = self
+            .pool
+            .file(&self.path, true)
+            .map_err(|e| self.err(e))?
+            .ok_or_else(|| self.err(std::io::ErrorKind::NotFound.into()))?;
+        let len = self.current_len()?;
+        file.write_all_at(data, offset).map_err(|e| self.err(e))?;
+        self.pool.mark_dirty(&self.path);
+        self.len = Some(len.max(offset + data.len() as u64));
+        Ok(())
+    }
+
+    fn set_len(&mut self, length: u64) -> Result<(), RandomAccessError> {
+        let file = self
+            .pool
+            .file(&self.path, true)
+            .map_err(|e| self.err(e))?
+            .ok_or_else(|| self.err(std::io::ErrorKind::NotFound.into()))?;
+        file.set_len(length).map_err(|e| self.err(e))?;
+        self.pool.mark_dirty(&self.path);
+        self.len = Some(length);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl RandomAccess for DiskStore {
+    async fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), RandomAccessError> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.write_at(offset, data)
+    }
+
+    async fn read(&mut self, offset: u64, length: u64) -> Result<Vec<u8>, RandomAccessError> {
+        let len = self.current_len()?;
+        let end = offset.checked_add(length);
+        if end.is_none_or(|end| end > len) {
+            return Err(RandomAccessError::OutOfBounds {
+                offset,
+                end,
+                length: len,
+            });
+        }
+        let mut buf = vec![0; length as usize];
+        if length > 0 {
+            let file = self
+                .pool
+                .file(&self.path, false)
+                .map_err(|e| self.err(e))?
+                .ok_or_else(|| self.err(std::io::ErrorKind::NotFound.into()))?;
+            file.read_exact_at(&mut buf, offset)
+                .map_err(|e| self.err(e))?;
+        }
+        Ok(buf)
+    }
+
+    async fn del(&mut self, offset: u64, length: u64) -> Result<(), RandomAccessError> {
+        let len = self.current_len()?;
+        if offset > len {
+            return Err(RandomAccessError::OutOfBounds {
+                offset,
+                end: None,
+                length: len,
+            });
+        }
+        if length == 0 {
+            return Ok(());
+        }
+        if offset.saturating_add(length) >= len {
+            return self.set_len(offset);
+        }
+        const CHUNK: u64 = 64 * 1024;
+        let zeros = vec![0u8; length.min(CHUNK) as usize];
+        let mut at = offset;
+        while at < offset + length {
+            let n = (offset + length - at).min(CHUNK) as usize;
+            self.write_at(at, &zeros[..n])?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+
+    async fn truncate(&mut self, length: u64) -> Result<(), RandomAccessError> {
+        self.set_len(length)
+    }
+
+    async fn len(&mut self) -> Result<u64, RandomAccessError> {
+        self.current_len()
+    }
+
+    async fn is_empty(&mut self) -> Result<bool, RandomAccessError> {
+        Ok(self.current_len()? == 0)
+    }
+
+    async fn sync_all(&mut self) -> Result<(), RandomAccessError> {
+        if let Some(file) = self.pool.file(&self.path, false).map_err(|e| self.err(e))? {
+            file.sync_data().map_err(|e| self.err(e))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,139 @@
+//! A bounded, shared pool of open files.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use random_access_storage::RandomAccessError;
+
+/// A bounded least-recently-used pool of open files, shared by every [`DiskStore`](crate::DiskStore)
+/// of a root, so thousands of feeds never hold thousands of descriptors. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct FdPool {
+    inner: Arc<Mutex<PoolInner>>,
+}
+
+#[derive(Debug)]
+struct PoolInner {
+    max_open: usize,
+    tick: u64,
+    open: HashMap<PathBuf, (Arc<File>, u64)>,
+    /// Files written since the last [`FdPool::sync_all`].
+    dirty: HashSet<PathBuf>,
+}
+
+impl FdPool {
+    /// A pool keeping at most `max_open` files open (at least one).
+    pub fn new(max_open: usize) -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(PoolInner {
+                max_open: max_open.max(1),
+                tick: 0,
+                open: HashMap::new(),
+                dirty: HashSet::new(),
+            })),
+        }
+    }
+
+    /// How many files are open now.
+    pub fn open_count(&self) -> usize {
+        self.lock().open.len()
+    }
+
+    /// Closes every open file (stores reopen them on their next use).
+    pub fn clear(&self) {
+        self.lock().open.clear();
+    }
+
+    /// The open file at `path`; `None` if it does not exist and `create` is false.
+    pub(crate) fn file(&self, path: &Path, create: bool) -> io::Result<Option<Arc<File>>> {
+        {
+            let mut inner = self.lock();
+            inner.tick += 1;
+            let tick = inner.tick;
+            if let Some((file, used)) = inner.open.get_mut(path) {
+                *used = tick;
+                return Ok(Some(file.clone()));
+            }
+        }
+        // Open outside the lock: it is a syscall, and other stores may proceed meanwhile.
+        let file = match OpenOptions::new().read(true).write(true).open(path) {
+            Ok(file) => file,
+            Err(err) if err.kind() == io::ErrorKind::NotFound && create => {
+                if let Some(parent) = path.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(path)?
+            }
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(err) => return Err(err),
+        };
+        let file = Arc::new(file);
+        let mut inner = self.lock();
+        while inner.open.len() >= inner.max_open {
+            let oldest = inner
+                .open
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(path, _)| path.clone());
+            match oldest {
+                Some(oldest) => {
+                    inner.open.remove(&oldest);
+                }
+                None => break,
+            }
+        }
+        let tick = inner.tick;
+        let file = inner
+            .open
+            .entry(path.to_path_buf())
+            .or_insert((file, tick))
+            .0
+            .clone();
+        Ok(Some(file))
+    }
+
+    pub(crate) fn mark_dirty(&self, path: &Path) {
+        let mut inner = self.lock();
+        if !inner.dirty.contains(path) {
+            inner.dirty.insert(path.to_path_buf());
+        }
+    }
+
+    /// Flushes every file written since the last call to stable storage (fsync).
+    pub fn sync_all(&self) -> Result<(), RandomAccessError> {
+        let dirty: Vec<PathBuf> = self.lock().dirty.drain().collect();
+        let mut result = Ok(());
+        for path in dirty {
+            let synced = self
+                .file(&path, false)
+                .and_then(|file| file.map_or(Ok(()), |f| f.sync_data()));
+            if let Err(err) = synced {
+                // Keep it dirty so a later sync retries it.
+                self.mark_dirty(&path);
+                result = Err(io_error(&path, err));
+            }
+        }
+        result
+    }
+
+    fn lock(&self) -> MutexGuard<'_, PoolInner> {
+        // Every critical section leaves the maps consistent, so a poisoned lock is still usable.
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+pub(crate) fn io_error(path: &Path, source: io::Error) -> RandomAccessError {
+    RandomAccessError::IO {
+        return_code: source.raw_os_error(),
+        context: Some(path.display().to_string()),
+        source,
+    }
+}
