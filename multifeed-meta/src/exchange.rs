@@ -208,6 +208,11 @@ impl Exchange {
         self.agreed.contains(key)
     }
 
+    /// Whether the peer's handshake was accepted.
+    pub fn remote_handshake_done(&self) -> bool {
+        matches!(self.state, State::Ready | State::Finished)
+    }
+
     /// Whether the exchange finished (both sides synced, non-live).
     pub fn is_finished(&self) -> bool {
         self.state == State::Finished

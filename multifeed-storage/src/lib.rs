@@ -45,7 +45,9 @@ mod error;
 mod factory;
 mod index;
 mod root;
+mod shared;
 
+pub use shared::SharedCore;
 pub use store::{DiskStore, FdPool, MemoryStore};
 pub use error::StorageError;
 pub use factory::{BoxedStore, DiskFactory, FnFactory, MemoryFactory, StorageFactory};
@@ -54,6 +56,3 @@ pub use root::{namespace_for, CoreOptions, Durability, FeedOpener, RootStorage, 
 
 /// A 32-byte hypercore public key.
 pub type FeedKey = [u8; 32];
-
-/// A hypercore shared between the local handles and the replication driver.
-pub type SharedCore = std::sync::Arc<async_lock::Mutex<hypercore::Hypercore>>;

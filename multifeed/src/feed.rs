@@ -128,13 +128,14 @@ impl Feed {
         }
         let batch: Vec<B> = entries.into_iter().collect();
         let core = self.core().await?;
-        let mut core = core.lock().await;
-        let start = core.info().length;
-        let outcome = core
+        let mut guard = core.lock().await;
+        let start = guard.info().length;
+        let outcome = guard
             .append_batch(&batch)
             .await
             .map_err(|e| Error::hypercore(self.key(), e))?;
-        drop(core);
+        drop(guard);
+        core.notify_changed();
         self.inner.sync_after_batch().await?;
         Ok(start..outcome.length)
     }

@@ -29,6 +29,7 @@ mod error;
 mod events;
 mod feed;
 mod multifeed;
+mod replicate;
 
 pub use builder::MultifeedBuilder;
 pub use encoding::{Value, ValueEncoding};
@@ -36,6 +37,7 @@ pub use error::Error;
 pub use events::{Event, Events};
 pub use feed::Feed;
 pub use multifeed::Multifeed;
+pub use replicate::{ReplicateOptions, ReplicateSummary, StopHandle, DEFAULT_ENCRYPTION_KEY};
 pub use multifeed_storage::{
     Durability, FeedKey, FeedOrigin, IndexRecovery, MemoryFactory, DiskFactory, FnFactory,
     StorageFactory,

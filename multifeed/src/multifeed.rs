@@ -6,7 +6,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use hypercore::{generate_signing_key, PartialKeypair, SigningKey, VerifyingKey};
 use multifeed_storage::{
-    FeedKey, FeedOpener, FeedOrigin, FeedRecord, IndexRecovery, RootStorage, SharedCore,
+    FeedKey, FeedOpener, FeedOrigin, IndexRecovery, RootStorage, SharedCore,
     StorageFactory,
 };
 
@@ -189,7 +189,7 @@ impl Multifeed {
         origin: FeedOrigin,
     ) -> Result<Feed, Error> {
         let (record, core) = root.create_feed(key_pair, name, origin).await?;
-        let core: SharedCore = Arc::new(async_lock::Mutex::new(core));
+        let core = SharedCore::new(core);
         let slot = Arc::new(FeedSlot::new(record.clone(), CoreState::Open(core)));
         self.inner.table_mut().insert(slot.clone());
         let _ = self.inner.events.try_broadcast(Event::Feed {
@@ -289,15 +289,11 @@ impl Inner {
             CoreState::Closed => Err(Error::Closed),
             CoreState::Unopened => {
                 let core = self.opener.open_feed(&slot.record).await?;
-                let core: SharedCore = Arc::new(async_lock::Mutex::new(core));
+                let core = SharedCore::new(core);
                 *state = CoreState::Open(core.clone());
                 Ok(core)
             }
         }
-    }
-
-    pub(crate) fn records(&self) -> Vec<FeedRecord> {
-        self.table().list.iter().map(|s| s.record.clone()).collect()
     }
 
     fn table(&self) -> RwLockReadGuard<'_, FeedTable> {

@@ -1,0 +1,755 @@
+//! The connection driver: one task polls the protocol and routes messages to the meta exchange
+//! and to each feed's sync state.
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::channel::mpsc;
+use futures::stream::{BoxStream, SelectAll, StreamExt};
+use futures::select_biased;
+use hypercore_protocol::schema::{Data, NoData, Range, Request, Synchronize};
+use hypercore_schema::{RequestBlock, RequestUpgrade};
+use hypercore_protocol::{discovery_key, Channel, CommandTx, Event, Message, Protocol};
+use multifeed_meta::{Action, Exchange, ExchangeConfig, FeedOffer};
+use multifeed_storage::{FeedKey, SharedCore};
+
+use crate::close::CloseSignal;
+use crate::sync::{Asked, SyncState};
+use crate::{FeedHost, ReplicateConfig, ReplicateError, ReplicateSummary, ReplicationEvent};
+
+/// Name of the extension message that carries the meta exchange on the root channel.
+pub(crate) const EXTENSION: &str = "multifeed";
+const TICK: Duration = Duration::from_millis(250);
+const LINGER: Duration = Duration::from_secs(5);
+
+type DiscoveryKey = [u8; 32];
+
+/// Runs one replication over an encrypted connection until it finishes, stops or fails.
+pub(crate) async fn run(
+    cipher: Box<dyn hypercore_handshake::CipherTrait>,
+    close: Option<CloseSignal>,
+    host: Arc<dyn FeedHost>,
+    config: ReplicateConfig,
+) -> Result<ReplicateSummary, ReplicateError> {
+    let mut protocol = Protocol::new(cipher);
+    let commands = protocol.commands();
+    let (events_tx, events_rx) = mpsc::unbounded::<io::Result<Event>>();
+    // The protocol is always polled, also while the driver waits to send: no send can deadlock.
+    let pump = async move {
+        loop {
+            let next = protocol.next().await;
+            let (item, end) = match next {
+                Some(Ok(event)) => (Ok(event), false),
+                Some(Err(err)) => (Err(err), true),
+                None => (Err(io::ErrorKind::UnexpectedEof.into()), true),
+            };
+            if events_tx.unbounded_send(item).is_err() || end {
+                break;
+            }
+        }
+        futures::future::pending::<()>().await;
+    };
+    let driver = Driver::new(host, config, commands, close);
+    // Both live on the heap: the driver's state machine is large.
+    let logic = Box::pin(driver.run(events_rx));
+    let pump = Box::pin(pump);
+    match futures::future::select(logic, pump).await {
+        futures::future::Either::Left((result, _)) => result,
+        futures::future::Either::Right(((), _)) => Err(ReplicateError::Timeout {
+            phase: "protocol",
+        }),
+    }
+}
+
+/// One feed replicating on this connection.
+struct FeedState {
+    key: FeedKey,
+    core: SharedCore,
+    channel: Option<Channel>,
+    sync: SyncState,
+    /// For feeds we download (non-live): the length to reach.
+    target: Option<u64>,
+}
+
+enum Next {
+    Continue,
+    Done,
+}
+
+struct Driver {
+    host: Arc<dyn FeedHost>,
+    config: ReplicateConfig,
+    commands: CommandTx,
+    close: Option<CloseSignal>,
+    exchange: Option<Exchange>,
+    root_dk: DiscoveryKey,
+    root: Option<Channel>,
+    /// Discovery keys we may open: the root, local feeds, agreed feeds.
+    known: HashMap<DiscoveryKey, FeedKey>,
+    feeds: HashMap<DiscoveryKey, FeedState>,
+    /// Downloads still short of their target (non-live).
+    incomplete: HashSet<DiscoveryKey>,
+    inbound: SelectAll<BoxStream<'static, (DiscoveryKey, Message)>>,
+    changes: SelectAll<BoxStream<'static, DiscoveryKey>>,
+    summary: ReplicateSummary,
+    blocks_known: u64,
+    progress_dirty: bool,
+    handshake_done: bool,
+    finished: bool,
+    last_activity: Instant,
+    started: Instant,
+}
+
+impl Driver {
+    fn new(
+        host: Arc<dyn FeedHost>,
+        config: ReplicateConfig,
+        commands: CommandTx,
+        close: Option<CloseSignal>,
+    ) -> Self {
+        let exchange = config.plain_feeds.is_none().then(|| {
+            let mut exchange_config = ExchangeConfig {
+                user_data: config.user_data.clone(),
+                live: config.live,
+                ..ExchangeConfig::default()
+            };
+            if let Some(version) = &config.protocol_version {
+                exchange_config.version = version.clone();
+            }
+            if let Some(client) = &config.client {
+                exchange_config.client = client.clone();
+            }
+            Exchange::new(exchange_config)
+        });
+        let root_dk = discovery_key(&config.encryption_key);
+        Self {
+            host,
+            commands,
+            close,
+            exchange,
+            root_dk,
+            root: None,
+            known: HashMap::new(),
+            feeds: HashMap::new(),
+            incomplete: HashSet::new(),
+            inbound: SelectAll::new(),
+            changes: SelectAll::new(),
+            summary: ReplicateSummary::default(),
+            blocks_known: 0,
+            progress_dirty: false,
+            handshake_done: false,
+            finished: false,
+            last_activity: Instant::now(),
+            started: Instant::now(),
+            config,
+        }
+    }
+
+    async fn run(
+        mut self,
+        mut events: mpsc::UnboundedReceiver<io::Result<Event>>,
+    ) -> Result<ReplicateSummary, ReplicateError> {
+        let mut new_feeds = if self.config.live && self.exchange.is_some() {
+            self.host.subscribe_new_feeds().fuse()
+        } else {
+            futures::stream::pending().boxed().fuse()
+        };
+        let mut tick = StreamExt::fuse(async_io::Timer::interval(TICK));
+        let stop = self.config.stop.clone();
+        let stopped = futures::FutureExt::fuse(stop.stopped());
+        futures::pin_mut!(stopped);
+        loop {
+            self.emit_progress();
+            if self.finished {
+                break;
+            }
+            let step = select_biased! {
+                message = self.inbound.select_next_some() => {
+                    self.last_activity = Instant::now();
+                    self.on_message(message.0, message.1).await?
+                }
+                event = events.next() => {
+                    self.last_activity = Instant::now();
+                    match event {
+                        Some(Ok(event)) => self.on_event(event).await?,
+                        Some(Err(err)) => return self.on_connection_end(err),
+                        None => return self.on_connection_end(io::ErrorKind::UnexpectedEof.into()),
+                    }
+                }
+                changed = self.changes.select_next_some() => self.on_local_change(changed).await?,
+                key = new_feeds.select_next_some() => self.on_new_local_feed(key).await?,
+                () = stopped => Next::Done,
+                _ = tick.next() => self.check_timeouts()?,
+            };
+            if let Next::Done = step {
+                break;
+            }
+            self.check_synced().await?;
+        }
+        self.close_gracefully(&mut events).await;
+        Ok(self.summary)
+    }
+
+    /// Flushes what is queued, closes our write side, and waits (bounded) for the peer to close.
+    async fn close_gracefully(&mut self, events: &mut mpsc::UnboundedReceiver<io::Result<Event>>) {
+        let Some(close) = &self.close else { return };
+        close.close();
+        let mut linger = futures::FutureExt::fuse(async_io::Timer::after(LINGER));
+        loop {
+            select_biased! {
+                event = events.next() => match event {
+                    Some(Ok(_)) => continue,
+                    _ => return,
+                },
+                _ = linger => return,
+            }
+        }
+    }
+
+    fn on_connection_end(&self, err: io::Error) -> Result<ReplicateSummary, ReplicateError> {
+        if self.finished || (self.config.live && self.root.is_some()) {
+            return Ok(self.summary);
+        }
+        let phase = if !self.handshake_done {
+            "noise handshake"
+        } else if self.root.is_none() && self.exchange.is_some() {
+            "root channel"
+        } else {
+            "replication"
+        };
+        Err(ReplicateError::io(phase, err))
+    }
+
+    fn check_timeouts(&mut self) -> Result<Next, ReplicateError> {
+        let exchanged = match &self.exchange {
+            Some(exchange) => exchange.remote_handshake_done(),
+            None => self.handshake_done,
+        };
+        if !exchanged && self.started.elapsed() > self.config.handshake_timeout {
+            return Err(ReplicateError::Timeout {
+                phase: if self.handshake_done { "exchange handshake" } else { "noise handshake" },
+            });
+        }
+        if !self.config.live && self.last_activity.elapsed() > self.config.idle_timeout {
+            return Err(ReplicateError::Timeout { phase: "replication" });
+        }
+        Ok(Next::Continue)
+    }
+
+    fn emit(&mut self, event: ReplicationEvent) -> bool {
+        match &mut self.config.events {
+            Some(sender) => sender.try_send(event).is_ok(),
+            None => true,
+        }
+    }
+
+    fn emit_progress(&mut self) {
+        if self.progress_dirty {
+            let event = ReplicationEvent::Progress {
+                blocks_done: self.summary.blocks_received,
+                blocks_known: self.blocks_known.max(self.summary.blocks_received),
+            };
+            self.progress_dirty = !self.emit(event);
+        }
+    }
+
+    async fn on_event(&mut self, event: Event) -> Result<Next, ReplicateError> {
+        match event {
+            Event::Handshake(_) => {
+                self.handshake_done = true;
+                if self.exchange.is_some() {
+                    let key = self.config.encryption_key;
+                    self.open_channel(key).await?;
+                } else {
+                    let keys = self.config.plain_feeds.clone().unwrap_or_default();
+                    self.index_local_feeds().await?;
+                    for key in keys {
+                        self.track_feed(key, None, true).await?;
+                        self.open_channel(key).await?;
+                    }
+                }
+            }
+            Event::DiscoveryKey(dk) => {
+                if dk == self.root_dk && self.exchange.is_some() {
+                    let key = self.config.encryption_key;
+                    self.open_channel(key).await?;
+                } else {
+                    if self.exchange.is_none() || self.root.is_none() {
+                        self.index_local_feeds().await?;
+                    }
+                    match self.known.get(&dk).copied() {
+                        Some(key) => {
+                            self.track_feed(key, None, false).await?;
+                            self.open_channel(key).await?;
+                        }
+                        // Before the exchange, an unknown channel means the peer has another key.
+                        None if self.exchange.is_some() && self.root.is_none() => {
+                            return Err(ReplicateError::KeyMismatch)
+                        }
+                        None => {}
+                    }
+                }
+            }
+            Event::Channel(mut channel) => {
+                let dk = *channel.discovery_key();
+                if let Some(receiver) = channel.take_receiver() {
+                    self.inbound.push(receiver.map(move |m| (dk, m)).boxed());
+                }
+                if dk == self.root_dk && self.exchange.is_some() {
+                    self.root = Some(channel);
+                    self.start_exchange().await?;
+                } else {
+                    self.attach_channel(dk, channel).await?;
+                }
+            }
+            Event::Close(dk) => {
+                if dk == self.root_dk && self.exchange.is_some() {
+                    if !self.finished && !self.config.live {
+                        return Err(ReplicateError::io(
+                            "replication",
+                            io::Error::new(io::ErrorKind::ConnectionAborted, "the peer closed the exchange"),
+                        ));
+                    }
+                    return Ok(Next::Done);
+                }
+                if let Some(feed) = self.feeds.get_mut(&dk) {
+                    feed.channel = None;
+                }
+            }
+            _ => {}
+        }
+        Ok(Next::Continue)
+    }
+
+    async fn open_channel(&mut self, key: FeedKey) -> Result<(), ReplicateError> {
+        self.commands
+            .open(key)
+            .await
+            .map_err(|e| ReplicateError::io("opening a channel", e))
+    }
+
+    /// Learns the discovery keys of every local feed we may serve.
+    async fn index_local_feeds(&mut self) -> Result<(), ReplicateError> {
+        let feeds = self.host.local_feeds().await.map_err(ReplicateError::Host)?;
+        for feed in feeds {
+            if self.offers(&feed.key) {
+                self.known.insert(discovery_key(&feed.key), feed.key);
+            }
+        }
+        Ok(())
+    }
+
+    fn offers(&self, key: &FeedKey) -> bool {
+        self.config.offer.as_ref().is_none_or(|offer| offer(key))
+    }
+
+    fn accepts(&self, key: &FeedKey) -> bool {
+        self.config.accept.as_ref().is_none_or(|accept| accept(key))
+    }
+
+    async fn start_exchange(&mut self) -> Result<(), ReplicateError> {
+        let Some(exchange) = self.exchange.as_mut() else {
+            return Ok(());
+        };
+        let mut actions = exchange.start();
+        let feeds = self.host.local_feeds().await.map_err(ReplicateError::Host)?;
+        let offers: Vec<FeedOffer> = feeds
+            .into_iter()
+            .filter(|feed| self.config.offer.as_ref().is_none_or(|offer| offer(&feed.key)))
+            .map(|feed| FeedOffer { key: feed.key, length: feed.length })
+            .collect();
+        for offer in &offers {
+            self.known.insert(discovery_key(&offer.key), offer.key);
+        }
+        if let Some(exchange) = self.exchange.as_mut() {
+            actions.extend(exchange.offer(offers));
+        }
+        self.apply(actions).await
+    }
+
+    async fn apply(&mut self, actions: Vec<Action>) -> Result<(), ReplicateError> {
+        let mut queue: std::collections::VecDeque<Action> = actions.into();
+        while let Some(action) = queue.pop_front() {
+            match action {
+                Action::Send(message) => self.send_meta(message.encode()).await?,
+                Action::RemoteHandshake { user_data, .. } => {
+                    self.emit(ReplicationEvent::RemoteHandshake { user_data });
+                }
+                Action::RemoteOffered(offers) => {
+                    let wanted: Vec<FeedKey> = offers
+                        .iter()
+                        .map(|offer| offer.key)
+                        .filter(|key| self.accepts(key))
+                        .collect();
+                    if let Some(exchange) = self.exchange.as_mut() {
+                        queue.extend(exchange.request(wanted));
+                    }
+                }
+                Action::Replicate(keys) => {
+                    let mut downloads = Vec::new();
+                    for key in keys {
+                        let target = self.exchange.as_ref().and_then(|e| e.wanted().get(&key).copied());
+                        if target.is_some() {
+                            downloads.push(key);
+                            self.summary.feeds_received += 1;
+                        } else {
+                            self.summary.feeds_sent += 1;
+                        }
+                        self.track_feed(key, target, true).await?;
+                        self.open_channel(key).await?;
+                    }
+                    if !downloads.is_empty() {
+                        self.emit(ReplicationEvent::RemoteFeeds(downloads));
+                    }
+                }
+                Action::Finished => self.finished = true,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    async fn send_meta(&mut self, bytes: Vec<u8>) -> Result<(), ReplicateError> {
+        let Some(root) = &self.root else {
+            return Ok(());
+        };
+        root.send(Message::Extension(hypercore_protocol::schema::Extension {
+            name: EXTENSION.to_owned(),
+            message: bytes,
+        }))
+        .await
+        .map_err(|e| ReplicateError::io("exchange", e))
+    }
+
+    /// Starts tracking a feed on this connection (creating it in the host if `create`).
+    async fn track_feed(
+        &mut self,
+        key: FeedKey,
+        target: Option<u64>,
+        create: bool,
+    ) -> Result<(), ReplicateError> {
+        let dk = discovery_key(&key);
+        self.known.insert(dk, key);
+        if let Some(feed) = self.feeds.get_mut(&dk) {
+            if target.is_some() {
+                feed.target = target;
+            }
+        } else {
+            let core = match self.host.open_feed(&key).await.map_err(ReplicateError::Host)? {
+                Some(core) => core,
+                None if create => {
+                    let core = self.host.add_remote_feed(&key).await.map_err(ReplicateError::Host)?;
+                    self.emit(ReplicationEvent::FeedAdded(key));
+                    core
+                }
+                None => return Ok(()),
+            };
+            if self.config.live {
+                self.changes.push(change_stream(dk, core.clone()));
+            }
+            self.feeds.insert(
+                dk,
+                FeedState {
+                    key,
+                    core,
+                    channel: None,
+                    sync: SyncState::new(self.config.max_in_flight),
+                    target,
+                },
+            );
+        }
+        if let Some(target) = target {
+            let contiguous = self.feed_info(&dk).await.map_or(0, |info| info.contiguous_length);
+            if contiguous < target && !self.config.live {
+                self.blocks_known += target - contiguous;
+                self.incomplete.insert(dk);
+            }
+        }
+        Ok(())
+    }
+
+    async fn feed_info(&mut self, dk: &DiscoveryKey) -> Option<hypercore::Info> {
+        let feed = self.feeds.get(dk)?;
+        let info = feed.core.lock().await.info();
+        Some(info)
+    }
+
+    async fn attach_channel(&mut self, dk: DiscoveryKey, channel: Channel) -> Result<(), ReplicateError> {
+        let Some(feed) = self.feeds.get_mut(&dk) else {
+            // A channel for a feed we do not track: close it.
+            let _ = channel.close().await;
+            return Ok(());
+        };
+        feed.channel = Some(channel);
+        self.announce(dk).await
+    }
+
+    /// Tells the peer our length and what we hold.
+    async fn announce(&mut self, dk: DiscoveryKey) -> Result<(), ReplicateError> {
+        let Some(feed) = self.feeds.get(&dk) else { return Ok(()) };
+        let Some(channel) = &feed.channel else { return Ok(()) };
+        let info = feed.core.lock().await.info();
+        let mut messages = vec![Message::Synchronize(Synchronize {
+            fork: info.fork,
+            length: info.length,
+            remote_length: feed.sync.remote_length(),
+            can_upgrade: true,
+            uploading: true,
+            downloading: true,
+        })];
+        if info.contiguous_length > 0 {
+            messages.push(Message::Range(Range {
+                drop: false,
+                start: 0,
+                length: info.contiguous_length,
+            }));
+        }
+        send(channel, &messages).await
+    }
+
+    async fn on_message(&mut self, dk: DiscoveryKey, message: Message) -> Result<Next, ReplicateError> {
+        if dk == self.root_dk && self.exchange.is_some() {
+            if let Message::Extension(extension) = message {
+                if extension.name == EXTENSION {
+                    let actions = match self.exchange.as_mut() {
+                        Some(exchange) => exchange.handle(&extension.message)?,
+                        None => Vec::new(),
+                    };
+                    self.apply(actions).await?;
+                }
+            }
+            return Ok(Next::Continue);
+        }
+        match message {
+            Message::Synchronize(sync) => {
+                let Some(feed) = self.feeds.get_mut(&dk) else { return Ok(Next::Continue) };
+                let first = feed.sync.on_remote_sync(sync.fork, sync.length);
+                if feed.target.is_none() && self.exchange.is_none() && !self.config.live {
+                    // Plain mode: download up to what the peer has.
+                    feed.target = Some(sync.length);
+                    let contiguous = feed.core.lock().await.info().contiguous_length;
+                    if contiguous < sync.length {
+                        self.blocks_known += sync.length - contiguous;
+                        self.incomplete.insert(dk);
+                    }
+                }
+                if first {
+                    self.announce(dk).await?;
+                }
+                self.request_more(dk).await?;
+            }
+            Message::Range(_) | Message::Bitfield(_) => {
+                if let Some(feed) = self.feeds.get_mut(&dk) {
+                    feed.sync.on_remote_has();
+                }
+                self.request_more(dk).await?;
+            }
+            Message::Request(request) => self.serve(dk, request).await?,
+            Message::Data(data) => self.on_data(dk, data).await?,
+            Message::NoData(no_data) => {
+                if let Some(feed) = self.feeds.get_mut(&dk) {
+                    feed.sync.on_no_data(no_data.request);
+                }
+            }
+            _ => {}
+        }
+        Ok(Next::Continue)
+    }
+
+    /// Asks the peer for the upgrade and the blocks we lack, keeping many requests in flight.
+    async fn request_more(&mut self, dk: DiscoveryKey) -> Result<(), ReplicateError> {
+        let Some(feed) = self.feeds.get_mut(&dk) else { return Ok(()) };
+        let Some(channel) = feed.channel.clone() else { return Ok(()) };
+        let mut messages = Vec::new();
+        {
+            let mut core = feed.core.lock().await;
+            let info = core.info();
+            if let Some(id) = feed.sync.start_upgrade(info.fork, info.length) {
+                messages.push(Message::Request(request(id, info.fork, None, Some(RequestUpgrade {
+                    start: info.length,
+                    length: feed.sync.remote_length() - info.length,
+                }))));
+            }
+            let blocks = feed.sync.next_blocks(info.contiguous_length, info.length, |i| core.has(i));
+            for (index, id) in blocks {
+                let nodes = core
+                    .missing_nodes(index)
+                    .await
+                    .map_err(|e| ReplicateError::hypercore(&feed.key, e))?;
+                messages.push(Message::Request(request(id, info.fork, Some(RequestBlock { index, nodes }), None)));
+            }
+        }
+        if messages.is_empty() {
+            return Ok(());
+        }
+        send(&channel, &messages).await
+    }
+
+    /// Answers a request with a proof, or NoData.
+    async fn serve(&mut self, dk: DiscoveryKey, request: Request) -> Result<(), ReplicateError> {
+        let Some(feed) = self.feeds.get(&dk) else { return Ok(()) };
+        let Some(channel) = feed.channel.clone() else { return Ok(()) };
+        let proof = {
+            let mut core = feed.core.lock().await;
+            core.create_proof(request.block, request.hash, request.seek, request.upgrade)
+                .await
+        };
+        let message = match proof {
+            Ok(Some(proof)) => {
+                if let Some(block) = &proof.block {
+                    self.summary.blocks_sent += 1;
+                    self.summary.bytes_sent += block.value.len() as u64;
+                }
+                Message::Data(Data {
+                    request: request.id,
+                    fork: proof.fork,
+                    hash: proof.hash,
+                    block: proof.block,
+                    seek: proof.seek,
+                    upgrade: proof.upgrade,
+                })
+            }
+            // We lack it, or the request makes no sense for this feed: say so, keep going.
+            Ok(None) | Err(_) => Message::NoData(NoData { request: request.id }),
+        };
+        send(&channel, &[message]).await
+    }
+
+    /// Verifies and stores a proof from the peer; a proof that fails verification ends the
+    /// connection. Data we never asked for is ignored.
+    async fn on_data(&mut self, dk: DiscoveryKey, data: Data) -> Result<(), ReplicateError> {
+        let Some(feed) = self.feeds.get_mut(&dk) else { return Ok(()) };
+        let Some(asked) = feed.sync.on_data(data.request) else { return Ok(()) };
+        let block_bytes = data.block.as_ref().map(|b| b.value.len() as u64);
+        let proof = data.into_proof();
+        let (applied, info) = {
+            let mut core = feed.core.lock().await;
+            let applied = core.verify_and_apply_proof(&proof).await;
+            (applied, core.info())
+        };
+        match applied {
+            Ok(_) => {}
+            Err(hypercore::HypercoreError::IO { context, source }) => {
+                return Err(ReplicateError::Hypercore {
+                    key: hex::encode(feed.key),
+                    source: hypercore::HypercoreError::IO { context, source },
+                })
+            }
+            Err(err) => {
+                return Err(ReplicateError::InvalidProof {
+                    key: hex::encode(feed.key),
+                    reason: err.to_string(),
+                })
+            }
+        }
+        feed.core.notify_changed();
+        if let Asked::Block(index) = asked {
+            if feed.core.lock().await.has(index) {
+                self.summary.blocks_received += 1;
+                self.summary.bytes_received += block_bytes.unwrap_or(0);
+                self.progress_dirty = true;
+            } else {
+                feed.sync.retry_from(index);
+            }
+        }
+        if let Some(target) = feed.target {
+            if info.contiguous_length >= target {
+                self.incomplete.remove(&dk);
+            }
+        }
+        if asked == Asked::Upgrade {
+            self.announce(dk).await?;
+        }
+        self.request_more(dk).await
+    }
+
+    /// Our copy of a feed changed (append, or blocks from another connection): tell the peer.
+    async fn on_local_change(&mut self, dk: DiscoveryKey) -> Result<Next, ReplicateError> {
+        self.announce(dk).await?;
+        Ok(Next::Continue)
+    }
+
+    /// A feed was added to the host after we started (live): offer it.
+    async fn on_new_local_feed(&mut self, key: FeedKey) -> Result<Next, ReplicateError> {
+        let Some(exchange) = self.exchange.as_ref() else { return Ok(Next::Continue) };
+        // Feeds learned from this very peer are not offered back to it.
+        if exchange.is_agreed(&key) || exchange.remote_length(&key).is_some() || !self.offers(&key) {
+            return Ok(Next::Continue);
+        }
+        let Some(core) = self.host.open_feed(&key).await.map_err(ReplicateError::Host)? else {
+            return Ok(Next::Continue);
+        };
+        let length = core.lock().await.info().length;
+        self.known.insert(discovery_key(&key), key);
+        let actions = match self.exchange.as_mut() {
+            Some(exchange) => exchange.offer(vec![FeedOffer { key, length }]),
+            None => Vec::new(),
+        };
+        self.apply(actions).await?;
+        Ok(Next::Continue)
+    }
+
+    /// Non-live: once every wanted feed reached its target, report SYNCED.
+    async fn check_synced(&mut self) -> Result<(), ReplicateError> {
+        if self.config.live {
+            return Ok(());
+        }
+        if self.exchange.is_none() {
+            // Plain mode: done once every feed we fetch reached the peer's length.
+            let plain = self.config.plain_feeds.as_deref().unwrap_or(&[]);
+            let all_known = plain.iter().all(|key| {
+                self.feeds
+                    .get(&discovery_key(key))
+                    .is_some_and(|feed| feed.target.is_some())
+            });
+            if !plain.is_empty() && all_known && self.incomplete.is_empty() {
+                self.finished = true;
+            }
+            return Ok(());
+        }
+        let ready = self.exchange.as_ref().is_some_and(|e| e.settled()) && self.incomplete.is_empty();
+        if ready {
+            let actions = match self.exchange.as_mut() {
+                Some(exchange) => exchange.local_synced(),
+                None => Vec::new(),
+            };
+            self.apply(actions).await?;
+        }
+        Ok(())
+    }
+}
+
+fn request(id: u64, fork: u64, block: Option<RequestBlock>, upgrade: Option<RequestUpgrade>) -> Request {
+    Request {
+        id,
+        fork,
+        hash: None,
+        block,
+        seek: None,
+        upgrade,
+        manifest: false,
+        priority: 0,
+    }
+}
+
+async fn send(channel: &Channel, messages: &[Message]) -> Result<(), ReplicateError> {
+    if messages.is_empty() || channel.closed() {
+        return Ok(());
+    }
+    channel
+        .send_batch(messages)
+        .await
+        .map_err(|e| ReplicateError::io("replication", e))
+}
+
+/// Yields `dk` whenever the core reports a change.
+fn change_stream(dk: DiscoveryKey, core: SharedCore) -> BoxStream<'static, DiscoveryKey> {
+    let seen = core.version();
+    futures::stream::unfold((core, seen), move |(core, seen)| async move {
+        let now = core.changed(seen).await;
+        Some((dk, (core, now)))
+    })
+    .boxed()
+}

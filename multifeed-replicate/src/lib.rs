@@ -1,0 +1,81 @@
+//! Replication of many hypercores over one encrypted Hypercore 10 connection.
+//!
+//! [`replicate`] runs the Noise XX handshake and secret-stream encryption of
+//! `hypercore_handshake` over any `AsyncRead + AsyncWrite`, then `hypercore-protocol` with a root
+//! channel keyed by the shared exchange key, carrying the multifeed meta exchange
+//! ([`multifeed_meta`]) as extension messages, and one channel per agreed feed. Each feed syncs
+//! with hypercore proofs (`create_proof` / `verify_and_apply_proof`) and keeps many requests in
+//! flight. The feeds come from a [`FeedHost`], which the `multifeed` facade implements.
+//!
+//! The transport is this crate's own: uint24le framing that never stalls on large frames, end of
+//! stream reported as an error, batch frames of several channels split before decoding, and a
+//! graceful close that flushes before it shuts the write side.
+//!
+//! ```
+//! # async_std::task::block_on(async {
+//! use std::sync::Arc;
+//! use multifeed_replicate::{replicate, FeedHost, ReplicateConfig};
+//! # use multifeed_replicate::{HostError, LocalFeed};
+//! # use multifeed_storage::{FeedKey, SharedCore};
+//! # struct Empty;
+//! # #[async_trait::async_trait]
+//! # impl FeedHost for Empty {
+//! #     async fn local_feeds(&self) -> Result<Vec<LocalFeed>, HostError> { Ok(vec![]) }
+//! #     async fn open_feed(&self, _: &FeedKey) -> Result<Option<SharedCore>, HostError> { Ok(None) }
+//! #     async fn add_remote_feed(&self, _: &FeedKey) -> Result<SharedCore, HostError> { Err("none".into()) }
+//! #     fn subscribe_new_feeds(&self) -> futures::stream::BoxStream<'static, FeedKey> {
+//! #         Box::pin(futures::stream::pending())
+//! #     }
+//! # }
+//! let (a, b) = async_std::os::unix::net::UnixStream::pair()?;
+//! let (host_a, host_b): (Arc<dyn FeedHost>, Arc<dyn FeedHost>) = (Arc::new(Empty), Arc::new(Empty));
+//! let (ra, rb) = futures::join!(
+//!     replicate(a, host_a, ReplicateConfig::new(true)),
+//!     replicate(b, host_b, ReplicateConfig::new(false)),
+//! );
+//! assert_eq!(ra?.blocks_received + rb?.blocks_received, 0);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! # }).unwrap();
+//! ```
+
+mod close;
+mod config;
+mod driver;
+mod error;
+mod host;
+mod sync;
+mod transport;
+
+use std::sync::Arc;
+
+pub use config::{
+    KeyFilter, ReplicateConfig, ReplicateSummary, ReplicationEvent, StopHandle,
+    DEFAULT_ENCRYPTION_KEY,
+};
+pub use error::ReplicateError;
+pub use host::{FeedHost, HostError, LocalFeed};
+
+/// Replicates the host's feeds with a peer over `io` (see the [crate docs](crate)).
+pub async fn replicate<IO>(
+    io: IO,
+    host: Arc<dyn FeedHost>,
+    config: ReplicateConfig,
+) -> Result<ReplicateSummary, ReplicateError>
+where
+    IO: futures::AsyncRead + futures::AsyncWrite + Send + Unpin + 'static,
+{
+    let close = close::CloseSignal::default();
+    let channel = transport::SecureChannel::new(Box::new(io), config.initiator, close.clone())
+        .map_err(|e| ReplicateError::io("noise handshake", e))?;
+    Box::pin(driver::run(Box::new(channel), Some(close), host, config)).await
+}
+
+/// Replicates over an already established encrypted connection (the Rust form of handing an
+/// existing protocol stream to JS multifeed).
+pub async fn replicate_cipher(
+    cipher: Box<dyn hypercore_handshake::CipherTrait>,
+    host: Arc<dyn FeedHost>,
+    config: ReplicateConfig,
+) -> Result<ReplicateSummary, ReplicateError> {
+    Box::pin(driver::run(cipher, None, host, config)).await
+}

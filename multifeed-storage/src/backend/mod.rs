@@ -1,0 +1,1 @@
+//! Fast `random-access-storage` backends (owned by the backend work; placeholder).

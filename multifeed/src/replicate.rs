@@ -1,0 +1,222 @@
+//! Replication of a multifeed with a peer over any byte stream.
+
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use futures::stream::{BoxStream, StreamExt};
+use futures::{AsyncRead, AsyncWrite};
+use multifeed_replicate::{
+    FeedHost, HostError, LocalFeed, ReplicateConfig, ReplicationEvent,
+};
+use multifeed_storage::{FeedKey, SharedCore};
+
+pub use multifeed_replicate::{ReplicateSummary, StopHandle, DEFAULT_ENCRYPTION_KEY};
+
+use crate::{Error, Event, Multifeed};
+
+type KeyFilter = Arc<dyn Fn(&FeedKey) -> bool + Send + Sync>;
+
+/// Options of one replication; see [`Multifeed::replicate`].
+#[derive(Clone)]
+pub struct ReplicateOptions {
+    initiator: bool,
+    live: bool,
+    encryption_key: Option<[u8; 32]>,
+    user_data: Vec<u8>,
+    offer: Option<KeyFilter>,
+    accept: Option<KeyFilter>,
+    stop: StopHandle,
+}
+
+impl fmt::Debug for ReplicateOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReplicateOptions")
+            .field("initiator", &self.initiator)
+            .field("live", &self.live)
+            .field("encryption_key", &self.encryption_key.map(|_| "<set>"))
+            .field("user_data", &self.user_data.len())
+            .field("offer", &self.offer.is_some())
+            .field("accept", &self.accept.is_some())
+            .finish()
+    }
+}
+
+impl ReplicateOptions {
+    /// Options for the side that initiates the connection (`true`) or accepts it (`false`).
+    pub fn new(initiator: bool) -> Self {
+        Self {
+            initiator,
+            live: false,
+            encryption_key: None,
+            user_data: Vec::new(),
+            offer: None,
+            accept: None,
+            stop: StopHandle::default(),
+        }
+    }
+
+    /// Keep replicating new feeds and appends until stopped (default: stop once in sync).
+    pub fn live(mut self, live: bool) -> Self {
+        self.live = live;
+        self
+    }
+
+    /// The shared key both peers must know; overrides the multifeed builder's key.
+    pub fn encryption_key(mut self, key: [u8; 32]) -> Self {
+        self.encryption_key = Some(key);
+        self
+    }
+
+    /// Bytes sent to the peer in the handshake.
+    pub fn user_data(mut self, user_data: impl Into<Vec<u8>>) -> Self {
+        self.user_data = user_data.into();
+        self
+    }
+
+    /// Offer only the local feeds for which `filter` returns true (default: all).
+    pub fn offer(mut self, filter: impl Fn(&FeedKey) -> bool + Send + Sync + 'static) -> Self {
+        self.offer = Some(Arc::new(filter));
+        self
+    }
+
+    /// Accept only the remote feeds for which `filter` returns true (default: all).
+    pub fn accept(mut self, filter: impl Fn(&FeedKey) -> bool + Send + Sync + 'static) -> Self {
+        self.accept = Some(Arc::new(filter));
+        self
+    }
+
+    /// A handle that stops this replication (live or not) when called.
+    pub fn stop_handle(&self) -> StopHandle {
+        self.stop.clone()
+    }
+}
+
+impl Multifeed {
+    /// Replicates with a peer over `io` until both sides hold the union of the agreed feeds (or,
+    /// when live, until stopped).
+    ///
+    /// Runs the Noise handshake and encryption of Hypercore 10, then the multifeed exchange and
+    /// one channel per feed. Several replications may run at once on one multifeed.
+    pub async fn replicate<IO>(
+        &self,
+        io: IO,
+        options: ReplicateOptions,
+    ) -> Result<ReplicateSummary, Error>
+    where
+        IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        self.inner.ensure_open()?;
+        let (config, forward) = self.config(options);
+        let host: Arc<dyn FeedHost> = Arc::new(Host {
+            multi: self.clone(),
+        });
+        let (result, ()) =
+            futures::join!(multifeed_replicate::replicate(io, host, config), forward);
+        Ok(result?)
+    }
+
+    fn config(
+        &self,
+        options: ReplicateOptions,
+    ) -> (ReplicateConfig, impl std::future::Future<Output = ()>) {
+        let key = options
+            .encryption_key
+            .or(self.inner.config.encryption_key)
+            .unwrap_or_else(|| {
+                tracing::warn!(
+                    "replicating with the public default key: anyone can read these feeds"
+                );
+                DEFAULT_ENCRYPTION_KEY
+            });
+        let (sender, mut receiver) = futures::channel::mpsc::channel(64);
+        let mut config = ReplicateConfig::new(options.initiator)
+            .live(options.live)
+            .encryption_key(key)
+            .user_data(options.user_data)
+            .stop(options.stop)
+            .events(sender);
+        if let Some(offer) = options.offer {
+            config = config.offer(offer);
+        }
+        if let Some(accept) = options.accept {
+            config = config.accept(accept);
+        }
+        let inner = self.inner.clone();
+        let forward = async move {
+            while let Some(event) = receiver.next().await {
+                match event {
+                    ReplicationEvent::RemoteFeeds(keys) => inner.emit(Event::RemoteFeeds { keys }),
+                    ReplicationEvent::Progress {
+                        blocks_done,
+                        blocks_known,
+                    } => inner.emit(Event::Progress {
+                        blocks_done,
+                        blocks_known,
+                    }),
+                    _ => {}
+                }
+            }
+        };
+        (config, forward)
+    }
+}
+
+/// The multifeed, as the replication driver sees it.
+struct Host {
+    multi: Multifeed,
+}
+
+#[async_trait]
+impl FeedHost for Host {
+    async fn local_feeds(&self) -> Result<Vec<LocalFeed>, HostError> {
+        let mut feeds = Vec::new();
+        for feed in self.multi.feeds() {
+            // A damaged feed is not offered; the others still are.
+            if let Ok(length) = feed.len().await {
+                feeds.push(LocalFeed {
+                    key: *feed.key(),
+                    length,
+                });
+            }
+        }
+        Ok(feeds)
+    }
+
+    async fn open_feed(&self, key: &FeedKey) -> Result<Option<SharedCore>, HostError> {
+        match self.multi.by_key(key) {
+            Some(feed) => Ok(Some(feed.core().await?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn add_remote_feed(&self, key: &FeedKey) -> Result<SharedCore, HostError> {
+        let feed = self.multi.add_remote_feed(key).await?;
+        Ok(feed.core().await?)
+    }
+
+    fn subscribe_new_feeds(&self) -> BoxStream<'static, FeedKey> {
+        let multi = self.multi.clone();
+        let receiver = self.multi.inner.new_event_receiver();
+        futures::stream::unfold(
+            (receiver, multi, Vec::<FeedKey>::new()),
+            |(mut receiver, multi, mut pending)| async move {
+                loop {
+                    if let Some(key) = pending.pop() {
+                        return Some((key, (receiver, multi, pending)));
+                    }
+                    match receiver.recv().await {
+                        Ok(Event::Feed { key, .. }) => return Some((key, (receiver, multi, pending))),
+                        Ok(_) => continue,
+                        // Fell behind: offer every feed again; the exchange drops repeats.
+                        Err(async_broadcast::RecvError::Overflowed(_)) => {
+                            pending = multi.feeds().iter().rev().map(|f| *f.key()).collect();
+                        }
+                        Err(async_broadcast::RecvError::Closed) => return None,
+                    }
+                }
+            },
+        )
+        .boxed()
+    }
+}

@@ -1,0 +1,274 @@
+//! Replication between multifeeds through the facade.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use multifeed::{Error, Event, Multifeed, ReplicateOptions, ReplicateSummary};
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+const BOUND: Duration = Duration::from_secs(60);
+
+async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) -> Result<T, String> {
+    async_std::future::timeout(BOUND, fut)
+        .await
+        .map_err(|_| format!("timed out after {BOUND:?} waiting for {what}"))
+}
+
+/// Replicates `a` (initiator) with `b` over a local socket pair; both results.
+async fn sync(
+    a: &Multifeed,
+    b: &Multifeed,
+    oa: ReplicateOptions,
+    ob: ReplicateOptions,
+) -> Result<(Result<ReplicateSummary, Error>, Result<ReplicateSummary, Error>), String> {
+    let (left, right) = async_std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?;
+    within("both sides of a replication", async {
+        futures::join!(a.replicate(left, oa), b.replicate(right, ob))
+    })
+    .await
+}
+
+async fn sync_ok(a: &Multifeed, b: &Multifeed) -> Result<(ReplicateSummary, ReplicateSummary), Box<dyn std::error::Error>> {
+    let (ra, rb) = sync(a, b, ReplicateOptions::new(true), ReplicateOptions::new(false)).await?;
+    Ok((ra?, rb?))
+}
+
+/// Every feed of `a` is in `b` with the same entries, and the other way round.
+async fn assert_converged(a: &Multifeed, b: &Multifeed) -> TestResult {
+    let mut ka: Vec<_> = a.feeds().iter().map(|f| *f.key()).collect();
+    let mut kb: Vec<_> = b.feeds().iter().map(|f| *f.key()).collect();
+    ka.sort();
+    kb.sort();
+    assert_eq!(ka, kb, "same feed set");
+    for feed in a.feeds() {
+        let other = b.feed(feed.key())?.ok_or("feed missing on b")?;
+        let len = feed.len().await?;
+        assert_eq!(other.len().await?, len, "length of {}", feed.key_hex());
+        for i in 0..len {
+            assert_eq!(feed.get(i).await?, other.get(i).await?, "entry {i} of {}", feed.key_hex());
+            assert!(feed.get(i).await?.is_some(), "entry {i} present");
+        }
+    }
+    Ok(())
+}
+
+async fn with_writer(name: &str, entries: usize) -> Result<Multifeed, Error> {
+    let multi = Multifeed::open_memory().await?;
+    let feed = multi.writer(name).await?;
+    for chunk in (0..entries).collect::<Vec<_>>().chunks(100) {
+        feed.append_batch(chunk.iter().map(|i| format!("{name} {i}").into_bytes()))
+            .await?;
+    }
+    Ok(multi)
+}
+
+#[async_std::test]
+async fn both_empty() -> TestResult {
+    let a = Multifeed::open_memory().await?;
+    let b = Multifeed::open_memory().await?;
+    let (sa, sb) = sync_ok(&a, &b).await?;
+    assert_eq!(sa.blocks_received + sb.blocks_received, 0);
+    assert!(a.feeds().is_empty() && b.feeds().is_empty());
+    Ok(())
+}
+
+#[async_std::test]
+async fn one_side_empty() -> TestResult {
+    let a = with_writer("a", 10).await?;
+    let b = Multifeed::open_memory().await?;
+    let mut events = b.events();
+    let (_, sb) = sync_ok(&a, &b).await?;
+    assert_eq!(sb.blocks_received, 10);
+    assert_eq!(sb.feeds_received, 1);
+    assert_converged(&a, &b).await?;
+    let remote = &b.feeds()[0];
+    assert!(!remote.is_writable());
+    assert_eq!(remote.name(), None, "writer names never leave the machine");
+    match within("a Feed event on b", events.next()).await? {
+        Some(Event::Feed { key, name: None, .. }) => assert_eq!(&key, remote.key()),
+        other => return Err(format!("expected a remote Feed event, got {other:?}").into()),
+    }
+    Ok(())
+}
+
+#[async_std::test]
+async fn both_sides_with_a_writer_get_the_union() -> TestResult {
+    let a = with_writer("a", 1000).await?;
+    let b = with_writer("b", 10).await?;
+    let (sa, sb) = sync_ok(&a, &b).await?;
+    assert_eq!(sa.blocks_received, 10);
+    assert_eq!(sb.blocks_received, 1000);
+    assert_eq!(a.feeds().len(), 2);
+    assert_converged(&a, &b).await?;
+    Ok(())
+}
+
+#[async_std::test]
+async fn many_feeds_and_a_second_run_transfers_nothing_new() -> TestResult {
+    let a = Multifeed::open_memory().await?;
+    for w in 0..50 {
+        a.writer(&format!("w{w}")).await?.append_batch((0..5).map(|i| vec![w as u8, i])).await?;
+    }
+    let b = with_writer("b", 3).await?;
+    sync_ok(&a, &b).await?;
+    assert_converged(&a, &b).await?;
+    let (sa, sb) = sync_ok(&a, &b).await?;
+    assert_eq!((sa.blocks_received, sb.blocks_received), (0, 0), "second run is a no-op");
+    assert_eq!(b.feeds().len(), 51);
+    // New appends after the first sync travel on the next one.
+    a.writer("w0").await?.append(b"later").await?;
+    let (_, sb) = sync_ok(&a, &b).await?;
+    assert_eq!(sb.blocks_received, 1);
+    assert_converged(&a, &b).await?;
+    Ok(())
+}
+
+#[async_std::test]
+async fn custom_key_pairs_replicate() -> TestResult {
+    let a = Multifeed::open_memory().await?;
+    let signing_key = hypercore::generate_signing_key();
+    let key = signing_key.verifying_key().to_bytes();
+    a.writer_with_keypair("mine", signing_key).await?.append(b"x").await?;
+    let b = Multifeed::open_memory().await?;
+    sync_ok(&a, &b).await?;
+    assert_eq!(b.feed(key)?.ok_or("feed not replicated")?.get(0).await?, Some(b"x".to_vec()));
+    Ok(())
+}
+
+#[async_std::test]
+async fn selective_offer_and_accept() -> TestResult {
+    let a = Multifeed::open_memory().await?;
+    let public = *a.writer("public").await?.key();
+    let private = *a.writer("private").await?.key();
+    let unwanted = *a.writer("unwanted").await?.key();
+    for key in [public, private, unwanted] {
+        a.feed(key)?.ok_or("own feed")?.append(b"data").await?;
+    }
+    let b = Multifeed::open_memory().await?;
+    let oa = ReplicateOptions::new(true).offer(move |key| *key != private);
+    let ob = ReplicateOptions::new(false).accept(move |key| *key != unwanted);
+    let (ra, rb) = sync(&a, &b, oa, ob).await?;
+    ra?;
+    rb?;
+    let keys: Vec<_> = b.feeds().iter().map(|f| *f.key()).collect();
+    assert_eq!(keys, vec![public]);
+    Ok(())
+}
+
+#[async_std::test]
+async fn different_shared_keys_fail_on_both_sides() -> TestResult {
+    let a = with_writer("a", 3).await?;
+    let b = with_writer("b", 3).await?;
+    let (ra, rb) = sync(
+        &a,
+        &b,
+        ReplicateOptions::new(true).encryption_key([1; 32]),
+        ReplicateOptions::new(false).encryption_key([2; 32]),
+    )
+    .await?;
+    for (side, result) in [("a", ra), ("b", rb)] {
+        match result {
+            Err(Error::Replicate(e)) => assert_eq!(e.code(), "ERR_KEY_MISMATCH", "side {side}: {e}"),
+            other => return Err(format!("side {side}: expected a key mismatch, got {other:?}").into()),
+        }
+    }
+    assert_eq!(a.feeds().len(), 1, "nothing was exchanged");
+    assert_eq!(b.feeds().len(), 1, "nothing was exchanged");
+    Ok(())
+}
+
+#[async_std::test]
+async fn live_replication_carries_later_appends_and_new_feeds() -> TestResult {
+    let a = with_writer("a", 2).await?;
+    let b = Multifeed::open_memory().await?;
+    let oa = ReplicateOptions::new(true).live(true);
+    let ob = ReplicateOptions::new(false).live(true);
+    let (stop_a, stop_b) = (oa.stop_handle(), ob.stop_handle());
+    let (left, right) = async_std::os::unix::net::UnixStream::pair()?;
+    let ta = async_std::task::spawn({
+        let a = a.clone();
+        async move { a.replicate(left, oa).await }
+    });
+    let tb = async_std::task::spawn({
+        let b = b.clone();
+        async move { b.replicate(right, ob).await }
+    });
+    let key = *a.writer("a").await?.key();
+    wait_for_len(&b, key, 2).await?;
+    a.writer("a").await?.append(b"appended live").await?;
+    wait_for_len(&b, key, 3).await?;
+    let late = a.writer("late").await?;
+    late.append(b"new feed live").await?;
+    wait_for_len(&b, *late.key(), 1).await?;
+    stop_a.stop();
+    stop_b.stop();
+    within("live replication to stop", async {
+        ta.await?;
+        tb.await?;
+        Ok::<_, Error>(())
+    })
+    .await??;
+    assert_converged(&a, &b).await?;
+    Ok(())
+}
+
+#[async_std::test]
+async fn a_hub_forwards_a_third_peers_feed_to_a_live_peer() -> TestResult {
+    let hub = Multifeed::open_memory().await?;
+    let live_peer = Multifeed::open_memory().await?;
+    let third = with_writer("third", 5).await?;
+    let ohub = ReplicateOptions::new(true).live(true);
+    let opeer = ReplicateOptions::new(false).live(true);
+    let (stop_hub, stop_peer) = (ohub.stop_handle(), opeer.stop_handle());
+    let (left, right) = async_std::os::unix::net::UnixStream::pair()?;
+    let th = async_std::task::spawn({
+        let hub = hub.clone();
+        async move { hub.replicate(left, ohub).await }
+    });
+    let tp = async_std::task::spawn({
+        let peer = live_peer.clone();
+        async move { peer.replicate(right, opeer).await }
+    });
+    // The third peer syncs with the hub (not live); the hub passes its feed on.
+    sync_ok(&third, &hub).await?;
+    let key = *third.feeds()[0].key();
+    wait_for_len(&live_peer, key, 5).await?;
+    stop_hub.stop();
+    stop_peer.stop();
+    within("live replication to stop", async {
+        th.await?;
+        tp.await?;
+        Ok::<_, Error>(())
+    })
+    .await??;
+    assert_converged(&third, &live_peer).await?;
+    Ok(())
+}
+
+/// Waits (bounded) until `multi` holds entry `len - 1` of feed `key`.
+async fn wait_for_len(multi: &Multifeed, key: [u8; 32], len: u64) -> TestResult {
+    let mut events = multi.events();
+    let check = || async {
+        match multi.feed(key) {
+            Ok(Some(feed)) => {
+                feed.len().await.unwrap_or(0) >= len
+                    && matches!(feed.get(len - 1).await, Ok(Some(_)))
+            }
+            _ => false,
+        }
+    };
+    within(&format!("feed {} to reach length {len}", hex::encode(key)), async {
+        while !check().await {
+            // Any event (feed added, progress) is a reason to look again.
+            if events.next().await.is_none() {
+                break;
+            }
+        }
+    })
+    .await?;
+    if check().await {
+        Ok(())
+    } else {
+        Err(format!("events ended before feed reached length {len}").into())
+    }
+}
