@@ -309,18 +309,17 @@ impl Exchange {
                     return Err(unexpected(self.state, &message));
                 }
                 self.outstanding.pop_front();
-                let mut new = Vec::new();
+                // Every key is reported, also one already agreed the other way: it now has a
+                // download target.
                 for key in keys {
                     let length = self.remote_offers.get(key).copied().unwrap_or(0);
                     self.wanted.insert(*key, length);
-                    if self.agreed.insert(*key) {
-                        new.push(*key);
-                    }
+                    self.agreed.insert(*key);
                 }
-                Ok(if new.is_empty() {
+                Ok(if keys.is_empty() {
                     Vec::new()
                 } else {
-                    vec![Action::Replicate(new)]
+                    vec![Action::Replicate(keys.clone())]
                 })
             }
             (State::Ready, Message::Synced) => {

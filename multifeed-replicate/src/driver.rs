@@ -23,6 +23,7 @@ use crate::{FeedHost, ReplicateConfig, ReplicateError, ReplicateSummary, Replica
 pub(crate) const EXTENSION: &str = "multifeed";
 const TICK: Duration = Duration::from_millis(250);
 const LINGER: Duration = Duration::from_secs(5);
+const BARRIER: &str = "multifeed-close-barrier";
 
 type DiscoveryKey = [u8; 32];
 
@@ -68,6 +69,8 @@ struct FeedState {
     key: FeedKey,
     core: SharedCore,
     channel: Option<Channel>,
+    /// Whether we asked the protocol to open its channel.
+    opened: bool,
     sync: SyncState,
     /// For feeds we download (non-live): the length to reach.
     target: Option<u64>,
@@ -173,7 +176,15 @@ impl Driver {
                 event = events.next() => {
                     self.last_activity = Instant::now();
                     match event {
-                        Some(Ok(event)) => self.on_event(event).await?,
+                        Some(Ok(event)) => match self.on_event(event).await {
+                            Ok(next) => next,
+                            Err(err) => {
+                                // Let the peer see our channel opens before we go, so it can
+                                // tell why (a key mismatch shows on both sides).
+                                self.close_gracefully(&mut events).await;
+                                return Err(err);
+                            }
+                        },
                         Some(Err(err)) => return self.on_connection_end(err),
                         None => return self.on_connection_end(io::ErrorKind::UnexpectedEof.into()),
                     }
@@ -193,13 +204,33 @@ impl Driver {
     }
 
     /// Flushes what is queued, closes our write side, and waits (bounded) for the peer to close.
+    ///
+    /// Local signals sent through the command queue and the root channel come back as events
+    /// only after everything queued before them was handed to the transport: a barrier.
     async fn close_gracefully(&mut self, events: &mut mpsc::UnboundedReceiver<io::Result<Event>>) {
-        let Some(close) = &self.close else { return };
-        close.close();
+        let Some(close) = self.close.clone() else { return };
+        let mut barriers = 0;
+        if self.commands.signal_local(BARRIER, Vec::new()).await.is_ok() {
+            barriers += 1;
+        }
+        if let Some(root) = &self.root {
+            if root.signal_local_protocol(BARRIER, Vec::new()).await.is_ok() {
+                barriers += 1;
+            }
+        }
         let mut linger = futures::FutureExt::fuse(async_io::Timer::after(LINGER));
+        if barriers == 0 {
+            close.close();
+        }
         loop {
             select_biased! {
                 event = events.next() => match event {
+                    Some(Ok(Event::LocalSignal((name, _)))) if name == BARRIER => {
+                        barriers -= 1;
+                        if barriers == 0 {
+                            close.close();
+                        }
+                    }
                     Some(Ok(_)) => continue,
                     _ => return,
                 },
@@ -267,7 +298,7 @@ impl Driver {
                     self.index_local_feeds().await?;
                     for key in keys {
                         self.track_feed(key, None, true).await?;
-                        self.open_channel(key).await?;
+                        self.open_feed_channel(key).await?;
                     }
                 }
             }
@@ -282,7 +313,7 @@ impl Driver {
                     match self.known.get(&dk).copied() {
                         Some(key) => {
                             self.track_feed(key, None, false).await?;
-                            self.open_channel(key).await?;
+                            self.open_feed_channel(key).await?;
                         }
                         // Before the exchange, an unknown channel means the peer has another key.
                         None if self.exchange.is_some() && self.root.is_none() => {
@@ -328,6 +359,16 @@ impl Driver {
             .open(key)
             .await
             .map_err(|e| ReplicateError::io("opening a channel", e))
+    }
+
+    /// Opens the channel of a tracked feed, once.
+    async fn open_feed_channel(&mut self, key: FeedKey) -> Result<(), ReplicateError> {
+        let dk = discovery_key(&key);
+        match self.feeds.get_mut(&dk) {
+            Some(feed) if !feed.opened => feed.opened = true,
+            _ => return Ok(()),
+        }
+        self.open_channel(key).await
     }
 
     /// Learns the discovery keys of every local feed we may serve.
@@ -398,7 +439,7 @@ impl Driver {
                             self.summary.feeds_sent += 1;
                         }
                         self.track_feed(key, target, true).await?;
-                        self.open_channel(key).await?;
+                        self.open_feed_channel(key).await?;
                     }
                     if !downloads.is_empty() {
                         self.emit(ReplicationEvent::RemoteFeeds(downloads));
@@ -455,6 +496,7 @@ impl Driver {
                     key,
                     core,
                     channel: None,
+                    opened: false,
                     sync: SyncState::new(self.config.max_in_flight),
                     target,
                 },
@@ -462,9 +504,8 @@ impl Driver {
         }
         if let Some(target) = target {
             let contiguous = self.feed_info(&dk).await.map_or(0, |info| info.contiguous_length);
-            if contiguous < target && !self.config.live {
+            if contiguous < target && !self.config.live && self.incomplete.insert(dk) {
                 self.blocks_known += target - contiguous;
-                self.incomplete.insert(dk);
             }
         }
         Ok(())
