@@ -101,6 +101,8 @@ struct Driver {
     progress_dirty: bool,
     handshake_done: bool,
     finished: bool,
+    /// The peer closed the root channel.
+    peer_closed_root: bool,
     last_activity: Instant,
     started: Instant,
 }
@@ -144,6 +146,7 @@ impl Driver {
             progress_dirty: false,
             handshake_done: false,
             finished: false,
+            peer_closed_root: false,
             last_activity: Instant::now(),
             started: Instant::now(),
             config,
@@ -181,7 +184,7 @@ impl Driver {
                             Err(err) => {
                                 // Let the peer see our channel opens before we go, so it can
                                 // tell why (a key mismatch shows on both sides).
-                                self.close_gracefully(&mut events).await;
+                                self.close_gracefully(&mut events, false).await;
                                 return Err(err);
                             }
                         },
@@ -199,16 +202,21 @@ impl Driver {
             }
             self.check_synced().await?;
         }
-        self.close_gracefully(&mut events).await;
+        self.close_gracefully(&mut events, true).await;
         Ok(self.summary)
     }
 
-    /// Flushes what is queued, closes our write side, and waits (bounded) for the peer to close.
+    /// Ends the connection without losing what we queued last.
     ///
     /// Local signals sent through the command queue and the root channel come back as events
-    /// only after everything queued before them was handed to the transport: a barrier.
-    async fn close_gracefully(&mut self, events: &mut mpsc::UnboundedReceiver<io::Result<Event>>) {
-        let Some(close) = self.close.clone() else { return };
+    /// only after everything queued before them was handed to the transport: a barrier. After a
+    /// normal end we then close the root channel and wait (bounded) for the peer to close it too,
+    /// so neither side drops the connection while the other still reads.
+    async fn close_gracefully(
+        &mut self,
+        events: &mut mpsc::UnboundedReceiver<io::Result<Event>>,
+        normal: bool,
+    ) {
         let mut barriers = 0;
         if self.commands.signal_local(BARRIER, Vec::new()).await.is_ok() {
             barriers += 1;
@@ -218,20 +226,35 @@ impl Driver {
                 barriers += 1;
             }
         }
+        let mut root_closed_by_peer = self.peer_closed_root;
         let mut linger = futures::FutureExt::fuse(async_io::Timer::after(LINGER));
-        if barriers == 0 {
-            close.close();
-        }
         loop {
+            if barriers == 0 {
+                if !normal {
+                    return;
+                }
+                if let Some(root) = self.root.take() {
+                    if root.close().await.is_err() {
+                        return;
+                    }
+                    if let Some(close) = &self.close {
+                        close.close();
+                    }
+                }
+                if root_closed_by_peer || self.exchange.is_none() {
+                    return;
+                }
+            }
             select_biased! {
                 event = events.next() => match event {
-                    Some(Ok(Event::LocalSignal((name, _)))) if name == BARRIER => {
-                        barriers -= 1;
+                    Some(Ok(Event::LocalSignal((name, _)))) if name == BARRIER => barriers -= 1,
+                    Some(Ok(Event::Close(dk))) if dk == self.root_dk => {
+                        root_closed_by_peer = true;
                         if barriers == 0 {
-                            close.close();
+                            return;
                         }
                     }
-                    Some(Ok(_)) => continue,
+                    Some(Ok(_)) => {}
                     _ => return,
                 },
                 _ = linger => return,
@@ -337,11 +360,16 @@ impl Driver {
             }
             Event::Close(dk) => {
                 if dk == self.root_dk && self.exchange.is_some() {
+                    self.peer_closed_root = true;
                     if !self.finished && !self.config.live {
                         return Err(ReplicateError::io(
                             "replication",
                             io::Error::new(io::ErrorKind::ConnectionAborted, "the peer closed the exchange"),
                         ));
+                    }
+                    // The peer ended a live replication: close our side of the root too.
+                    if let Some(root) = self.root.take() {
+                        let _ = root.close().await;
                     }
                     return Ok(Next::Done);
                 }
