@@ -47,9 +47,12 @@ async function fetch (keyHex, port, n) {
   stream.on('error', fail)
   const entries = []
   for (let i = 0; i < n; i++) entries.push((await core.get(i, { timeout: 20000 })).toString())
-  console.log(JSON.stringify({ length: core.length, entries }))
+  // Done: closing our end is not an error.
+  stream.removeListener('error', fail)
+  stream.on('error', () => {})
   socket.destroy()
-  process.exit(0)
+  // Exit only once stdout is flushed: a pipe would otherwise cut the output short.
+  process.stdout.write(JSON.stringify({ length: core.length, entries }) + '\n', () => process.exit(0))
 }
 
 const timer = setTimeout(() => fail(new Error('peer.js timed out after 60 s')), 60000)

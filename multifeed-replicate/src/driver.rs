@@ -263,7 +263,12 @@ impl Driver {
     }
 
     fn on_connection_end(&self, err: io::Error) -> Result<ReplicateSummary, ReplicateError> {
-        if self.finished || (self.config.live && self.root.is_some()) {
+        let serving_only = self
+            .config
+            .plain_feeds
+            .as_ref()
+            .is_some_and(|keys| keys.is_empty());
+        if self.finished || (self.config.live && self.root.is_some()) || (serving_only && self.handshake_done) {
             return Ok(self.summary);
         }
         let phase = if !self.handshake_done {

@@ -27,6 +27,7 @@ pub struct ReplicateOptions {
     offer: Option<KeyFilter>,
     accept: Option<KeyFilter>,
     stop: StopHandle,
+    plain: Option<Vec<FeedKey>>,
 }
 
 impl fmt::Debug for ReplicateOptions {
@@ -53,7 +54,16 @@ impl ReplicateOptions {
             offer: None,
             accept: None,
             stop: StopHandle::default(),
+            plain: None,
         }
+    }
+
+    /// Talk plain Hypercore 10 to a peer that is not a multifeed (such as a JS `hypercore`):
+    /// no feed-list exchange; serve whichever of our feeds the peer opens by key, and download
+    /// `keys` (adding them as remote feeds). With no keys, it serves until the peer disconnects.
+    pub fn hypercore_peer(mut self, keys: Vec<FeedKey>) -> Self {
+        self.plain = Some(keys);
+        self
     }
 
     /// Keep replicating new feeds and appends until stopped (default: stop once in sync).
@@ -141,6 +151,9 @@ impl Multifeed {
         }
         if let Some(accept) = options.accept {
             config = config.accept(accept);
+        }
+        if let Some(keys) = options.plain {
+            config = config.plain_hypercore(keys);
         }
         let inner = self.inner.clone();
         let forward = async move {
