@@ -136,12 +136,6 @@ impl SyncState {
             }
         }
     }
-
-    /// Requests in flight.
-    #[cfg(test)]
-    pub(crate) fn in_flight(&self) -> usize {
-        self.in_flight.len()
-    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,118 @@
+//! A small in-memory feed host for the crate's tests.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+use hypercore::{HypercoreBuilder, PartialKeypair, Storage, VerifyingKey};
+use multifeed_replicate::{FeedHost, HostError, LocalFeed};
+use multifeed_storage::{FeedKey, SharedCore};
+
+/// Feeds in memory; `serve_as` makes it lie: it serves another core under a key.
+#[derive(Default)]
+pub struct TestHost {
+    feeds: Mutex<Vec<(FeedKey, SharedCore)>>,
+    serve_as: Mutex<HashMap<FeedKey, SharedCore>>,
+}
+
+impl TestHost {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// A new writable feed with `entries` entries.
+    pub async fn writer(&self, entries: u64) -> FeedKey {
+        let storage = Storage::new_memory().await.expect("memory storage");
+        let mut core = HypercoreBuilder::new(storage).build().await.expect("core");
+        for i in 0..entries {
+            core.append(format!("entry {i}").as_bytes()).await.expect("append");
+        }
+        let key = core.key_pair().public.to_bytes();
+        self.feeds.lock().unwrap().push((key, SharedCore::new(core)));
+        key
+    }
+
+    /// Claims to hold `key`, but serves `impostor`'s core (signed by another key).
+    pub async fn lie_about(&self, key: FeedKey, impostor_entries: u64) {
+        let storage = Storage::new_memory().await.expect("memory storage");
+        let mut core = HypercoreBuilder::new(storage).build().await.expect("core");
+        for i in 0..impostor_entries {
+            core.append(format!("forged {i}").as_bytes()).await.expect("append");
+        }
+        let shared = SharedCore::new(core);
+        self.serve_as.lock().unwrap().insert(key, shared.clone());
+        self.feeds.lock().unwrap().push((key, shared));
+    }
+
+    pub fn core(&self, key: &FeedKey) -> Option<SharedCore> {
+        self.feeds
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, c)| c.clone())
+    }
+
+    pub async fn entries(&self, key: &FeedKey) -> Vec<Vec<u8>> {
+        let core = self.core(key).expect("feed held");
+        let mut core = core.lock().await;
+        let len = core.info().length;
+        let mut out = Vec::new();
+        for i in 0..len {
+            out.push(core.get(i).await.expect("get").expect("entry present"));
+        }
+        out
+    }
+}
+
+#[async_trait]
+impl FeedHost for TestHost {
+    async fn local_feeds(&self) -> Result<Vec<LocalFeed>, HostError> {
+        let feeds = self.feeds.lock().unwrap().clone();
+        let mut out = Vec::new();
+        for (key, core) in feeds {
+            out.push(LocalFeed {
+                key,
+                length: core.lock().await.info().length,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn open_feed(&self, key: &FeedKey) -> Result<Option<SharedCore>, HostError> {
+        if let Some(core) = self.serve_as.lock().unwrap().get(key) {
+            return Ok(Some(core.clone()));
+        }
+        Ok(self.core(key))
+    }
+
+    async fn add_remote_feed(&self, key: &FeedKey) -> Result<SharedCore, HostError> {
+        if let Some(core) = self.core(key) {
+            return Ok(core);
+        }
+        let public = VerifyingKey::from_bytes(key)?;
+        let storage = Storage::new_memory().await?;
+        let core = HypercoreBuilder::new(storage)
+            .key_pair(PartialKeypair { public, secret: None })
+            .build()
+            .await?;
+        let shared = SharedCore::new(core);
+        self.feeds.lock().unwrap().push((*key, shared.clone()));
+        Ok(shared)
+    }
+
+    fn subscribe_new_feeds(&self) -> BoxStream<'static, FeedKey> {
+        Box::pin(futures::stream::pending())
+    }
+}
+
+pub async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    let bound = Duration::from_secs(30);
+    async_std::future::timeout(bound, fut)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {bound:?} waiting for {what}"))
+}

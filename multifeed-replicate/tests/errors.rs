@@ -1,0 +1,124 @@
+//! Errors on both sides, and hostile or broken peers: typed errors, no panics, no hangs.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{within, TestHost};
+use futures::AsyncWriteExt;
+use multifeed_replicate::{replicate, FeedHost, ReplicateConfig, ReplicateError};
+
+fn pair() -> (async_std::os::unix::net::UnixStream, async_std::os::unix::net::UnixStream) {
+    async_std::os::unix::net::UnixStream::pair().expect("socket pair")
+}
+
+async fn both(
+    a: Arc<TestHost>,
+    b: Arc<TestHost>,
+    ca: ReplicateConfig,
+    cb: ReplicateConfig,
+) -> (Result<multifeed_replicate::ReplicateSummary, ReplicateError>, Result<multifeed_replicate::ReplicateSummary, ReplicateError>) {
+    let (x, y) = pair();
+    let (ha, hb): (Arc<dyn FeedHost>, Arc<dyn FeedHost>) = (a, b);
+    within("both sides", async { futures::join!(replicate(x, ha, ca), replicate(y, hb, cb)) }).await
+}
+
+#[async_std::test]
+async fn version_mismatch_fails_on_both_sides() {
+    let (a, b) = (TestHost::new(), TestHost::new());
+    let (ra, rb) = both(
+        a,
+        b,
+        ReplicateConfig::new(true).protocol_version(multifeed_meta::semver::Version::new(2, 0, 0)),
+        ReplicateConfig::new(false),
+    )
+    .await;
+    for result in [ra, rb] {
+        let err = result.expect_err("a version mismatch");
+        assert_eq!(err.code(), "ERR_VERSION_MISMATCH", "{err}");
+    }
+}
+
+#[async_std::test]
+async fn client_mismatch_fails_on_both_sides() {
+    let (a, b) = (TestHost::new(), TestHost::new());
+    let (ra, rb) = both(
+        a,
+        b,
+        ReplicateConfig::new(true),
+        ReplicateConfig::new(false).client_name("NOT-MULTIFEED".into()),
+    )
+    .await;
+    for result in [ra, rb] {
+        let err = result.expect_err("a client mismatch");
+        assert_eq!(err.code(), "ERR_CLIENT_MISMATCH", "{err}");
+    }
+}
+
+#[async_std::test]
+async fn a_peer_serving_forged_data_is_dropped_and_our_data_is_untouched() {
+    let honest_author = TestHost::new();
+    let key = honest_author.writer(5).await;
+    // The liar claims the honest author's feed but signs with its own key.
+    let liar = TestHost::new();
+    liar.lie_about(key, 5).await;
+    let victim = TestHost::new();
+    let own = victim.writer(3).await;
+    let before = victim.entries(&own).await;
+    let (rl, rv) = both(liar, victim.clone(), ReplicateConfig::new(true), ReplicateConfig::new(false)).await;
+    let err = rv.expect_err("the victim rejects the forged proof");
+    assert!(matches!(err, ReplicateError::InvalidProof { .. }), "{err}");
+    assert_eq!(err.code(), "ERR_INVALID_PROOF");
+    assert!(rl.is_err(), "the liar's connection ends too");
+    assert_eq!(victim.entries(&own).await, before, "our own feed is untouched");
+    let forged = victim.core(&key).expect("the feed was added");
+    assert_eq!(forged.lock().await.info().contiguous_length, 0, "nothing forged was stored");
+}
+
+#[async_std::test]
+async fn garbage_bytes_give_a_typed_error() {
+    let host: Arc<dyn FeedHost> = TestHost::new();
+    let (x, mut y) = pair();
+    let task = async_std::task::spawn(replicate(x, host, ReplicateConfig::new(false)));
+    // A uint24 frame of random bytes instead of a Noise handshake, then more junk, then EOF.
+    y.write_all(&[40, 0, 0]).await.expect("write");
+    y.write_all(&[0xA5; 40]).await.expect("write");
+    y.write_all(&[0xff; 1000]).await.expect("write");
+    drop(y);
+    let err = within("the garbage to be rejected", task).await.expect_err("garbage is an error");
+    assert!(matches!(err, ReplicateError::Io { .. }), "{err}");
+}
+
+#[async_std::test]
+async fn a_silent_peer_times_out_in_the_handshake() {
+    let host: Arc<dyn FeedHost> = TestHost::new();
+    let (x, _silent) = pair();
+    let config = ReplicateConfig::new(true).handshake_timeout(Duration::from_millis(500));
+    let err = within("the handshake timeout", replicate(x, host, config))
+        .await
+        .expect_err("a silent peer is a timeout");
+    assert!(matches!(err, ReplicateError::Timeout { .. }), "{err}");
+}
+
+#[async_std::test]
+async fn a_peer_that_disconnects_mid_handshake_is_an_error_not_a_hang() {
+    let host: Arc<dyn FeedHost> = TestHost::new();
+    let (x, y) = pair();
+    let task = async_std::task::spawn(replicate(x, host, ReplicateConfig::new(true)));
+    drop(y);
+    let err = within("the disconnect to be noticed", task).await.expect_err("a disconnect is an error");
+    assert!(matches!(err, ReplicateError::Io { .. }), "{err}");
+}
+
+#[async_std::test]
+async fn feeds_replicate_between_two_hosts() {
+    let (a, b) = (TestHost::new(), TestHost::new());
+    let ka = a.writer(1000).await;
+    let kb = b.writer(10).await;
+    let (ra, rb) = both(a.clone(), b.clone(), ReplicateConfig::new(true), ReplicateConfig::new(false)).await;
+    let (sa, sb) = (ra.expect("a"), rb.expect("b"));
+    assert_eq!((sa.blocks_received, sb.blocks_received), (10, 1000));
+    assert_eq!(a.entries(&kb).await, b.entries(&kb).await);
+    assert_eq!(a.entries(&ka).await, b.entries(&ka).await);
+}
