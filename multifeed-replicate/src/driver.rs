@@ -640,11 +640,24 @@ impl Driver {
         {
             let mut core = feed.core.lock().await;
             let info = core.info();
-            if let Some(id) = feed.sync.start_upgrade(info.fork, info.length) {
-                messages.push(Message::Request(request(id, info.fork, None, Some(RequestUpgrade {
+            if let Some((id, block)) =
+                feed.sync.start_upgrade(info.fork, info.length, info.contiguous_length)
+            {
+                let block = match block {
+                    Some(index) => Some(RequestBlock {
+                        index,
+                        nodes: core
+                            .missing_nodes(index)
+                            .await
+                            .map_err(|e| ReplicateError::hypercore(&feed.key, e))?,
+                    }),
+                    None => None,
+                };
+                let upgrade = RequestUpgrade {
                     start: info.length,
                     length: feed.sync.remote_length() - info.length,
-                }))));
+                };
+                messages.push(Message::Request(request(id, info.fork, block, Some(upgrade))));
             }
             let blocks = feed.sync.next_blocks(info.contiguous_length, info.length, |i| core.has(i));
             for (index, id) in blocks {
@@ -719,7 +732,7 @@ impl Driver {
             }
         }
         feed.core.notify_changed();
-        if let Asked::Block(index) = asked {
+        if let Asked::Block(index) | Asked::UpgradeAndBlock(index) = asked {
             if feed.core.lock().await.has(index) {
                 self.summary.blocks_received += 1;
                 self.summary.bytes_received += block_bytes.unwrap_or(0);
@@ -733,7 +746,7 @@ impl Driver {
                 self.incomplete.remove(&dk);
             }
         }
-        if asked == Asked::Upgrade {
+        if matches!(asked, Asked::Upgrade | Asked::UpgradeAndBlock(_)) {
             self.announce(dk).await?;
         }
         self.request_more(dk).await

@@ -9,6 +9,8 @@ pub(crate) enum Asked {
     Upgrade,
     /// One block.
     Block(u64),
+    /// The upgrade together with one block (one round trip for small feeds).
+    UpgradeAndBlock(u64),
 }
 
 /// The sync state of one feed on one connection.
@@ -58,14 +60,32 @@ impl SyncState {
         self.remote.map_or(0, |(_, length)| length)
     }
 
-    /// If the peer is longer on our fork, and no upgrade is in flight: the request id for one.
-    pub(crate) fn start_upgrade(&mut self, local_fork: u64, local_length: u64) -> Option<u64> {
+    /// If the peer is longer on our fork, and no upgrade is in flight: the request id for one,
+    /// and the block to fetch with it (the first one we lack, if the peer has it).
+    pub(crate) fn start_upgrade(
+        &mut self,
+        local_fork: u64,
+        local_length: u64,
+        contiguous: u64,
+    ) -> Option<(u64, Option<u64>)> {
         match self.remote {
             Some((fork, length))
                 if fork == local_fork && length > local_length && !self.upgrade_in_flight =>
             {
                 self.upgrade_in_flight = true;
-                Some(self.issue(Asked::Upgrade))
+                let block = (!self.stalled
+                    && contiguous < length
+                    && contiguous >= local_length
+                    && !self.blocks_in_flight.contains(&contiguous))
+                .then_some(contiguous);
+                let asked = match block {
+                    Some(index) => {
+                        self.blocks_in_flight.insert(index);
+                        Asked::UpgradeAndBlock(index)
+                    }
+                    None => Asked::Upgrade,
+                };
+                Some((self.issue(asked), block))
             }
             _ => None,
         }
@@ -79,7 +99,8 @@ impl SyncState {
         local_length: u64,
         has: impl Fn(u64) -> bool,
     ) -> Vec<(u64, u64)> {
-        if self.stalled {
+        // Refill in bursts: wait until half the window is free, so requests share frames.
+        if self.stalled || self.in_flight.len() > self.max_in_flight / 2 {
             return Vec::new();
         }
         let end = local_length.min(self.remote_length());
@@ -116,7 +137,7 @@ impl SyncState {
     pub(crate) fn on_no_data(&mut self, id: u64) {
         if let Some(asked) = self.in_flight.remove(&id) {
             self.settle(asked);
-            if let Asked::Block(index) = asked {
+            if let Asked::Block(index) | Asked::UpgradeAndBlock(index) = asked {
                 self.cursor = self.cursor.min(index);
             }
             self.stalled = true;
@@ -134,6 +155,10 @@ impl SyncState {
             Asked::Block(index) => {
                 self.blocks_in_flight.remove(&index);
             }
+            Asked::UpgradeAndBlock(index) => {
+                self.upgrade_in_flight = false;
+                self.blocks_in_flight.remove(&index);
+            }
         }
     }
 }
@@ -145,17 +170,20 @@ mod tests {
     #[test]
     fn upgrade_once_then_pipelined_blocks() {
         let mut s = SyncState::new(4);
-        assert_eq!(s.start_upgrade(0, 0), None, "no remote yet");
+        assert_eq!(s.start_upgrade(0, 0, 0), None, "no remote yet");
         assert!(s.on_remote_sync(0, 10));
-        let up = s.start_upgrade(0, 0).expect("upgrade");
-        assert_eq!(s.start_upgrade(0, 0), None, "one upgrade in flight");
-        assert_eq!(s.on_data(up), Some(Asked::Upgrade));
-        let blocks = s.next_blocks(0, 10, |_| false);
-        assert_eq!(blocks.iter().map(|b| b.0).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
-        assert!(s.next_blocks(0, 10, |_| false).is_empty(), "window full");
-        assert_eq!(s.on_data(blocks[1].1), Some(Asked::Block(1)));
-        let more = s.next_blocks(0, 10, |i| i == 1);
-        assert_eq!(more.iter().map(|b| b.0).collect::<Vec<_>>(), vec![4]);
+        let (up, block) = s.start_upgrade(0, 0, 0).expect("upgrade");
+        assert_eq!(block, Some(0), "the first block rides with the upgrade");
+        assert_eq!(s.start_upgrade(0, 0, 0), None, "one upgrade in flight");
+        assert_eq!(s.on_data(up), Some(Asked::UpgradeAndBlock(0)));
+        let blocks = s.next_blocks(1, 10, |_| false);
+        assert_eq!(blocks.iter().map(|b| b.0).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+        assert!(s.next_blocks(1, 10, |_| false).is_empty(), "window full");
+        assert_eq!(s.on_data(blocks[1].1), Some(Asked::Block(2)));
+        assert!(s.next_blocks(1, 10, |_| false).is_empty(), "refills only at half the window");
+        assert_eq!(s.on_data(blocks[0].1), Some(Asked::Block(1)));
+        let more = s.next_blocks(1, 10, |i| i <= 2);
+        assert_eq!(more.iter().map(|b| b.0).collect::<Vec<_>>(), vec![5, 6]);
         assert_eq!(s.on_data(999), None, "unknown ids are ignored");
     }
 
@@ -175,7 +203,7 @@ mod tests {
     fn never_asks_past_either_length_or_on_another_fork() {
         let mut s = SyncState::new(8);
         s.on_remote_sync(1, 5);
-        assert_eq!(s.start_upgrade(0, 0), None, "other fork");
+        assert_eq!(s.start_upgrade(0, 0, 0), None, "other fork");
         assert!(s.next_blocks(0, 3, |_| false).iter().all(|b| b.0 < 3));
     }
 }

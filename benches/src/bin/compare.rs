@@ -66,6 +66,10 @@ fn child(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
     };
     async_std::task::block_on(async {
         let prepared = prepare(w, kind).await?;
+        if std::env::var_os("MULTIFEED_BENCH_PREPARE_ONLY").is_some() {
+            println!("0 {}", peak_rss_mb());
+            return Ok(());
+        }
         let elapsed = replicate(&prepared).await?;
         check(&prepared, w).await?;
         println!("{} {}", elapsed.as_secs_f64() * 1e3, peak_rss_mb());
