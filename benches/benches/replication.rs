@@ -2,6 +2,9 @@
 //!
 //! `cargo bench -p multifeed-benches` (set `MULTIFEED_BENCH_DISK=1` to add the disk variants).
 
+// criterion's macros generate undocumented items.
+#![allow(missing_docs)]
+
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};

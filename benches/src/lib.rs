@@ -42,11 +42,31 @@ impl Workload {
 
 /// The JS baseline's four workloads plus 10,000 feeds of one entry.
 pub const WORKLOADS: &[Workload] = &[
-    Workload { name: "one-feed-10k", a: (1, 10_000), b: (0, 0) },
-    Workload { name: "feeds100x100", a: (100, 100), b: (0, 0) },
-    Workload { name: "feeds1000x1", a: (1_000, 1), b: (0, 0) },
-    Workload { name: "bidir10x1000", a: (10, 1_000), b: (10, 1_000) },
-    Workload { name: "feeds10000x1", a: (10_000, 1), b: (0, 0) },
+    Workload {
+        name: "one-feed-10k",
+        a: (1, 10_000),
+        b: (0, 0),
+    },
+    Workload {
+        name: "feeds100x100",
+        a: (100, 100),
+        b: (0, 0),
+    },
+    Workload {
+        name: "feeds1000x1",
+        a: (1_000, 1),
+        b: (0, 0),
+    },
+    Workload {
+        name: "bidir10x1000",
+        a: (10, 1_000),
+        b: (10, 1_000),
+    },
+    Workload {
+        name: "feeds10000x1",
+        a: (10_000, 1),
+        b: (0, 0),
+    },
 ];
 
 /// The workload called `name`.
@@ -64,7 +84,10 @@ pub struct Prepared {
     _dirs: Vec<tempfile::TempDir>,
 }
 
-async fn open(kind: StorageKind, dirs: &mut Vec<tempfile::TempDir>) -> Result<Multifeed, Box<dyn std::error::Error>> {
+async fn open(
+    kind: StorageKind,
+    dirs: &mut Vec<tempfile::TempDir>,
+) -> Result<Multifeed, Box<dyn std::error::Error>> {
     let builder = Multifeed::builder().value_encoding(ValueEncoding::Json);
     let builder = match kind {
         StorageKind::Memory => builder.memory(),
@@ -78,12 +101,18 @@ async fn open(kind: StorageKind, dirs: &mut Vec<tempfile::TempDir>) -> Result<Mu
     Ok(builder.open().await?)
 }
 
-async fn fill(multi: &Multifeed, prefix: &str, (writers, entries): (usize, usize)) -> Result<(), multifeed::Error> {
+async fn fill(
+    multi: &Multifeed,
+    prefix: &str,
+    (writers, entries): (usize, usize),
+) -> Result<(), multifeed::Error> {
     let msg = "x".repeat(80);
     for w in 0..writers {
         let feed = multi.writer(&format!("{prefix}{w}")).await?;
         let batch: Vec<Vec<u8>> = (0..entries)
-            .map(|n| serde_json::to_vec(&serde_json::json!({ "msg": msg, "n": n })).unwrap_or_default())
+            .map(|n| {
+                serde_json::to_vec(&serde_json::json!({ "msg": msg, "n": n })).unwrap_or_default()
+            })
             .collect();
         if !batch.is_empty() {
             feed.append_batch(&batch).await?;
@@ -93,7 +122,10 @@ async fn fill(multi: &Multifeed, prefix: &str, (writers, entries): (usize, usize
 }
 
 /// Opens and fills both sides of `workload`.
-pub async fn prepare(workload: Workload, kind: StorageKind) -> Result<Prepared, Box<dyn std::error::Error>> {
+pub async fn prepare(
+    workload: Workload,
+    kind: StorageKind,
+) -> Result<Prepared, Box<dyn std::error::Error>> {
     let mut dirs = Vec::new();
     let a = open(kind, &mut dirs).await?;
     let b = open(kind, &mut dirs).await?;
@@ -117,22 +149,36 @@ pub async fn replicate(prepared: &Prepared) -> Result<Duration, Box<dyn std::err
 }
 
 /// Checks that both sides hold every feed and the last entry of each.
-pub async fn check(prepared: &Prepared, workload: Workload) -> Result<(), Box<dyn std::error::Error>> {
+pub async fn check(
+    prepared: &Prepared,
+    workload: Workload,
+) -> Result<(), Box<dyn std::error::Error>> {
     for (side, multi) in [("a", &prepared.a), ("b", &prepared.b)] {
         let feeds = multi.feeds();
         if feeds.len() != workload.feeds() {
-            return Err(format!("side {side} has {} feeds, expected {}", feeds.len(), workload.feeds()).into());
+            return Err(format!(
+                "side {side} has {} feeds, expected {}",
+                feeds.len(),
+                workload.feeds()
+            )
+            .into());
         }
         let mut entries = 0;
         for feed in feeds {
             let len = feed.len().await?;
             entries += len as usize;
             if len > 0 && feed.get(len - 1).await?.is_none() {
-                return Err(format!("side {side}: last entry of {} missing", feed.key_hex()).into());
+                return Err(
+                    format!("side {side}: last entry of {} missing", feed.key_hex()).into(),
+                );
             }
         }
         if entries != workload.entries() {
-            return Err(format!("side {side} has {entries} entries, expected {}", workload.entries()).into());
+            return Err(format!(
+                "side {side} has {entries} entries, expected {}",
+                workload.entries()
+            )
+            .into());
         }
     }
     Ok(())

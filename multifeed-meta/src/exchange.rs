@@ -288,7 +288,8 @@ impl Exchange {
                     .into_iter()
                     .filter(|key| self.offered.contains_key(key))
                     .collect();
-                let mut actions = vec![Action::Send(Message::ReplicateFeeds { keys: will.clone() })];
+                let mut actions =
+                    vec![Action::Send(Message::ReplicateFeeds { keys: will.clone() })];
                 let new: Vec<FeedKey> = will
                     .into_iter()
                     .filter(|key| self.agreed.insert(*key))

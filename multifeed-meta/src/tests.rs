@@ -77,16 +77,27 @@ fn decoding_rejects_malformed_input() {
     let mut many = vec![3];
     many.extend_from_slice(&[0x81, 0x10]); // 2049 keys
     assert!(matches!(Message::decode(&many), Err(TooManyKeys { .. })));
-    let overflow = [3, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f];
+    let overflow = [
+        3, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f,
+    ];
     assert!(matches!(Message::decode(&overflow), Err(VarintOverflow(_))));
     let long_client = [1, 200, 1];
-    assert!(matches!(Message::decode(&long_client), Err(FieldTooLong { .. })));
+    assert!(matches!(
+        Message::decode(&long_client),
+        Err(FieldTooLong { .. })
+    ));
     let bad_utf8 = [1, 1, 0xff, 1, b'1', 0];
     assert_eq!(Message::decode(&bad_utf8), Err(InvalidUtf8("client")));
     let bad_version = [1, 1, b'M', 3, b'1', b'.', b'x', 0];
-    assert!(matches!(Message::decode(&bad_version), Err(InvalidVersion(_))));
+    assert!(matches!(
+        Message::decode(&bad_version),
+        Err(InvalidVersion(_))
+    ));
     let huge = vec![5; MAX_MESSAGE_BYTES + 1];
-    assert!(matches!(Message::decode(&huge), Err(MessageTooLarge { .. })));
+    assert!(matches!(
+        Message::decode(&huge),
+        Err(MessageTooLarge { .. })
+    ));
 }
 
 #[test]
@@ -200,16 +211,28 @@ fn every_state_and_message_pair() {
     type Builder = Box<dyn Fn() -> Exchange>;
     let table: Vec<(&str, Builder, [bool; 5])> = vec![
         ("new", Box::new(new), [false, false, false, false, false]),
-        ("awaiting", Box::new(awaiting), [true, false, false, false, false]),
+        (
+            "awaiting",
+            Box::new(awaiting),
+            [true, false, false, false, false],
+        ),
         // ReplicateFeeds with no outstanding request is a violation.
         ("ready", Box::new(ready), [false, true, true, false, true]),
-        ("finished", Box::new(finished), [false, true, true, false, true]),
+        (
+            "finished",
+            Box::new(finished),
+            [false, true, true, false, true],
+        ),
     ];
     for (name, build, expected) in table {
         for (message, ok) in messages().into_iter().zip(expected) {
             let label = message.name();
             let result = build().handle_message(message);
-            assert_eq!(result.is_ok(), ok, "state {name}, message {label}: {result:?}");
+            assert_eq!(
+                result.is_ok(),
+                ok,
+                "state {name}, message {label}: {result:?}"
+            );
             if let Err(err) = result {
                 assert!(
                     matches!(err, MetaError::UnexpectedMessage { .. }),
@@ -355,7 +378,12 @@ fn deliver(ex: &mut Exchange, inbox: Vec<Message>) -> (Vec<Message>, Vec<FeedKey
 }
 
 /// Drives two exchanges against each other; returns the keys each was told to replicate.
-fn drive(a: &mut Exchange, b: &mut Exchange, mut to_a: Vec<Message>, mut to_b: Vec<Message>) -> (Vec<FeedKey>, Vec<FeedKey>, bool) {
+fn drive(
+    a: &mut Exchange,
+    b: &mut Exchange,
+    mut to_a: Vec<Message>,
+    mut to_b: Vec<Message>,
+) -> (Vec<FeedKey>, Vec<FeedKey>, bool) {
     let (mut ka, mut kb, mut fa, mut fb) = (Vec::new(), Vec::new(), false, false);
     for _ in 0..100 {
         if to_a.is_empty() && to_b.is_empty() {
@@ -428,22 +456,31 @@ fn arb_key() -> impl Strategy<Value = FeedKey> {
 
 fn arb_message() -> impl Strategy<Value = Message> {
     let keys = || {
-        proptest::collection::hash_set(arb_key(), 0..20).prop_map(|s| s.into_iter().collect::<Vec<_>>())
+        proptest::collection::hash_set(arb_key(), 0..20)
+            .prop_map(|s| s.into_iter().collect::<Vec<_>>())
     };
     prop_oneof![
-        ("[A-Z]{0,64}", any::<(u16, u16, u16)>(), proptest::collection::vec(any::<u8>(), 0..100)).prop_map(
-            |(client, (ma, mi, pa), user_data)| Message::Handshake {
+        (
+            "[A-Z]{0,64}",
+            any::<(u16, u16, u16)>(),
+            proptest::collection::vec(any::<u8>(), 0..100)
+        )
+            .prop_map(|(client, (ma, mi, pa), user_data)| Message::Handshake {
                 client,
                 version: semver::Version::new(ma.into(), mi.into(), pa.into()),
                 user_data
-            }
-        ),
-        (proptest::collection::hash_map(arb_key(), any::<u64>(), 0..20), any::<bool>()).prop_map(
-            |(m, complete)| Message::Manifest {
-                feeds: m.into_iter().map(|(key, length)| FeedOffer { key, length }).collect(),
+            }),
+        (
+            proptest::collection::hash_map(arb_key(), any::<u64>(), 0..20),
+            any::<bool>()
+        )
+            .prop_map(|(m, complete)| Message::Manifest {
+                feeds: m
+                    .into_iter()
+                    .map(|(key, length)| FeedOffer { key, length })
+                    .collect(),
                 complete
-            }
-        ),
+            }),
         keys().prop_map(|keys| Message::RequestFeeds { keys }),
         keys().prop_map(|keys| Message::ReplicateFeeds { keys }),
         Just(Message::Synced),

@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::channel::mpsc;
-use futures::stream::{BoxStream, SelectAll, StreamExt};
 use futures::select_biased;
+use futures::stream::{BoxStream, SelectAll, StreamExt};
 use hypercore_protocol::schema::{Data, NoData, Range, Request, Synchronize};
-use hypercore_schema::{RequestBlock, RequestUpgrade};
 use hypercore_protocol::{discovery_key, Channel, CommandTx, Event, Message, Protocol};
+use hypercore_schema::{RequestBlock, RequestUpgrade};
 use multifeed_meta::{Action, Exchange, ExchangeConfig, FeedOffer};
 use multifeed_storage::{FeedKey, SharedCore};
 
@@ -58,9 +58,9 @@ pub(crate) async fn run(
     let pump = Box::pin(pump);
     match futures::future::select(logic, pump).await {
         futures::future::Either::Left((result, _)) => result,
-        futures::future::Either::Right(((), _)) => Err(ReplicateError::Timeout {
-            phase: "protocol",
-        }),
+        futures::future::Either::Right(((), _)) => {
+            Err(ReplicateError::Timeout { phase: "protocol" })
+        }
     }
 }
 
@@ -218,11 +218,20 @@ impl Driver {
         normal: bool,
     ) {
         let mut barriers = 0;
-        if self.commands.signal_local(BARRIER, Vec::new()).await.is_ok() {
+        if self
+            .commands
+            .signal_local(BARRIER, Vec::new())
+            .await
+            .is_ok()
+        {
             barriers += 1;
         }
         if let Some(root) = &self.root {
-            if root.signal_local_protocol(BARRIER, Vec::new()).await.is_ok() {
+            if root
+                .signal_local_protocol(BARRIER, Vec::new())
+                .await
+                .is_ok()
+            {
                 barriers += 1;
             }
         }
@@ -268,7 +277,10 @@ impl Driver {
             .plain_feeds
             .as_ref()
             .is_some_and(|keys| keys.is_empty());
-        if self.finished || (self.config.live && self.root.is_some()) || (serving_only && self.handshake_done) {
+        if self.finished
+            || (self.config.live && self.root.is_some())
+            || (serving_only && self.handshake_done)
+        {
             return Ok(self.summary);
         }
         let phase = if !self.handshake_done {
@@ -288,11 +300,17 @@ impl Driver {
         };
         if !exchanged && self.started.elapsed() > self.config.handshake_timeout {
             return Err(ReplicateError::Timeout {
-                phase: if self.handshake_done { "exchange handshake" } else { "noise handshake" },
+                phase: if self.handshake_done {
+                    "exchange handshake"
+                } else {
+                    "noise handshake"
+                },
             });
         }
         if !self.config.live && self.last_activity.elapsed() > self.config.idle_timeout {
-            return Err(ReplicateError::Timeout { phase: "replication" });
+            return Err(ReplicateError::Timeout {
+                phase: "replication",
+            });
         }
         Ok(Next::Continue)
     }
@@ -369,7 +387,10 @@ impl Driver {
                     if !self.finished && !self.config.live {
                         return Err(ReplicateError::io(
                             "replication",
-                            io::Error::new(io::ErrorKind::ConnectionAborted, "the peer closed the exchange"),
+                            io::Error::new(
+                                io::ErrorKind::ConnectionAborted,
+                                "the peer closed the exchange",
+                            ),
                         ));
                     }
                     // The peer ended a live replication: close our side of the root too.
@@ -406,7 +427,11 @@ impl Driver {
 
     /// Learns the discovery keys of every local feed we may serve.
     async fn index_local_feeds(&mut self) -> Result<(), ReplicateError> {
-        let feeds = self.host.local_feeds().await.map_err(ReplicateError::Host)?;
+        let feeds = self
+            .host
+            .local_feeds()
+            .await
+            .map_err(ReplicateError::Host)?;
         for feed in feeds {
             if self.offers(&feed.key) {
                 self.known.insert(discovery_key(&feed.key), feed.key);
@@ -428,11 +453,23 @@ impl Driver {
             return Ok(());
         };
         let mut actions = exchange.start();
-        let feeds = self.host.local_feeds().await.map_err(ReplicateError::Host)?;
+        let feeds = self
+            .host
+            .local_feeds()
+            .await
+            .map_err(ReplicateError::Host)?;
         let offers: Vec<FeedOffer> = feeds
             .into_iter()
-            .filter(|feed| self.config.offer.as_ref().is_none_or(|offer| offer(&feed.key)))
-            .map(|feed| FeedOffer { key: feed.key, length: feed.length })
+            .filter(|feed| {
+                self.config
+                    .offer
+                    .as_ref()
+                    .is_none_or(|offer| offer(&feed.key))
+            })
+            .map(|feed| FeedOffer {
+                key: feed.key,
+                length: feed.length,
+            })
             .collect();
         for offer in &offers {
             self.known.insert(discovery_key(&offer.key), offer.key);
@@ -464,7 +501,10 @@ impl Driver {
                 Action::Replicate(keys) => {
                     let mut downloads = Vec::new();
                     for key in keys {
-                        let target = self.exchange.as_ref().and_then(|e| e.wanted().get(&key).copied());
+                        let target = self
+                            .exchange
+                            .as_ref()
+                            .and_then(|e| e.wanted().get(&key).copied());
                         if target.is_some() {
                             downloads.push(key);
                             self.summary.feeds_received += 1;
@@ -511,10 +551,19 @@ impl Driver {
                 feed.target = target;
             }
         } else {
-            let core = match self.host.open_feed(&key).await.map_err(ReplicateError::Host)? {
+            let core = match self
+                .host
+                .open_feed(&key)
+                .await
+                .map_err(ReplicateError::Host)?
+            {
                 Some(core) => core,
                 None if create => {
-                    let core = self.host.add_remote_feed(&key).await.map_err(ReplicateError::Host)?;
+                    let core = self
+                        .host
+                        .add_remote_feed(&key)
+                        .await
+                        .map_err(ReplicateError::Host)?;
                     self.emit(ReplicationEvent::FeedAdded(key));
                     core
                 }
@@ -536,7 +585,10 @@ impl Driver {
             );
         }
         if let Some(target) = target {
-            let contiguous = self.feed_info(&dk).await.map_or(0, |info| info.contiguous_length);
+            let contiguous = self
+                .feed_info(&dk)
+                .await
+                .map_or(0, |info| info.contiguous_length);
             if contiguous < target && !self.config.live && self.incomplete.insert(dk) {
                 self.blocks_known += target - contiguous;
             }
@@ -550,7 +602,11 @@ impl Driver {
         Some(info)
     }
 
-    async fn attach_channel(&mut self, dk: DiscoveryKey, channel: Channel) -> Result<(), ReplicateError> {
+    async fn attach_channel(
+        &mut self,
+        dk: DiscoveryKey,
+        channel: Channel,
+    ) -> Result<(), ReplicateError> {
         let Some(feed) = self.feeds.get_mut(&dk) else {
             // A channel for a feed we do not track: close it.
             let _ = channel.close().await;
@@ -562,8 +618,12 @@ impl Driver {
 
     /// Tells the peer our length and what we hold.
     async fn announce(&mut self, dk: DiscoveryKey) -> Result<(), ReplicateError> {
-        let Some(feed) = self.feeds.get(&dk) else { return Ok(()) };
-        let Some(channel) = &feed.channel else { return Ok(()) };
+        let Some(feed) = self.feeds.get(&dk) else {
+            return Ok(());
+        };
+        let Some(channel) = &feed.channel else {
+            return Ok(());
+        };
         let info = feed.core.lock().await.info();
         let mut messages = vec![Message::Synchronize(Synchronize {
             fork: info.fork,
@@ -583,7 +643,11 @@ impl Driver {
         send(channel, &messages).await
     }
 
-    async fn on_message(&mut self, dk: DiscoveryKey, message: Message) -> Result<Next, ReplicateError> {
+    async fn on_message(
+        &mut self,
+        dk: DiscoveryKey,
+        message: Message,
+    ) -> Result<Next, ReplicateError> {
         if dk == self.root_dk && self.exchange.is_some() {
             if let Message::Extension(extension) = message {
                 if extension.name == EXTENSION {
@@ -598,7 +662,9 @@ impl Driver {
         }
         match message {
             Message::Synchronize(sync) => {
-                let Some(feed) = self.feeds.get_mut(&dk) else { return Ok(Next::Continue) };
+                let Some(feed) = self.feeds.get_mut(&dk) else {
+                    return Ok(Next::Continue);
+                };
                 let first = feed.sync.on_remote_sync(sync.fork, sync.length);
                 if feed.target.is_none() && self.exchange.is_none() && !self.config.live {
                     // Plain mode: download up to what the peer has.
@@ -634,14 +700,19 @@ impl Driver {
 
     /// Asks the peer for the upgrade and the blocks we lack, keeping many requests in flight.
     async fn request_more(&mut self, dk: DiscoveryKey) -> Result<(), ReplicateError> {
-        let Some(feed) = self.feeds.get_mut(&dk) else { return Ok(()) };
-        let Some(channel) = feed.channel.clone() else { return Ok(()) };
+        let Some(feed) = self.feeds.get_mut(&dk) else {
+            return Ok(());
+        };
+        let Some(channel) = feed.channel.clone() else {
+            return Ok(());
+        };
         let mut messages = Vec::new();
         {
             let mut core = feed.core.lock().await;
             let info = core.info();
             if let Some((id, block)) =
-                feed.sync.start_upgrade(info.fork, info.length, info.contiguous_length)
+                feed.sync
+                    .start_upgrade(info.fork, info.length, info.contiguous_length)
             {
                 let block = match block {
                     Some(index) => Some(RequestBlock {
@@ -657,15 +728,27 @@ impl Driver {
                     start: info.length,
                     length: feed.sync.remote_length() - info.length,
                 };
-                messages.push(Message::Request(request(id, info.fork, block, Some(upgrade))));
+                messages.push(Message::Request(request(
+                    id,
+                    info.fork,
+                    block,
+                    Some(upgrade),
+                )));
             }
-            let blocks = feed.sync.next_blocks(info.contiguous_length, info.length, |i| core.has(i));
+            let blocks = feed
+                .sync
+                .next_blocks(info.contiguous_length, info.length, |i| core.has(i));
             for (index, id) in blocks {
                 let nodes = core
                     .missing_nodes(index)
                     .await
                     .map_err(|e| ReplicateError::hypercore(&feed.key, e))?;
-                messages.push(Message::Request(request(id, info.fork, Some(RequestBlock { index, nodes }), None)));
+                messages.push(Message::Request(request(
+                    id,
+                    info.fork,
+                    Some(RequestBlock { index, nodes }),
+                    None,
+                )));
             }
         }
         if messages.is_empty() {
@@ -676,8 +759,12 @@ impl Driver {
 
     /// Answers a request with a proof, or NoData.
     async fn serve(&mut self, dk: DiscoveryKey, request: Request) -> Result<(), ReplicateError> {
-        let Some(feed) = self.feeds.get(&dk) else { return Ok(()) };
-        let Some(channel) = feed.channel.clone() else { return Ok(()) };
+        let Some(feed) = self.feeds.get(&dk) else {
+            return Ok(());
+        };
+        let Some(channel) = feed.channel.clone() else {
+            return Ok(());
+        };
         let proof = {
             let mut core = feed.core.lock().await;
             core.create_proof(request.block, request.hash, request.seek, request.upgrade)
@@ -699,7 +786,9 @@ impl Driver {
                 })
             }
             // We lack it, or the request makes no sense for this feed: say so, keep going.
-            Ok(None) | Err(_) => Message::NoData(NoData { request: request.id }),
+            Ok(None) | Err(_) => Message::NoData(NoData {
+                request: request.id,
+            }),
         };
         send(&channel, &[message]).await
     }
@@ -707,8 +796,12 @@ impl Driver {
     /// Verifies and stores a proof from the peer; a proof that fails verification ends the
     /// connection. Data we never asked for is ignored.
     async fn on_data(&mut self, dk: DiscoveryKey, data: Data) -> Result<(), ReplicateError> {
-        let Some(feed) = self.feeds.get_mut(&dk) else { return Ok(()) };
-        let Some(asked) = feed.sync.on_data(data.request) else { return Ok(()) };
+        let Some(feed) = self.feeds.get_mut(&dk) else {
+            return Ok(());
+        };
+        let Some(asked) = feed.sync.on_data(data.request) else {
+            return Ok(());
+        };
         let block_bytes = data.block.as_ref().map(|b| b.value.len() as u64);
         let proof = data.into_proof();
         let (applied, info) = {
@@ -760,12 +853,20 @@ impl Driver {
 
     /// A feed was added to the host after we started (live): offer it.
     async fn on_new_local_feed(&mut self, key: FeedKey) -> Result<Next, ReplicateError> {
-        let Some(exchange) = self.exchange.as_ref() else { return Ok(Next::Continue) };
+        let Some(exchange) = self.exchange.as_ref() else {
+            return Ok(Next::Continue);
+        };
         // Feeds learned from this very peer are not offered back to it.
-        if exchange.is_agreed(&key) || exchange.remote_length(&key).is_some() || !self.offers(&key) {
+        if exchange.is_agreed(&key) || exchange.remote_length(&key).is_some() || !self.offers(&key)
+        {
             return Ok(Next::Continue);
         }
-        let Some(core) = self.host.open_feed(&key).await.map_err(ReplicateError::Host)? else {
+        let Some(core) = self
+            .host
+            .open_feed(&key)
+            .await
+            .map_err(ReplicateError::Host)?
+        else {
             return Ok(Next::Continue);
         };
         let length = core.lock().await.info().length;
@@ -796,7 +897,8 @@ impl Driver {
             }
             return Ok(());
         }
-        let ready = self.exchange.as_ref().is_some_and(|e| e.settled()) && self.incomplete.is_empty();
+        let ready =
+            self.exchange.as_ref().is_some_and(|e| e.settled()) && self.incomplete.is_empty();
         if ready {
             let actions = match self.exchange.as_mut() {
                 Some(exchange) => exchange.local_synced(),
@@ -808,7 +910,12 @@ impl Driver {
     }
 }
 
-fn request(id: u64, fork: u64, block: Option<RequestBlock>, upgrade: Option<RequestUpgrade>) -> Request {
+fn request(
+    id: u64,
+    fork: u64,
+    block: Option<RequestBlock>,
+    upgrade: Option<RequestUpgrade>,
+) -> Request {
     Request {
         id,
         fork,

@@ -177,10 +177,16 @@ mod tests {
         assert_eq!(s.start_upgrade(0, 0, 0), None, "one upgrade in flight");
         assert_eq!(s.on_data(up), Some(Asked::UpgradeAndBlock(0)));
         let blocks = s.next_blocks(1, 10, |_| false);
-        assert_eq!(blocks.iter().map(|b| b.0).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+        assert_eq!(
+            blocks.iter().map(|b| b.0).collect::<Vec<_>>(),
+            vec![1, 2, 3, 4]
+        );
         assert!(s.next_blocks(1, 10, |_| false).is_empty(), "window full");
         assert_eq!(s.on_data(blocks[1].1), Some(Asked::Block(2)));
-        assert!(s.next_blocks(1, 10, |_| false).is_empty(), "refills only at half the window");
+        assert!(
+            s.next_blocks(1, 10, |_| false).is_empty(),
+            "refills only at half the window"
+        );
         assert_eq!(s.on_data(blocks[0].1), Some(Asked::Block(1)));
         let more = s.next_blocks(1, 10, |i| i <= 2);
         assert_eq!(more.iter().map(|b| b.0).collect::<Vec<_>>(), vec![5, 6]);

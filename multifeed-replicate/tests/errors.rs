@@ -9,7 +9,10 @@ use common::{within, TestHost};
 use futures::AsyncWriteExt;
 use multifeed_replicate::{replicate, FeedHost, ReplicateConfig, ReplicateError};
 
-fn pair() -> (async_std::os::unix::net::UnixStream, async_std::os::unix::net::UnixStream) {
+fn pair() -> (
+    async_std::os::unix::net::UnixStream,
+    async_std::os::unix::net::UnixStream,
+) {
     async_std::os::unix::net::UnixStream::pair().expect("socket pair")
 }
 
@@ -18,10 +21,16 @@ async fn both(
     b: Arc<TestHost>,
     ca: ReplicateConfig,
     cb: ReplicateConfig,
-) -> (Result<multifeed_replicate::ReplicateSummary, ReplicateError>, Result<multifeed_replicate::ReplicateSummary, ReplicateError>) {
+) -> (
+    Result<multifeed_replicate::ReplicateSummary, ReplicateError>,
+    Result<multifeed_replicate::ReplicateSummary, ReplicateError>,
+) {
     let (x, y) = pair();
     let (ha, hb): (Arc<dyn FeedHost>, Arc<dyn FeedHost>) = (a, b);
-    within("both sides", async { futures::join!(replicate(x, ha, ca), replicate(y, hb, cb)) }).await
+    within("both sides", async {
+        futures::join!(replicate(x, ha, ca), replicate(y, hb, cb))
+    })
+    .await
 }
 
 #[async_std::test]
@@ -66,14 +75,28 @@ async fn a_peer_serving_forged_data_is_dropped_and_our_data_is_untouched() {
     let victim = TestHost::new();
     let own = victim.writer(3).await;
     let before = victim.entries(&own).await;
-    let (rl, rv) = both(liar, victim.clone(), ReplicateConfig::new(true), ReplicateConfig::new(false)).await;
+    let (rl, rv) = both(
+        liar,
+        victim.clone(),
+        ReplicateConfig::new(true),
+        ReplicateConfig::new(false),
+    )
+    .await;
     let err = rv.expect_err("the victim rejects the forged proof");
     assert!(matches!(err, ReplicateError::InvalidProof { .. }), "{err}");
     assert_eq!(err.code(), "ERR_INVALID_PROOF");
     assert!(rl.is_err(), "the liar's connection ends too");
-    assert_eq!(victim.entries(&own).await, before, "our own feed is untouched");
+    assert_eq!(
+        victim.entries(&own).await,
+        before,
+        "our own feed is untouched"
+    );
     let forged = victim.core(&key).expect("the feed was added");
-    assert_eq!(forged.lock().await.info().contiguous_length, 0, "nothing forged was stored");
+    assert_eq!(
+        forged.lock().await.info().contiguous_length,
+        0,
+        "nothing forged was stored"
+    );
 }
 
 #[async_std::test]
@@ -86,7 +109,9 @@ async fn garbage_bytes_give_a_typed_error() {
     y.write_all(&[0xA5; 40]).await.expect("write");
     y.write_all(&[0xff; 1000]).await.expect("write");
     drop(y);
-    let err = within("the garbage to be rejected", task).await.expect_err("garbage is an error");
+    let err = within("the garbage to be rejected", task)
+        .await
+        .expect_err("garbage is an error");
     assert!(matches!(err, ReplicateError::Io { .. }), "{err}");
 }
 
@@ -107,7 +132,9 @@ async fn a_peer_that_disconnects_mid_handshake_is_an_error_not_a_hang() {
     let (x, y) = pair();
     let task = async_std::task::spawn(replicate(x, host, ReplicateConfig::new(true)));
     drop(y);
-    let err = within("the disconnect to be noticed", task).await.expect_err("a disconnect is an error");
+    let err = within("the disconnect to be noticed", task)
+        .await
+        .expect_err("a disconnect is an error");
     assert!(matches!(err, ReplicateError::Io { .. }), "{err}");
 }
 
@@ -116,7 +143,13 @@ async fn feeds_replicate_between_two_hosts() {
     let (a, b) = (TestHost::new(), TestHost::new());
     let ka = a.writer(1000).await;
     let kb = b.writer(10).await;
-    let (ra, rb) = both(a.clone(), b.clone(), ReplicateConfig::new(true), ReplicateConfig::new(false)).await;
+    let (ra, rb) = both(
+        a.clone(),
+        b.clone(),
+        ReplicateConfig::new(true),
+        ReplicateConfig::new(false),
+    )
+    .await;
     let (sa, sb) = (ra.expect("a"), rb.expect("b"));
     assert_eq!((sa.blocks_received, sb.blocks_received), (10, 1000));
     assert_eq!(a.entries(&kb).await, b.entries(&kb).await);

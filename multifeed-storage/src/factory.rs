@@ -74,10 +74,13 @@ impl StorageFactory for DiskFactory {
     }
 
     fn sync_all(&self) -> BoxFuture<'static, Result<(), crate::StorageError>> {
-        let result = self.pool.sync_all().map_err(|source| crate::StorageError::Io {
-            path: self.root.display().to_string(),
-            source,
-        });
+        let result = self
+            .pool
+            .sync_all()
+            .map_err(|source| crate::StorageError::Io {
+                path: self.root.display().to_string(),
+                source,
+            });
         Box::pin(async move { result })
     }
 }
@@ -113,7 +116,9 @@ impl MemoryFactory {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, MemoryStore>> {
         // A poisoned map is still consistent: every operation on it is a single insert or read.
-        self.files.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.files
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -131,7 +136,10 @@ pub struct FnFactory<F> {
 
 impl<F> FnFactory<F>
 where
-    F: Fn(&str) -> BoxFuture<'static, Result<BoxedStore, RandomAccessError>> + Send + Sync + 'static,
+    F: Fn(&str) -> BoxFuture<'static, Result<BoxedStore, RandomAccessError>>
+        + Send
+        + Sync
+        + 'static,
 {
     /// Wraps `open`, called with each path inside the root.
     pub fn new(open: F) -> Self {
@@ -147,7 +155,10 @@ impl<F> fmt::Debug for FnFactory<F> {
 
 impl<F> StorageFactory for FnFactory<F>
 where
-    F: Fn(&str) -> BoxFuture<'static, Result<BoxedStore, RandomAccessError>> + Send + Sync + 'static,
+    F: Fn(&str) -> BoxFuture<'static, Result<BoxedStore, RandomAccessError>>
+        + Send
+        + Sync
+        + 'static,
 {
     fn open(&self, path: &str) -> BoxFuture<'static, Result<BoxedStore, RandomAccessError>> {
         (self.open)(path)

@@ -292,7 +292,11 @@ mod tests {
 
     #[test]
     fn round_trips_records_in_order() {
-        let records = vec![record(0, Some("a")), record(1, None), record(2, Some("ünï"))];
+        let records = vec![
+            record(0, Some("a")),
+            record(1, None),
+            record(2, Some("ünï")),
+        ];
         let (parsed, recovery, end) = parse(&log(&records));
         assert_eq!(parsed, records);
         assert!(recovery.is_clean());
@@ -301,7 +305,11 @@ mod tests {
 
     #[test]
     fn every_truncation_and_flip_of_the_last_record_keeps_the_earlier_ones() {
-        let records = vec![record(0, Some("first")), record(1, None), record(2, Some("last"))];
+        let records = vec![
+            record(0, Some("first")),
+            record(1, None),
+            record(2, Some("last")),
+        ];
         let full = log(&records);
         let last_start = log(&records[..2]).len();
         for cut in last_start..full.len() {
@@ -322,7 +330,11 @@ mod tests {
 
     #[test]
     fn damage_in_the_middle_hides_nothing_after_it() {
-        let records = vec![record(0, Some("a")), record(1, Some("b")), record(2, Some("c"))];
+        let records = vec![
+            record(0, Some("a")),
+            record(1, Some("b")),
+            record(2, Some("c")),
+        ];
         let mut bytes = log(&records);
         let second = encode(&records[0]).unwrap().len();
         bytes[second + 12] ^= 0xff;

@@ -40,19 +40,19 @@
 //! # }).unwrap();
 //! ```
 
-mod store;
 mod error;
 mod factory;
 mod index;
 mod root;
 mod shared;
+mod store;
 
-pub use shared::SharedCore;
-pub use store::{DiskStore, FdPool, MemoryStore};
 pub use error::StorageError;
 pub use factory::{BoxedStore, DiskFactory, FnFactory, MemoryFactory, StorageFactory};
 pub use index::{FeedOrigin, FeedRecord, IndexRecovery, MAX_NAME_LEN};
 pub use root::{namespace_for, CoreOptions, Durability, FeedOpener, RootStorage, INDEX_PATH};
+pub use shared::SharedCore;
+pub use store::{DiskStore, FdPool, MemoryStore};
 
 /// A 32-byte hypercore public key.
 pub type FeedKey = [u8; 32];

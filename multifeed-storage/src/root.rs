@@ -4,9 +4,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 
 use futures::FutureExt;
-use hypercore::{
-    CacheOptionsBuilder, Hypercore, HypercoreBuilder, PartialKeypair, Storage, Store,
-};
+use hypercore::{CacheOptionsBuilder, Hypercore, HypercoreBuilder, PartialKeypair, Storage, Store};
 use random_access_storage::RandomAccessError;
 
 use crate::factory::{BoxedStore, StorageFactory};
@@ -232,9 +230,8 @@ async fn core_storage(
             .unwrap_or_else(|poisoned| poisoned.into_inner())[slot]
             .take();
         async move {
-            taken.ok_or_else(|| {
-                RandomAccessError::from(std::io::Error::other("store opened twice"))
-            })
+            taken
+                .ok_or_else(|| RandomAccessError::from(std::io::Error::other("store opened twice")))
         }
         .boxed()
     };

@@ -27,24 +27,37 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .await?;
     }
     multi.close().await?;
-    println!("created {count} feeds with one entry each in {:?}", started.elapsed());
+    println!(
+        "created {count} feeds with one entry each in {:?}",
+        started.elapsed()
+    );
 
     let started = Instant::now();
     let multi = Multifeed::open_disk(dir.path()).await?;
     let feeds = multi.feeds();
     let opened = started.elapsed();
-    println!("reopened the root and listed {} feeds in {opened:?}", feeds.len());
+    println!(
+        "reopened the root and listed {} feeds in {opened:?}",
+        feeds.len()
+    );
 
     let started = Instant::now();
     let first = feeds.first().ok_or("no feeds")?;
     let entry = first.get(0).await?;
-    println!("opened one feed and read its entry in {:?} ({:?})", started.elapsed(), entry.map(String::from_utf8));
+    println!(
+        "opened one feed and read its entry in {:?} ({:?})",
+        started.elapsed(),
+        entry.map(String::from_utf8)
+    );
 
     let started = Instant::now();
     for feed in &feeds {
         feed.get(0).await?;
     }
-    println!("opened every feed and read its entry in {:?}", started.elapsed());
+    println!(
+        "opened every feed and read its entry in {:?}",
+        started.elapsed()
+    );
     multi.close().await?;
     Ok(())
 }

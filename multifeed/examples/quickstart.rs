@@ -29,7 +29,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .append_json(&serde_json::json!({ "from": "bob", "text": "how are you?" }))
         .await?;
 
-    println!("before: alice has {} feed(s), bob has {}", alice.feeds().len(), bob.feeds().len());
+    println!(
+        "before: alice has {} feed(s), bob has {}",
+        alice.feeds().len(),
+        bob.feeds().len()
+    );
 
     // Replicate over any AsyncRead + AsyncWrite: a TCP stream, a Unix socket, an in-memory pipe.
     // Both sides must use the same shared key; peers without it cannot read the feeds.
@@ -37,7 +41,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (left, right) = async_std::os::unix::net::UnixStream::pair()?;
     let (sent, received) = futures::join!(
         alice.replicate(left, ReplicateOptions::new(true).encryption_key(shared_key)),
-        bob.replicate(right, ReplicateOptions::new(false).encryption_key(shared_key)),
+        bob.replicate(
+            right,
+            ReplicateOptions::new(false).encryption_key(shared_key)
+        ),
     );
     let (sent, received) = (sent?, received?);
     println!(
@@ -45,12 +52,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         sent.blocks_received, received.blocks_received
     );
 
-    println!("after: alice has {} feed(s), bob has {}", alice.feeds().len(), bob.feeds().len());
+    println!(
+        "after: alice has {} feed(s), bob has {}",
+        alice.feeds().len(),
+        bob.feeds().len()
+    );
     for feed in alice.feeds() {
         let who = if feed.is_writable() { "mine" } else { "bob's" };
         for index in 0..feed.len().await? {
             let entry: serde_json::Value = feed.get_json(index).await?.ok_or("entry missing")?;
-            println!("alice reads {who} feed {}.. #{index}: {entry}", &feed.key_hex()[..8]);
+            println!(
+                "alice reads {who} feed {}.. #{index}: {entry}",
+                &feed.key_hex()[..8]
+            );
         }
     }
 

@@ -36,10 +36,10 @@ pub use encoding::{Value, ValueEncoding};
 pub use error::Error;
 pub use events::{Event, Events};
 pub use feed::Feed;
+pub use hypercore::SigningKey;
 pub use multifeed::Multifeed;
-pub use replicate::{ReplicateOptions, ReplicateSummary, StopHandle, DEFAULT_ENCRYPTION_KEY};
 pub use multifeed_storage::{
-    Durability, FeedKey, FeedOrigin, IndexRecovery, MemoryFactory, DiskFactory, FnFactory,
+    DiskFactory, Durability, FeedKey, FeedOrigin, FnFactory, IndexRecovery, MemoryFactory,
     StorageFactory,
 };
-pub use hypercore::SigningKey;
+pub use replicate::{ReplicateOptions, ReplicateSummary, StopHandle, DEFAULT_ENCRYPTION_KEY};

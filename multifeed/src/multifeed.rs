@@ -6,8 +6,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use hypercore::{generate_signing_key, PartialKeypair, SigningKey, VerifyingKey};
 use multifeed_storage::{
-    FeedKey, FeedOpener, FeedOrigin, IndexRecovery, RootStorage, SharedCore,
-    StorageFactory,
+    FeedKey, FeedOpener, FeedOrigin, IndexRecovery, RootStorage, SharedCore, StorageFactory,
 };
 
 use crate::builder::{Config, MultifeedBuilder};
@@ -115,8 +114,13 @@ impl Multifeed {
         }
         let root = root.as_mut().ok_or(Error::Closed)?;
         let signing_key = generate_signing_key();
-        self.create(root, key_pair(signing_key), Some(name.to_owned()), FeedOrigin::Local)
-            .await
+        self.create(
+            root,
+            key_pair(signing_key),
+            Some(name.to_owned()),
+            FeedOrigin::Local,
+        )
+        .await
     }
 
     /// The local writable feed called `name`, created from `signing_key` on first use.
@@ -146,8 +150,13 @@ impl Multifeed {
             });
         }
         let root = root.as_mut().ok_or(Error::Closed)?;
-        self.create(root, key_pair(signing_key), Some(name.to_owned()), FeedOrigin::Local)
-            .await
+        self.create(
+            root,
+            key_pair(signing_key),
+            Some(name.to_owned()),
+            FeedOrigin::Local,
+        )
+        .await
     }
 
     /// A new local writable feed with no name: a different feed on every call.
@@ -155,8 +164,13 @@ impl Multifeed {
         self.inner.ensure_open()?;
         let mut root = self.inner.root.lock().await;
         let root = root.as_mut().ok_or(Error::Closed)?;
-        self.create(root, key_pair(generate_signing_key()), None, FeedOrigin::Local)
-            .await
+        self.create(
+            root,
+            key_pair(generate_signing_key()),
+            None,
+            FeedOrigin::Local,
+        )
+        .await
     }
 
     /// Adds a read-only feed known by its key (as replication does), or returns the existing one.
@@ -298,11 +312,15 @@ impl Inner {
 
     fn table(&self) -> RwLockReadGuard<'_, FeedTable> {
         // Every write to the table is a single insert that cannot leave it half-done.
-        self.table.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.table
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn table_mut(&self) -> RwLockWriteGuard<'_, FeedTable> {
-        self.table.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.table
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub(crate) fn new_event_receiver(&self) -> async_broadcast::Receiver<Event> {

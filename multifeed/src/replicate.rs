@@ -6,9 +6,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use futures::stream::{BoxStream, StreamExt};
 use futures::{AsyncRead, AsyncWrite};
-use multifeed_replicate::{
-    FeedHost, HostError, LocalFeed, ReplicateConfig, ReplicationEvent,
-};
+use multifeed_replicate::{FeedHost, HostError, LocalFeed, ReplicateConfig, ReplicationEvent};
 use multifeed_storage::{FeedKey, SharedCore};
 
 pub use multifeed_replicate::{ReplicateSummary, StopHandle, DEFAULT_ENCRYPTION_KEY};
@@ -219,7 +217,9 @@ impl FeedHost for Host {
                         return Some((key, (receiver, multi, pending)));
                     }
                     match receiver.recv().await {
-                        Ok(Event::Feed { key, .. }) => return Some((key, (receiver, multi, pending))),
+                        Ok(Event::Feed { key, .. }) => {
+                            return Some((key, (receiver, multi, pending)))
+                        }
                         Ok(_) => continue,
                         // Fell behind: offer every feed again; the exchange drops repeats.
                         Err(async_broadcast::RecvError::Overflowed(_)) => {

@@ -15,7 +15,11 @@ use rand::{Rng, SeedableRng};
 const CHILD_ENV: &str = "MULTIFEED_CRASH_CHILD";
 
 fn entry(writer: usize, index: u64) -> Vec<u8> {
-    format!("writer {writer} entry {index} {}", "x".repeat((index % 7) as usize * 20)).into_bytes()
+    format!(
+        "writer {writer} entry {index} {}",
+        "x".repeat((index % 7) as usize * 20)
+    )
+    .into_bytes()
 }
 
 #[test]
@@ -73,7 +77,10 @@ fn killed_appenders_lose_no_acknowledged_entry() {
                     .await
                     .unwrap_or_else(|e| panic!("round {round}: writer w{writer}: {e}"));
                 let stored = feed.len().await.expect("len");
-                assert!(stored >= len, "round {round}: w{writer} has {stored} < acked {len}");
+                assert!(
+                    stored >= len,
+                    "round {round}: w{writer} has {stored} < acked {len}"
+                );
                 for i in 0..stored {
                     let got = feed.get(i).await.expect("get").expect("entry present");
                     assert_eq!(got, entry(writer, i), "round {round}: w{writer} entry {i}");
@@ -105,7 +112,11 @@ fn crash_child() {
             let w = rng.gen_range(0..writers);
             let feed = multi.writer(&format!("w{w}")).await.expect("child writer");
             let start = feed.len().await.expect("child len");
-            let count = if rng.gen_bool(0.5) { 1 } else { rng.gen_range(2..20) };
+            let count = if rng.gen_bool(0.5) {
+                1
+            } else {
+                rng.gen_range(2..20)
+            };
             let batch: Vec<Vec<u8>> = (start..start + count).map(|i| entry(w, i)).collect();
             let range = feed.append_batch(&batch).await.expect("child append");
             println!("ack {w} {}", range.end);

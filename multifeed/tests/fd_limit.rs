@@ -83,7 +83,10 @@ fn inner_thousands_of_disk_feeds() {
         let mut extra = vec![0u64; FEEDS];
         for _ in 0..100 {
             let i = rng.gen_range(0..FEEDS);
-            let feed = multi.writer(&format!("w{i}")).await.expect("writer after reopen");
+            let feed = multi
+                .writer(&format!("w{i}"))
+                .await
+                .expect("writer after reopen");
             extra[i] += 1;
             feed.append(format!("entry {i} {}", extra[i]).as_bytes())
                 .await

@@ -71,13 +71,19 @@ async fn we_download_a_feed_from_a_js_hypercore() {
     stream.set_nodelay(true).expect("nodelay");
     let summary = within(
         "downloading the JS feed",
-        multi.replicate(stream, ReplicateOptions::new(true).hypercore_peer(vec![key])),
+        multi.replicate(
+            stream,
+            ReplicateOptions::new(true).hypercore_peer(vec![key]),
+        ),
     )
     .await
     .expect("replication with the JS peer");
     assert_eq!(summary.blocks_received, ENTRIES);
 
-    let feed = multi.feed(key).expect("valid key").expect("the JS feed was added");
+    let feed = multi
+        .feed(key)
+        .expect("valid key")
+        .expect("the JS feed was added");
     assert!(!feed.is_writable());
     assert_eq!(feed.len().await.expect("len"), ENTRIES);
     for i in 0..ENTRIES {
@@ -99,7 +105,11 @@ async fn a_js_hypercore_downloads_a_feed_from_us() {
     // Entries of varied sizes, one over 64 KiB.
     let entries: Vec<Vec<u8>> = (0..ENTRIES)
         .map(|i| {
-            let size = if i == 7 { 100_000 } else { (i as usize % 50) * 7 };
+            let size = if i == 7 {
+                100_000
+            } else {
+                (i as usize % 50) * 7
+            };
             format!("rust entry {i} {}", "y".repeat(size)).into_bytes()
         })
         .collect();
@@ -109,14 +119,22 @@ async fn a_js_hypercore_downloads_a_feed_from_us() {
         .await
         .expect("bind loopback");
     let port = listener.local_addr().expect("addr").port();
-    let js = node(&["fetch", &feed.key_hex(), &port.to_string(), &ENTRIES.to_string()]);
+    let js = node(&[
+        "fetch",
+        &feed.key_hex(),
+        &port.to_string(),
+        &ENTRIES.to_string(),
+    ]);
     let (stream, _) = within("the JS peer to connect", listener.accept())
         .await
         .expect("accept");
     stream.set_nodelay(true).expect("nodelay");
     let summary = within(
         "serving the JS peer",
-        multi.replicate(stream, ReplicateOptions::new(false).hypercore_peer(Vec::new())),
+        multi.replicate(
+            stream,
+            ReplicateOptions::new(false).hypercore_peer(Vec::new()),
+        ),
     )
     .await
     .expect("serving the JS peer ends cleanly when it disconnects");
@@ -132,7 +150,11 @@ async fn a_js_hypercore_downloads_a_feed_from_us() {
     let got = result["entries"].as_array().expect("entries");
     assert_eq!(got.len() as u64, ENTRIES);
     for (i, entry) in got.iter().enumerate() {
-        assert_eq!(entry.as_str().map(str::as_bytes), Some(entries[i].as_slice()), "entry {i}");
+        assert_eq!(
+            entry.as_str().map(str::as_bytes),
+            Some(entries[i].as_slice()),
+            "entry {i}"
+        );
     }
     assert!(summary.blocks_sent >= ENTRIES);
 }

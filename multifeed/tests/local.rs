@@ -65,7 +65,10 @@ async fn finds_feeds_by_key_and_hex_and_rejects_bad_input() -> TestResult {
     );
     assert!(multi.feed([7u8; 32])?.is_none());
     let bad_hex = "zz".repeat(32);
-    assert!(matches!(multi.feed(&bad_hex), Err(Error::InvalidKey { .. })));
+    assert!(matches!(
+        multi.feed(&bad_hex),
+        Err(Error::InvalidKey { .. })
+    ));
     assert!(matches!(multi.feed("abc"), Err(Error::InvalidKey { .. })));
     assert!(matches!(multi.feed(""), Err(Error::InvalidKey { .. })));
     Ok(())
@@ -178,7 +181,9 @@ async fn events_report_every_new_feed() -> TestResult {
         other => return Err(format!("expected a Feed event, got {other:?}").into()),
     }
     match next_event(&mut events).await? {
-        Some(Event::Feed { key, name: None, .. }) => assert_eq!(&key, anon.key()),
+        Some(Event::Feed {
+            key, name: None, ..
+        }) => assert_eq!(&key, anon.key()),
         other => return Err(format!("expected a Feed event, got {other:?}").into()),
     }
     multi.close().await?;
@@ -256,13 +261,17 @@ async fn the_shared_secret_never_lands_in_storage() -> TestResult {
             .await?,
     ] {
         let feed = multi.writer("a").await?;
-        feed.append_batch((0..100u32).map(|i| i.to_le_bytes())).await?;
+        feed.append_batch((0..100u32).map(|i| i.to_le_bytes()))
+            .await?;
         multi.add_remote_feed(&[9; 32]).await.ok();
         multi.close().await?;
     }
     let contains = |haystack: &[u8]| haystack.windows(32).any(|w| w == secret);
     for path in factory.paths() {
-        let bytes = factory.file(&path).ok_or("listed file vanished")?.snapshot();
+        let bytes = factory
+            .file(&path)
+            .ok_or("listed file vanished")?
+            .snapshot();
         assert!(!contains(&bytes), "secret found in memory file {path}");
     }
     let mut checked = 0;
@@ -273,7 +282,10 @@ async fn the_shared_secret_never_lands_in_storage() -> TestResult {
         );
         checked += 1;
     }
-    assert!(checked >= 5, "expected the index and feed files, found {checked}");
+    assert!(
+        checked >= 5,
+        "expected the index and feed files, found {checked}"
+    );
     Ok(())
 }
 
@@ -291,7 +303,9 @@ fn walk(dir: &std::path::Path) -> std::io::Result<Vec<std::path::PathBuf>> {
 }
 
 /// Builds a root with three named writers and returns the index bytes and where the last record starts.
-async fn three_writer_index(factory: &MemoryFactory) -> Result<(Vec<u8>, usize), Box<dyn std::error::Error>> {
+async fn three_writer_index(
+    factory: &MemoryFactory,
+) -> Result<(Vec<u8>, usize), Box<dyn std::error::Error>> {
     let multi = memory_multifeed(factory).await?;
     multi.writer("first").await?.append(b"1").await?;
     multi.writer("second").await?.append(b"2").await?;
@@ -353,16 +367,14 @@ async fn index_survives_truncation_or_corruption_at_every_byte_of_its_last_recor
 async fn a_missing_or_corrupt_namespace_names_the_feed_and_hides_no_other() -> TestResult {
     let factory = MemoryFactory::new();
     let multi = memory_multifeed(&factory).await?;
-    let keys: Vec<_> = futures::future::try_join_all(
-        ["a", "b", "c"].map(|name| {
-            let multi = multi.clone();
-            async move {
-                let feed = multi.writer(name).await?;
-                feed.append(name.as_bytes()).await?;
-                Ok::<_, Error>(*feed.key())
-            }
-        }),
-    )
+    let keys: Vec<_> = futures::future::try_join_all(["a", "b", "c"].map(|name| {
+        let multi = multi.clone();
+        async move {
+            let feed = multi.writer(name).await?;
+            feed.append(name.as_bytes()).await?;
+            Ok::<_, Error>(*feed.key())
+        }
+    }))
     .await?;
     multi.close().await?;
 
@@ -401,14 +413,20 @@ async fn custom_storage_from_a_closure() -> TestResult {
     let factory = multifeed::FnFactory::new(move |_path: &str| {
         counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Box::pin(async {
-            Ok(Box::new(random_access_memory::RandomAccessMemory::new(4096))
-                as multifeed_storage::BoxedStore)
+            Ok(
+                Box::new(random_access_memory::RandomAccessMemory::new(4096))
+                    as multifeed_storage::BoxedStore,
+            )
         })
     });
     let multi = Multifeed::builder().storage(factory).open().await?;
     let feed = multi.writer("a").await?;
     feed.append(b"custom").await?;
     assert_eq!(feed.get(0).await?, Some(b"custom".to_vec()));
-    assert_eq!(opened.load(std::sync::atomic::Ordering::SeqCst), 5, "index + 4 feed files");
+    assert_eq!(
+        opened.load(std::sync::atomic::Ordering::SeqCst),
+        5,
+        "index + 4 feed files"
+    );
     Ok(())
 }

@@ -20,7 +20,13 @@ async fn sync(
     b: &Multifeed,
     oa: ReplicateOptions,
     ob: ReplicateOptions,
-) -> Result<(Result<ReplicateSummary, Error>, Result<ReplicateSummary, Error>), String> {
+) -> Result<
+    (
+        Result<ReplicateSummary, Error>,
+        Result<ReplicateSummary, Error>,
+    ),
+    String,
+> {
     let (left, right) = async_std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?;
     within("both sides of a replication", async {
         futures::join!(a.replicate(left, oa), b.replicate(right, ob))
@@ -28,8 +34,17 @@ async fn sync(
     .await
 }
 
-async fn sync_ok(a: &Multifeed, b: &Multifeed) -> Result<(ReplicateSummary, ReplicateSummary), Box<dyn std::error::Error>> {
-    let (ra, rb) = sync(a, b, ReplicateOptions::new(true), ReplicateOptions::new(false)).await?;
+async fn sync_ok(
+    a: &Multifeed,
+    b: &Multifeed,
+) -> Result<(ReplicateSummary, ReplicateSummary), Box<dyn std::error::Error>> {
+    let (ra, rb) = sync(
+        a,
+        b,
+        ReplicateOptions::new(true),
+        ReplicateOptions::new(false),
+    )
+    .await?;
     Ok((ra?, rb?))
 }
 
@@ -45,7 +60,12 @@ async fn assert_converged(a: &Multifeed, b: &Multifeed) -> TestResult {
         let len = feed.len().await?;
         assert_eq!(other.len().await?, len, "length of {}", feed.key_hex());
         for i in 0..len {
-            assert_eq!(feed.get(i).await?, other.get(i).await?, "entry {i} of {}", feed.key_hex());
+            assert_eq!(
+                feed.get(i).await?,
+                other.get(i).await?,
+                "entry {i} of {}",
+                feed.key_hex()
+            );
             assert!(feed.get(i).await?.is_some(), "entry {i} present");
         }
     }
@@ -85,7 +105,9 @@ async fn one_side_empty() -> TestResult {
     assert!(!remote.is_writable());
     assert_eq!(remote.name(), None, "writer names never leave the machine");
     match within("a Feed event on b", events.next()).await? {
-        Some(Event::Feed { key, name: None, .. }) => assert_eq!(&key, remote.key()),
+        Some(Event::Feed {
+            key, name: None, ..
+        }) => assert_eq!(&key, remote.key()),
         other => return Err(format!("expected a remote Feed event, got {other:?}").into()),
     }
     Ok(())
@@ -107,13 +129,20 @@ async fn both_sides_with_a_writer_get_the_union() -> TestResult {
 async fn many_feeds_and_a_second_run_transfers_nothing_new() -> TestResult {
     let a = Multifeed::open_memory().await?;
     for w in 0..50 {
-        a.writer(&format!("w{w}")).await?.append_batch((0..5).map(|i| vec![w as u8, i])).await?;
+        a.writer(&format!("w{w}"))
+            .await?
+            .append_batch((0..5).map(|i| vec![w as u8, i]))
+            .await?;
     }
     let b = with_writer("b", 3).await?;
     sync_ok(&a, &b).await?;
     assert_converged(&a, &b).await?;
     let (sa, sb) = sync_ok(&a, &b).await?;
-    assert_eq!((sa.blocks_received, sb.blocks_received), (0, 0), "second run is a no-op");
+    assert_eq!(
+        (sa.blocks_received, sb.blocks_received),
+        (0, 0),
+        "second run is a no-op"
+    );
     assert_eq!(b.feeds().len(), 51);
     // New appends after the first sync travel on the next one.
     a.writer("w0").await?.append(b"later").await?;
@@ -128,10 +157,16 @@ async fn custom_key_pairs_replicate() -> TestResult {
     let a = Multifeed::open_memory().await?;
     let signing_key = hypercore::generate_signing_key();
     let key = signing_key.verifying_key().to_bytes();
-    a.writer_with_keypair("mine", signing_key).await?.append(b"x").await?;
+    a.writer_with_keypair("mine", signing_key)
+        .await?
+        .append(b"x")
+        .await?;
     let b = Multifeed::open_memory().await?;
     sync_ok(&a, &b).await?;
-    assert_eq!(b.feed(key)?.ok_or("feed not replicated")?.get(0).await?, Some(b"x".to_vec()));
+    assert_eq!(
+        b.feed(key)?.ok_or("feed not replicated")?.get(0).await?,
+        Some(b"x".to_vec())
+    );
     Ok(())
 }
 
@@ -168,8 +203,12 @@ async fn different_shared_keys_fail_on_both_sides() -> TestResult {
     .await?;
     for (side, result) in [("a", ra), ("b", rb)] {
         match result {
-            Err(Error::Replicate(e)) => assert_eq!(e.code(), "ERR_KEY_MISMATCH", "side {side}: {e}"),
-            other => return Err(format!("side {side}: expected a key mismatch, got {other:?}").into()),
+            Err(Error::Replicate(e)) => {
+                assert_eq!(e.code(), "ERR_KEY_MISMATCH", "side {side}: {e}")
+            }
+            other => {
+                return Err(format!("side {side}: expected a key mismatch, got {other:?}").into())
+            }
         }
     }
     assert_eq!(a.feeds().len(), 1, "nothing was exchanged");
@@ -257,14 +296,17 @@ async fn wait_for_len(multi: &Multifeed, key: [u8; 32], len: u64) -> TestResult 
             _ => false,
         }
     };
-    within(&format!("feed {} to reach length {len}", hex::encode(key)), async {
-        while !check().await {
-            // Any event (feed added, progress) is a reason to look again.
-            if events.next().await.is_none() {
-                break;
+    within(
+        &format!("feed {} to reach length {len}", hex::encode(key)),
+        async {
+            while !check().await {
+                // Any event (feed added, progress) is a reason to look again.
+                if events.next().await.is_none() {
+                    break;
+                }
             }
-        }
-    })
+        },
+    )
     .await?;
     if check().await {
         Ok(())

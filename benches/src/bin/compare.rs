@@ -19,7 +19,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         return child(&args[1..]);
     }
     let disk = args.iter().any(|a| a == "--disk");
-    let names: Vec<String> = args.iter().filter(|a| !a.starts_with("--")).cloned().collect();
+    let names: Vec<String> = args
+        .iter()
+        .filter(|a| !a.starts_with("--"))
+        .cloned()
+        .collect();
     let selected: Vec<_> = if names.is_empty() {
         WORKLOADS.to_vec()
     } else {
@@ -48,9 +52,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         match js {
             Some(((js_ms, js_rss), setting)) => println!(
                 "| {} | {kind} | {:.0} | {:.0} | {:.0} | {:.0} | {setting} | {:.1}x | {:.2} |",
-                w.name, rust.0, rust.1, js_ms, js_rss, js_ms / rust.0, rust.1 / js_rss
+                w.name,
+                rust.0,
+                rust.1,
+                js_ms,
+                js_rss,
+                js_ms / rust.0,
+                rust.1 / js_rss
             ),
-            None => println!("| {} | {kind} | {:.0} | {:.0} | - | - | - | - | - |", w.name, rust.0, rust.1),
+            None => println!(
+                "| {} | {kind} | {:.0} | {:.0} | - | - | - | - | - |",
+                w.name, rust.0, rust.1
+            ),
         }
     }
     Ok(())
@@ -94,7 +107,11 @@ fn run_rust(name: &str, kind: &str) -> Result<(f64, f64), Box<dyn std::error::Er
         .args(["--child", name, kind])
         .output()?;
     if !out.status.success() {
-        return Err(format!("rust {name} failed: {}", String::from_utf8_lossy(&out.stderr)).into());
+        return Err(format!(
+            "rust {name} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into());
     }
     let text = String::from_utf8_lossy(&out.stdout);
     let mut parts = text.split_whitespace().map(str::parse::<f64>);
@@ -123,7 +140,11 @@ fn baseline_dir() -> Result<PathBuf, Box<dyn std::error::Error>> {
 }
 
 /// Runs `node bench.js WORKLOAD`; returns (ms, rss MB), or None if it failed.
-fn run_js(dir: &PathBuf, name: &str, env: &[(&str, &str)]) -> Result<Option<(f64, f64)>, Box<dyn std::error::Error>> {
+fn run_js(
+    dir: &PathBuf,
+    name: &str,
+    env: &[(&str, &str)],
+) -> Result<Option<(f64, f64)>, Box<dyn std::error::Error>> {
     let out = Command::new("node")
         .arg("bench.js")
         .arg(name)
@@ -131,7 +152,10 @@ fn run_js(dir: &PathBuf, name: &str, env: &[(&str, &str)]) -> Result<Option<(f64
         .current_dir(dir)
         .output()?;
     if !out.status.success() {
-        eprintln!("js {name} {env:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        eprintln!(
+            "js {name} {env:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         return Ok(None);
     }
     let line = String::from_utf8_lossy(&out.stdout);

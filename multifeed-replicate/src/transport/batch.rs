@@ -82,9 +82,18 @@ fn varint(bytes: &[u8]) -> Option<(u64, &[u8])> {
     let (&first, rest) = bytes.split_first()?;
     match first {
         0..=0xfc => Some((u64::from(first), rest)),
-        0xfd => Some((u64::from(u16::from_le_bytes(rest.get(..2)?.try_into().ok()?)), &rest[2..])),
-        0xfe => Some((u64::from(u32::from_le_bytes(rest.get(..4)?.try_into().ok()?)), &rest[4..])),
-        0xff => Some((u64::from_le_bytes(rest.get(..8)?.try_into().ok()?), &rest[8..])),
+        0xfd => Some((
+            u64::from(u16::from_le_bytes(rest.get(..2)?.try_into().ok()?)),
+            &rest[2..],
+        )),
+        0xfe => Some((
+            u64::from(u32::from_le_bytes(rest.get(..4)?.try_into().ok()?)),
+            &rest[4..],
+        )),
+        0xff => Some((
+            u64::from_le_bytes(rest.get(..8)?.try_into().ok()?),
+            &rest[8..],
+        )),
     }
 }
 

@@ -161,7 +161,11 @@ mod tests {
     }
 
     impl AsyncRead for Trickle {
-        fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut [u8],
+        ) -> Poll<io::Result<usize>> {
             self.pend = !self.pend;
             if self.pend {
                 cx.waker().wake_by_ref();
@@ -177,7 +181,11 @@ mod tests {
     }
 
     impl AsyncWrite for Trickle {
-        fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
             Poll::Ready(Ok(buf.len()))
         }
         fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -196,7 +204,9 @@ mod tests {
         framed.write_buf.iter().copied().collect()
     }
 
-    async fn read_all<IO: AsyncRead + AsyncWrite + Unpin>(framed: &mut Framed<IO>) -> (Vec<Vec<u8>>, io::Error) {
+    async fn read_all<IO: AsyncRead + AsyncWrite + Unpin>(
+        framed: &mut Framed<IO>,
+    ) -> (Vec<Vec<u8>>, io::Error) {
         let mut frames = Vec::new();
         loop {
             match futures::future::poll_fn(|cx| framed.poll_frame(cx)).await {
@@ -217,10 +227,22 @@ mod tests {
             assert_eq!(got, frames);
             assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
 
-            let mut trickle = Framed::new(Trickle { bytes: bytes[..2000].to_vec(), at: 0, pend: false });
+            let mut trickle = Framed::new(Trickle {
+                bytes: bytes[..2000].to_vec(),
+                at: 0,
+                pend: false,
+            });
             let (got, err) = read_all(&mut trickle).await;
-            assert_eq!(got, frames[..1].to_vec(), "only the first frame is complete");
-            assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof, "EOF mid-frame is an error");
+            assert_eq!(
+                got,
+                frames[..1].to_vec(),
+                "only the first frame is complete"
+            );
+            assert_eq!(
+                err.kind(),
+                io::ErrorKind::UnexpectedEof,
+                "EOF mid-frame is an error"
+            );
         });
     }
 

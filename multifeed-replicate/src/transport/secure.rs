@@ -19,8 +19,8 @@ use hypercore_handshake::state_machine::SecStream;
 use hypercore_handshake::{Cipher, CipherEvent, CipherTrait};
 
 use super::batch::split_channels;
-use crate::close::CloseSignal;
 use super::framing::Framed;
+use crate::close::CloseSignal;
 
 /// Any byte stream the connection can run over.
 pub(crate) trait ByteStream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
@@ -148,7 +148,9 @@ impl SecureChannel {
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Stream for SecureChannel {

@@ -29,10 +29,15 @@ impl TestHost {
         let storage = Storage::new_memory().await.expect("memory storage");
         let mut core = HypercoreBuilder::new(storage).build().await.expect("core");
         for i in 0..entries {
-            core.append(format!("entry {i}").as_bytes()).await.expect("append");
+            core.append(format!("entry {i}").as_bytes())
+                .await
+                .expect("append");
         }
         let key = core.key_pair().public.to_bytes();
-        self.feeds.lock().unwrap().push((key, SharedCore::new(core)));
+        self.feeds
+            .lock()
+            .unwrap()
+            .push((key, SharedCore::new(core)));
         key
     }
 
@@ -41,7 +46,9 @@ impl TestHost {
         let storage = Storage::new_memory().await.expect("memory storage");
         let mut core = HypercoreBuilder::new(storage).build().await.expect("core");
         for i in 0..impostor_entries {
-            core.append(format!("forged {i}").as_bytes()).await.expect("append");
+            core.append(format!("forged {i}").as_bytes())
+                .await
+                .expect("append");
         }
         let shared = SharedCore::new(core);
         self.serve_as.lock().unwrap().insert(key, shared.clone());
@@ -97,7 +104,10 @@ impl FeedHost for TestHost {
         let public = VerifyingKey::from_bytes(key)?;
         let storage = Storage::new_memory().await?;
         let core = HypercoreBuilder::new(storage)
-            .key_pair(PartialKeypair { public, secret: None })
+            .key_pair(PartialKeypair {
+                public,
+                secret: None,
+            })
             .build()
             .await?;
         let shared = SharedCore::new(core);

@@ -126,7 +126,9 @@ impl FdPool {
 
     fn lock(&self) -> MutexGuard<'_, PoolInner> {
         // Every critical section leaves the maps consistent, so a poisoned lock is still usable.
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 

@@ -32,7 +32,9 @@ impl MemoryStore {
 
     fn lock(&self) -> MutexGuard<'_, Vec<u8>> {
         // Every operation leaves the buffer consistent, so a poisoned lock is still usable.
-        self.bytes.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.bytes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 

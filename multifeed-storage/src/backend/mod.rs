@@ -1,1 +1,0 @@
-//! Fast `random-access-storage` backends (owned by the backend work; placeholder).
