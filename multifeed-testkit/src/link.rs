@@ -211,7 +211,9 @@ impl LinkEnd {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -229,7 +231,11 @@ fn chunk(rng: &mut StdRng, max: Option<usize>, len: usize) -> usize {
 }
 
 impl AsyncWrite for LinkEnd {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let side = self.side;
         let mut guard = self.lock();
         let state = &mut *guard;
@@ -260,13 +266,17 @@ impl AsyncWrite for LinkEnd {
                 close = true;
             }
         }
-        let silent_from = pipe.silent_at.map(|at| at.saturating_sub(pipe.written) as usize);
+        let silent_from = pipe
+            .silent_at
+            .map(|at| at.saturating_sub(pipe.written) as usize);
         let mut bytes = buf[..n].to_vec();
         if let Some(from) = silent_from {
             bytes.truncate(from.min(n));
         }
         for byte in &mut bytes {
-            if state.config.corrupt_per_byte > 0.0 && pipe.rng.gen_bool(state.config.corrupt_per_byte) {
+            if state.config.corrupt_per_byte > 0.0
+                && pipe.rng.gen_bool(state.config.corrupt_per_byte)
+            {
                 *byte ^= 1 << pipe.rng.gen_range(0..8);
                 state.stats.corrupted[side] += 1;
             }
@@ -326,7 +336,11 @@ impl AsyncWrite for LinkEnd {
 }
 
 impl AsyncRead for LinkEnd {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
         let side = 1 - self.side;
         let mut guard = self.lock();
         let state = &mut *guard;
@@ -336,7 +350,9 @@ impl AsyncRead for LinkEnd {
         if let Some((deliver_at, _)) = pipe.chunks.front() {
             let deliver_at = *deliver_at;
             if deliver_at > Instant::now() {
-                let timer = pipe.timer.get_or_insert_with(|| async_io::Timer::at(deliver_at));
+                let timer = pipe
+                    .timer
+                    .get_or_insert_with(|| async_io::Timer::at(deliver_at));
                 timer.set_at(deliver_at);
                 if Pin::new(timer).poll(cx).is_pending() {
                     return Poll::Pending;
@@ -383,8 +399,10 @@ impl Drop for LinkEnd {
 pub async fn tcp_pair() -> io::Result<(async_std::net::TcpStream, async_std::net::TcpStream)> {
     let listener = async_std::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
-    let (client, accepted) =
-        futures::join!(async_std::net::TcpStream::connect(address), listener.accept());
+    let (client, accepted) = futures::join!(
+        async_std::net::TcpStream::connect(address),
+        listener.accept()
+    );
     let (client, (server, _)) = (client?, accepted?);
     client.set_nodelay(true)?;
     server.set_nodelay(true)?;

@@ -30,7 +30,12 @@ pub async fn disk_peer(
 }
 
 /// Adds `writers` writers named `{prefix}{i}` with `entries` entries each.
-pub async fn fill(multi: &Multifeed, prefix: &str, writers: usize, entries: usize) -> Result<(), Error> {
+pub async fn fill(
+    multi: &Multifeed,
+    prefix: &str,
+    writers: usize,
+    entries: usize,
+) -> Result<(), Error> {
     for w in 0..writers {
         let feed = multi.writer(&format!("{prefix}{w}")).await?;
         let batch: Vec<Vec<u8>> = (0..entries)
@@ -85,7 +90,11 @@ pub async fn assert_converged(peers: &[&Multifeed]) -> Result<(), String> {
     let mut report = String::from("peers did not converge:");
     for (i, peer) in peers.iter().enumerate() {
         let digest = digest(peer).await.map_err(|e| e.to_string())?;
-        report.push_str(&format!("\n  peer {i}: {} feeds, lengths {:?}", digest.len(), digest.values().map(|v| v.0).collect::<Vec<_>>()));
+        report.push_str(&format!(
+            "\n  peer {i}: {} feeds, lengths {:?}",
+            digest.len(),
+            digest.values().map(|v| v.0).collect::<Vec<_>>()
+        ));
     }
     Err(report)
 }
@@ -113,10 +122,18 @@ pub async fn wait_converged(peers: &[&Multifeed], bound: Duration) -> Result<(),
 }
 
 /// The result of both sides of one replication.
-pub type PairResult = (Result<ReplicateSummary, Error>, Result<ReplicateSummary, Error>);
+pub type PairResult = (
+    Result<ReplicateSummary, Error>,
+    Result<ReplicateSummary, Error>,
+);
 
 /// Replicates `a` (initiator) with `b` over the two ends, non-live; fails after `bound`.
-pub async fn sync_over<IA, IB>(a: &Multifeed, b: &Multifeed, ends: (IA, IB), bound: Duration) -> Result<PairResult, String>
+pub async fn sync_over<IA, IB>(
+    a: &Multifeed,
+    b: &Multifeed,
+    ends: (IA, IB),
+    bound: Duration,
+) -> Result<PairResult, String>
 where
     IA: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     IB: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -150,7 +167,10 @@ impl LiveLink {
 /// Connects `a` and `b` live over an in-memory reliable link.
 pub fn connect_live(a: &Multifeed, b: &Multifeed) -> LiveLink {
     let (left, right) = crate::link(crate::LinkConfig::reliable());
-    let (oa, ob) = (ReplicateOptions::new(true).live(true), ReplicateOptions::new(false).live(true));
+    let (oa, ob) = (
+        ReplicateOptions::new(true).live(true),
+        ReplicateOptions::new(false).live(true),
+    );
     let stops = [oa.stop_handle(), ob.stop_handle()];
     let (a, b) = (a.clone(), b.clone());
     let tasks = vec![

@@ -60,7 +60,12 @@ async fn bytes_arrive_intact_and_in_order_through_chunking_and_latency() {
 #[async_std::test]
 async fn the_same_seed_gives_the_same_faults() {
     let run = |seed: u64| async move {
-        let (mut a, mut b) = link(LinkConfig::reliable().seed(Seed(seed)).chunking(9).corrupt(0.05));
+        let (mut a, mut b) = link(
+            LinkConfig::reliable()
+                .seed(Seed(seed))
+                .chunking(9)
+                .corrupt(0.05),
+        );
         let data = vec![0u8; 4000];
         let mut writes = Vec::new();
         let mut at = 0;
@@ -72,13 +77,22 @@ async fn the_same_seed_gives_the_same_faults() {
         a.close().await.expect("close");
         let mut got = Vec::new();
         b.read_to_end(&mut got).await.expect("read");
-        let flipped: Vec<usize> = got.iter().enumerate().filter(|(_, b)| **b != 0).map(|(i, _)| i).collect();
+        let flipped: Vec<usize> = got
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| **b != 0)
+            .map(|(i, _)| i)
+            .collect();
         (writes, flipped, a.stats())
     };
     let (w1, f1, s1) = bounded("run 1", run(7)).await;
     let (w2, f2, s2) = bounded("run 2", run(7)).await;
     let (w3, f3, _) = bounded("run 3", run(8)).await;
-    assert_eq!((w1.clone(), f1.clone()), (w2, f2), "same seed, same schedule");
+    assert_eq!(
+        (w1.clone(), f1.clone()),
+        (w2, f2),
+        "same seed, same schedule"
+    );
     assert_eq!(s1, s2);
     assert!(!f1.is_empty(), "corruption happened");
     assert!(w1 != w3 || f1 != f3, "another seed gives another schedule");
@@ -90,10 +104,15 @@ async fn a_full_buffer_makes_the_writer_wait_until_read() {
     let (mut a, mut b) = link(LinkConfig::reliable().buffer(100));
     assert_eq!(a.write(&[1; 100]).await.expect("fits"), 100);
     let mut blocked = Box::pin(a.write(&[2; 10]));
-    assert!(futures::poll!(&mut blocked).is_pending(), "no room: the writer waits");
+    assert!(
+        futures::poll!(&mut blocked).is_pending(),
+        "no room: the writer waits"
+    );
     let mut buf = [0u8; 50];
     b.read_exact(&mut buf).await.expect("read");
-    let n = bounded("the writer to resume", blocked).await.expect("write after read");
+    let n = bounded("the writer to resume", blocked)
+        .await
+        .expect("write after read");
     assert_eq!(n, 10);
 }
 
@@ -101,12 +120,21 @@ async fn a_full_buffer_makes_the_writer_wait_until_read() {
 async fn disconnect_after_n_bytes() {
     let (mut a, mut b) = link(LinkConfig::reliable().disconnect_after(Direction::AtoB, 1000));
     let written = a.write_all(&[7; 5000]).await;
-    assert_eq!(written.expect_err("the link breaks").kind(), ErrorKind::BrokenPipe);
+    assert_eq!(
+        written.expect_err("the link breaks").kind(),
+        ErrorKind::BrokenPipe
+    );
     let mut got = Vec::new();
-    let err = b.read_to_end(&mut got).await.expect_err("the reader sees the break");
+    let err = b
+        .read_to_end(&mut got)
+        .await
+        .expect_err("the reader sees the break");
     assert_eq!(err.kind(), ErrorKind::ConnectionReset);
     assert_eq!(got.len(), 1000, "exactly the bytes before the cut");
-    assert_eq!(b.write(&[1]).await.expect_err("both ways broken").kind(), ErrorKind::BrokenPipe);
+    assert_eq!(
+        b.write(&[1]).await.expect_err("both ways broken").kind(),
+        ErrorKind::BrokenPipe
+    );
     assert!(a.stats().disconnected);
 }
 
@@ -117,7 +145,9 @@ async fn half_close_gives_end_of_stream_one_way_only() {
     let mut got = Vec::new();
     b.read_to_end(&mut got).await.expect("EOF, not an error");
     assert_eq!(got, vec![3; 10]);
-    b.write_all(b"still works").await.expect("the other way works");
+    b.write_all(b"still works")
+        .await
+        .expect("the other way works");
     let mut buf = [0u8; 11];
     a.read_exact(&mut buf).await.expect("read back");
     assert_eq!(&buf, b"still works");
@@ -126,11 +156,16 @@ async fn half_close_gives_end_of_stream_one_way_only() {
 #[async_std::test]
 async fn a_silent_peer_delivers_nothing_more() {
     let (mut a, mut b) = link(LinkConfig::reliable().silent_after(Direction::AtoB, 4));
-    a.write_all(b"12345678").await.expect("writes still succeed");
+    a.write_all(b"12345678")
+        .await
+        .expect("writes still succeed");
     let mut buf = [0u8; 4];
     b.read_exact(&mut buf).await.expect("first bytes");
     assert_eq!(&buf, b"1234");
-    assert!(b.read(&mut buf).now_or_never().is_none(), "nothing more, no EOF either");
+    assert!(
+        b.read(&mut buf).now_or_never().is_none(),
+        "nothing more, no EOF either"
+    );
 }
 
 #[async_std::test]
@@ -139,7 +174,10 @@ async fn dropping_an_end_is_end_of_stream_for_the_other() {
     drop(a);
     let mut got = Vec::new();
     assert_eq!(b.read_to_end(&mut got).await.expect("EOF"), 0);
-    assert_eq!(b.write(&[1]).await.expect_err("nobody reads").kind(), ErrorKind::BrokenPipe);
+    assert_eq!(
+        b.write(&[1]).await.expect_err("nobody reads").kind(),
+        ErrorKind::BrokenPipe
+    );
 }
 
 #[async_std::test]

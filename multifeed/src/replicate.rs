@@ -26,6 +26,7 @@ pub struct ReplicateOptions {
     accept: Option<KeyFilter>,
     stop: StopHandle,
     plain: Option<Vec<FeedKey>>,
+    timeouts: Option<(std::time::Duration, std::time::Duration)>,
 }
 
 impl fmt::Debug for ReplicateOptions {
@@ -53,7 +54,15 @@ impl ReplicateOptions {
             accept: None,
             stop: StopHandle::default(),
             plain: None,
+            timeouts: None,
         }
+    }
+
+    /// How long the handshakes may take (default 10 s), and how long a non-live replication
+    /// may hear nothing from the peer (default 30 s) before it fails with a timeout.
+    pub fn timeouts(mut self, handshake: std::time::Duration, idle: std::time::Duration) -> Self {
+        self.timeouts = Some((handshake, idle));
+        self
     }
 
     /// Talk plain Hypercore 10 to a peer that is not a multifeed (such as a JS `hypercore`):
@@ -149,6 +158,9 @@ impl Multifeed {
         }
         if let Some(accept) = options.accept {
             config = config.accept(accept);
+        }
+        if let Some((handshake, idle)) = options.timeouts {
+            config = config.handshake_timeout(handshake).idle_timeout(idle);
         }
         if let Some(keys) = options.plain {
             config = config.plain_hypercore(keys);
