@@ -244,6 +244,20 @@ impl Multifeed {
         &self.inner.recovery
     }
 
+    /// Flushes every write so far to stable storage (fsync on disk), whatever the durability
+    /// option: after it returns, the data survives a power loss.
+    pub async fn flush(&self) -> Result<(), Error> {
+        self.inner.ensure_open()?;
+        {
+            let mut root = self.inner.root.lock().await;
+            if let Some(root) = root.as_mut() {
+                root.sync().await?;
+            }
+        }
+        self.inner.factory.sync_all().await?;
+        Ok(())
+    }
+
     /// Whether [`close`](Self::close) was called.
     pub fn is_closed(&self) -> bool {
         self.inner.closed.load(Ordering::SeqCst)
@@ -259,6 +273,9 @@ impl Multifeed {
         if let Some(mut root) = root {
             if self.inner.config.durability == multifeed_storage::Durability::Sync {
                 result = root.sync().await.map_err(Error::from);
+                if result.is_ok() {
+                    result = self.inner.factory.sync_all().await.map_err(Error::from);
+                }
             }
         }
         let slots: Vec<Arc<FeedSlot>> = self.inner.table().list.clone();

@@ -42,6 +42,11 @@ impl FdPool {
         self.lock().open.len()
     }
 
+    /// How many files were written since the last [`sync_all`](Self::sync_all).
+    pub fn dirty_count(&self) -> usize {
+        self.lock().dirty.len()
+    }
+
     /// Closes every open file (stores reopen them on their next use).
     pub fn clear(&self) {
         self.lock().open.clear();
