@@ -7,6 +7,10 @@ use async_trait::async_trait;
 use random_access_storage::{RandomAccess, RandomAccessError};
 
 use super::fd_pool::{io_error, FdPool};
+use super::page_cache::PAGE;
+
+/// Reads longer than this many pages bypass the page cache.
+const MAX_CACHED_READ_PAGES: u64 = 4;
 
 /// A file on disk, opened on demand through an [`FdPool`].
 ///
@@ -17,15 +21,18 @@ use super::fd_pool::{io_error, FdPool};
 pub struct DiskStore {
     pool: FdPool,
     path: PathBuf,
+    id: u64,
     len: Option<u64>,
 }
 
 impl DiskStore {
     /// A store for the file at `path`; touches the disk only when used.
     pub fn open(pool: &FdPool, path: impl Into<PathBuf>) -> Self {
+        let path = path.into();
         Self {
+            id: pool.file_id(&path),
             pool: pool.clone(),
-            path: path.into(),
+            path,
             len: None,
         }
     }
@@ -59,9 +66,19 @@ impl DiskStore {
             .ok_or_else(|| self.err(std::io::ErrorKind::NotFound.into()))?;
         let len = self.current_len()?;
         file.write_all_at(data, offset).map_err(|e| self.err(e))?;
+        self.pool.with_pages(|pages| pages.write(self.id, offset, data));
         self.pool.mark_dirty(&self.path);
         self.len = Some(len.max(offset + data.len() as u64));
         Ok(())
+    }
+
+    fn read_direct(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), RandomAccessError> {
+        let file = self
+            .pool
+            .file(&self.path, false)
+            .map_err(|e| self.err(e))?
+            .ok_or_else(|| self.err(std::io::ErrorKind::NotFound.into()))?;
+        file.read_exact_at(buf, offset).map_err(|e| self.err(e))
     }
 
     fn set_len(&mut self, length: u64) -> Result<(), RandomAccessError> {
@@ -71,6 +88,7 @@ impl DiskStore {
             .map_err(|e| self.err(e))?
             .ok_or_else(|| self.err(std::io::ErrorKind::NotFound.into()))?;
         file.set_len(length).map_err(|e| self.err(e))?;
+        self.pool.with_pages(|pages| pages.truncate(self.id, length));
         self.pool.mark_dirty(&self.path);
         self.len = Some(length);
         Ok(())
@@ -97,14 +115,35 @@ impl RandomAccess for DiskStore {
             });
         }
         let mut buf = vec![0; length as usize];
-        if length > 0 {
-            let file = self
-                .pool
-                .file(&self.path, false)
-                .map_err(|e| self.err(e))?
-                .ok_or_else(|| self.err(std::io::ErrorKind::NotFound.into()))?;
-            file.read_exact_at(&mut buf, offset)
-                .map_err(|e| self.err(e))?;
+        if length == 0 {
+            return Ok(buf);
+        }
+        let first = offset / PAGE;
+        let last = (offset + length - 1) / PAGE;
+        if last - first >= MAX_CACHED_READ_PAGES {
+            self.read_direct(offset, &mut buf)?;
+            return Ok(buf);
+        }
+        for page in first..=last {
+            let page_start = page * PAGE;
+            let from = offset.max(page_start);
+            let to = (offset + length).min(page_start + PAGE);
+            let (lo, hi) = ((from - page_start) as usize, (to - page_start) as usize);
+            let out = &mut buf[(from - offset) as usize..(to - offset) as usize];
+            let hit = self.pool.with_pages(|pages| match pages.get(self.id, page) {
+                Some(bytes) if bytes.len() >= hi => {
+                    out.copy_from_slice(&bytes[lo..hi]);
+                    true
+                }
+                _ => false,
+            });
+            if !hit {
+                let page_len = (len - page_start).min(PAGE) as usize;
+                let mut bytes = vec![0; page_len];
+                self.read_direct(page_start, &mut bytes)?;
+                out.copy_from_slice(&bytes[lo..hi]);
+                self.pool.with_pages(|pages| pages.insert(self.id, page, bytes));
+            }
         }
         Ok(buf)
     }

@@ -8,6 +8,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use random_access_storage::RandomAccessError;
 
+use super::page_cache::PageCache;
+
+/// Pages of file data the pool caches by default (32 MiB).
+const DEFAULT_CACHE_PAGES: usize = 8192;
+
 /// A bounded least-recently-used pool of open files, shared by every [`DiskStore`](crate::DiskStore)
 /// of a root, so thousands of feeds never hold thousands of descriptors. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -22,19 +27,40 @@ struct PoolInner {
     open: HashMap<PathBuf, (Arc<File>, u64)>,
     /// Files written since the last [`FdPool::sync_all`].
     dirty: HashSet<PathBuf>,
+    ids: HashMap<PathBuf, u64>,
+    cache: PageCache,
 }
 
 impl FdPool {
-    /// A pool keeping at most `max_open` files open (at least one).
+    /// A pool keeping at most `max_open` files open (at least one), with a 32 MiB page cache.
     pub fn new(max_open: usize) -> Self {
+        Self::with_cache(max_open, DEFAULT_CACHE_PAGES)
+    }
+
+    /// A pool keeping at most `max_open` files open and `cache_pages` 4 KiB pages cached.
+    pub fn with_cache(max_open: usize, cache_pages: usize) -> Self {
         Self {
             inner: Arc::new(Mutex::new(PoolInner {
                 max_open: max_open.max(1),
                 tick: 0,
                 open: HashMap::new(),
                 dirty: HashSet::new(),
+                ids: HashMap::new(),
+                cache: PageCache::new(cache_pages),
             })),
         }
+    }
+
+    /// The id under which the pool caches pages of `path`.
+    pub(crate) fn file_id(&self, path: &Path) -> u64 {
+        let mut inner = self.lock();
+        let next = inner.ids.len() as u64;
+        *inner.ids.entry(path.to_path_buf()).or_insert(next)
+    }
+
+    /// Runs `f` with the page cache locked.
+    pub(crate) fn with_pages<T>(&self, f: impl FnOnce(&mut PageCache) -> T) -> T {
+        f(&mut self.lock().cache)
     }
 
     /// How many files are open now.
@@ -47,9 +73,11 @@ impl FdPool {
         self.lock().dirty.len()
     }
 
-    /// Closes every open file (stores reopen them on their next use).
+    /// Closes every open file and empties the page cache (stores reopen files on next use).
     pub fn clear(&self) {
-        self.lock().open.clear();
+        let mut inner = self.lock();
+        inner.open.clear();
+        inner.cache.clear();
     }
 
     /// The open file at `path`; `None` if it does not exist and `create` is false.

@@ -12,6 +12,7 @@
 mod disk;
 mod fd_pool;
 mod memory;
+mod page_cache;
 
 pub use disk::DiskStore;
 pub use fd_pool::FdPool;
