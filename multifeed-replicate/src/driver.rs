@@ -489,9 +489,11 @@ impl Driver {
                     self.emit(ReplicationEvent::RemoteHandshake { user_data });
                 }
                 Action::RemoteOffered(offers) => {
+                    // Keys that are not ed25519 public keys can never verify: ignore them.
                     let wanted: Vec<FeedKey> = offers
                         .iter()
                         .map(|offer| offer.key)
+                        .filter(|key| hypercore::VerifyingKey::from_bytes(key).is_ok())
                         .filter(|key| self.accepts(key))
                         .collect();
                     if let Some(exchange) = self.exchange.as_mut() {
@@ -511,7 +513,8 @@ impl Driver {
                         } else {
                             self.summary.feeds_sent += 1;
                         }
-                        self.track_feed(key, target, true).await?;
+                        // Only a download creates a feed; one we offered must still be here.
+                        self.track_feed(key, target, target.is_some()).await?;
                         self.open_feed_channel(key).await?;
                     }
                     if !downloads.is_empty() {

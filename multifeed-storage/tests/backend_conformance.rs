@@ -44,7 +44,10 @@ async fn apply(store: &mut (dyn RandomAccess + Send), op: &Op) -> Outcome {
 fn random_op(rng: &mut impl Rng) -> Op {
     let offset = rng.gen_range(0..40_000u64);
     match rng.gen_range(0..10) {
-        0..=3 => Op::Write(offset, (0..rng.gen_range(0..9000)).map(|_| rng.gen()).collect()),
+        0..=3 => Op::Write(
+            offset,
+            (0..rng.gen_range(0..9000)).map(|_| rng.gen()).collect(),
+        ),
         4..=6 => Op::Read(offset, rng.gen_range(0..20_000)),
         7 => Op::Del(offset, rng.gen_range(0..10_000)),
         8 => Op::Truncate(rng.gen_range(0..45_000)),
@@ -71,8 +74,16 @@ async fn random_operations_match_the_reference() {
         for step in 0..400 {
             let op = random_op(&mut rng);
             let expected = apply(&mut reference, &op).await;
-            assert_eq!(apply(&mut memory, &op).await, expected, "memory, round {round} step {step}: {op:?}");
-            assert_eq!(apply(&mut disk, &op).await, expected, "disk, round {round} step {step}: {op:?}");
+            assert_eq!(
+                apply(&mut memory, &op).await,
+                expected,
+                "memory, round {round} step {step}: {op:?}"
+            );
+            assert_eq!(
+                apply(&mut disk, &op).await,
+                expected,
+                "disk, round {round} step {step}: {op:?}"
+            );
             // Another file in the same pool competes for descriptors and cache pages.
             let _ = apply(&mut disk_twin, &random_op(&mut rng)).await;
         }
@@ -91,21 +102,46 @@ async fn a_hypercore_round_trips_on_disk_stores_through_a_small_pool() {
             let name = format!("{store:?}").to_lowercase();
             let disk = DiskStore::open(&pool, root.join(name));
             Box::pin(async move { Ok(Box::new(disk) as Box<dyn hypercore::StorageTraits + Send>) })
-                as std::pin::Pin<Box<dyn std::future::Future<Output = Result<Box<dyn hypercore::StorageTraits + Send>, RandomAccessError>> + Send>>
+                as std::pin::Pin<
+                    Box<
+                        dyn std::future::Future<
+                                Output = Result<
+                                    Box<dyn hypercore::StorageTraits + Send>,
+                                    RandomAccessError,
+                                >,
+                            > + Send,
+                    >,
+                >
         }
     };
-    let storage = hypercore::Storage::open(open(&pool), false).await.expect("storage");
-    let mut core = hypercore::HypercoreBuilder::new(storage).build().await.expect("core");
+    let storage = hypercore::Storage::open(open(&pool), false)
+        .await
+        .expect("storage");
+    let mut core = hypercore::HypercoreBuilder::new(storage)
+        .build()
+        .await
+        .expect("core");
     for i in 0..1000u32 {
-        core.append(format!("entry {i}").as_bytes()).await.expect("append");
+        core.append(format!("entry {i}").as_bytes())
+            .await
+            .expect("append");
     }
     drop(core);
     pool.clear();
-    let storage = hypercore::Storage::open(open(&pool), false).await.expect("storage");
-    let mut core = hypercore::HypercoreBuilder::new(storage).open(true).build().await.expect("reopen");
+    let storage = hypercore::Storage::open(open(&pool), false)
+        .await
+        .expect("storage");
+    let mut core = hypercore::HypercoreBuilder::new(storage)
+        .open(true)
+        .build()
+        .await
+        .expect("reopen");
     assert_eq!(core.info().length, 1000);
     for i in (0..1000u32).step_by(37) {
-        assert_eq!(core.get(u64::from(i)).await.expect("get"), Some(format!("entry {i}").into_bytes()));
+        assert_eq!(
+            core.get(u64::from(i)).await.expect("get"),
+            Some(format!("entry {i}").into_bytes())
+        );
     }
     assert!(pool.open_count() <= 3);
 }

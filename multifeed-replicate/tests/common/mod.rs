@@ -12,11 +12,13 @@ use hypercore::{HypercoreBuilder, PartialKeypair, Storage, VerifyingKey};
 use multifeed_replicate::{FeedHost, HostError, LocalFeed};
 use multifeed_storage::{FeedKey, SharedCore};
 
-/// Feeds in memory; `serve_as` makes it lie: it serves another core under a key.
+/// Feeds in memory; `serve_as` makes it lie: it serves another core under a key; `phantom`
+/// keys are offered but never served.
 #[derive(Default)]
 pub struct TestHost {
     feeds: Mutex<Vec<(FeedKey, SharedCore)>>,
     serve_as: Mutex<HashMap<FeedKey, SharedCore>>,
+    phantom: Mutex<Vec<FeedKey>>,
 }
 
 impl TestHost {
@@ -55,6 +57,11 @@ impl TestHost {
         self.feeds.lock().unwrap().push((key, shared));
     }
 
+    /// Offers `keys` (with length 1) without holding them.
+    pub fn offer_phantoms(&self, keys: Vec<FeedKey>) {
+        self.phantom.lock().unwrap().extend(keys);
+    }
+
     pub fn core(&self, key: &FeedKey) -> Option<SharedCore> {
         self.feeds
             .lock()
@@ -87,6 +94,10 @@ impl FeedHost for TestHost {
                 length: core.lock().await.info().length,
             });
         }
+        out.extend(self.phantom.lock().unwrap().iter().map(|key| LocalFeed {
+            key: *key,
+            length: 1,
+        }));
         Ok(out)
     }
 

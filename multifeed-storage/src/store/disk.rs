@@ -66,7 +66,8 @@ impl DiskStore {
             .ok_or_else(|| self.err(std::io::ErrorKind::NotFound.into()))?;
         let len = self.current_len()?;
         file.write_all_at(data, offset).map_err(|e| self.err(e))?;
-        self.pool.with_pages(|pages| pages.write(self.id, offset, data));
+        self.pool
+            .with_pages(|pages| pages.write(self.id, offset, data));
         self.pool.mark_dirty(&self.path);
         self.len = Some(len.max(offset + data.len() as u64));
         Ok(())
@@ -88,7 +89,8 @@ impl DiskStore {
             .map_err(|e| self.err(e))?
             .ok_or_else(|| self.err(std::io::ErrorKind::NotFound.into()))?;
         file.set_len(length).map_err(|e| self.err(e))?;
-        self.pool.with_pages(|pages| pages.truncate(self.id, length));
+        self.pool
+            .with_pages(|pages| pages.truncate(self.id, length));
         self.pool.mark_dirty(&self.path);
         self.len = Some(length);
         Ok(())
@@ -130,19 +132,22 @@ impl RandomAccess for DiskStore {
             let to = (offset + length).min(page_start + PAGE);
             let (lo, hi) = ((from - page_start) as usize, (to - page_start) as usize);
             let out = &mut buf[(from - offset) as usize..(to - offset) as usize];
-            let hit = self.pool.with_pages(|pages| match pages.get(self.id, page) {
-                Some(bytes) if bytes.len() >= hi => {
-                    out.copy_from_slice(&bytes[lo..hi]);
-                    true
-                }
-                _ => false,
-            });
+            let hit = self
+                .pool
+                .with_pages(|pages| match pages.get(self.id, page) {
+                    Some(bytes) if bytes.len() >= hi => {
+                        out.copy_from_slice(&bytes[lo..hi]);
+                        true
+                    }
+                    _ => false,
+                });
             if !hit {
                 let page_len = (len - page_start).min(PAGE) as usize;
                 let mut bytes = vec![0; page_len];
                 self.read_direct(page_start, &mut bytes)?;
                 out.copy_from_slice(&bytes[lo..hi]);
-                self.pool.with_pages(|pages| pages.insert(self.id, page, bytes));
+                self.pool
+                    .with_pages(|pages| pages.insert(self.id, page, bytes));
             }
         }
         Ok(buf)

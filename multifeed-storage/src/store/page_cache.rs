@@ -40,8 +40,11 @@ impl PageCache {
         }
         if self.pages.len() >= self.capacity && !self.pages.contains_key(&(file, page)) {
             // Evict the least recently used eighth at once, so eviction stays cheap on average.
-            let mut ages: Vec<((u64, u64), u64)> =
-                self.pages.iter().map(|(key, (_, used))| (*key, *used)).collect();
+            let mut ages: Vec<((u64, u64), u64)> = self
+                .pages
+                .iter()
+                .map(|(key, (_, used))| (*key, *used))
+                .collect();
             ages.sort_unstable_by_key(|(_, used)| *used);
             for (key, _) in ages.into_iter().take((self.capacity / 8).max(1)) {
                 self.pages.remove(&key);
@@ -64,7 +67,8 @@ impl PageCache {
                 if bytes.len() < hi {
                     bytes.resize(hi, 0);
                 }
-                bytes[lo..hi].copy_from_slice(&data[(from - offset) as usize..(to - offset) as usize]);
+                bytes[lo..hi]
+                    .copy_from_slice(&data[(from - offset) as usize..(to - offset) as usize]);
             }
             page += 1;
         }
@@ -73,7 +77,8 @@ impl PageCache {
     /// Forgets cached bytes at and past `length` of `file`.
     pub(crate) fn truncate(&mut self, file: u64, length: u64) {
         let first_gone = length.div_ceil(PAGE);
-        self.pages.retain(|(f, page), _| *f != file || *page < first_gone);
+        self.pages
+            .retain(|(f, page), _| *f != file || *page < first_gone);
         if length % PAGE != 0 {
             if let Some((bytes, _)) = self.pages.get_mut(&(file, length / PAGE)) {
                 bytes.truncate((length % PAGE) as usize);
