@@ -314,3 +314,155 @@ async fn wait_for_len(multi: &Multifeed, key: [u8; 32], len: u64) -> TestResult 
         Err(format!("events ended before feed reached length {len}").into())
     }
 }
+
+#[async_std::test]
+async fn events_report_remote_feeds_and_progress() {
+    let a = with_writer("a", 300).await.expect("a");
+    let b = Multifeed::open_memory().await.expect("b");
+    let mut events = b.events();
+    let (ra, rb) = sync(
+        &a,
+        &b,
+        ReplicateOptions::new(true),
+        ReplicateOptions::new(false),
+    )
+    .await
+    .expect("bounded");
+    ra.expect("a");
+    rb.expect("b");
+    let key = *a.feeds()[0].key();
+    let (mut feed_added, mut batch, mut last_progress) = (false, false, None);
+    while let Some(event) = futures::FutureExt::now_or_never(events.next()).flatten() {
+        match event {
+            Event::Feed { key: k, .. } if k == key => feed_added = true,
+            Event::RemoteFeeds { keys } if keys.contains(&key) => batch = true,
+            Event::Progress {
+                blocks_done,
+                blocks_known,
+            } => {
+                assert!(
+                    blocks_done <= blocks_known,
+                    "{blocks_done} of {blocks_known}"
+                );
+                last_progress = Some(blocks_done);
+            }
+            _ => {}
+        }
+    }
+    assert!(feed_added, "a Feed event for the new remote feed");
+    assert!(batch, "a RemoteFeeds event for the batch");
+    assert_eq!(last_progress, Some(300), "progress ends at every block");
+}
+
+/// A store that hands the executor back several times per operation: slow storage.
+#[derive(Debug)]
+struct SlowStore(multifeed_storage::MemoryStore);
+
+impl SlowStore {
+    async fn lag() {
+        for _ in 0..4 {
+            async_std::task::yield_now().await;
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl random_access_storage::RandomAccess for SlowStore {
+    async fn write(
+        &mut self,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), random_access_storage::RandomAccessError> {
+        Self::lag().await;
+        self.0.write(offset, data).await
+    }
+    async fn read(
+        &mut self,
+        offset: u64,
+        length: u64,
+    ) -> Result<Vec<u8>, random_access_storage::RandomAccessError> {
+        Self::lag().await;
+        self.0.read(offset, length).await
+    }
+    async fn del(
+        &mut self,
+        offset: u64,
+        length: u64,
+    ) -> Result<(), random_access_storage::RandomAccessError> {
+        self.0.del(offset, length).await
+    }
+    async fn truncate(
+        &mut self,
+        length: u64,
+    ) -> Result<(), random_access_storage::RandomAccessError> {
+        self.0.truncate(length).await
+    }
+    async fn len(&mut self) -> Result<u64, random_access_storage::RandomAccessError> {
+        self.0.len().await
+    }
+    async fn is_empty(&mut self) -> Result<bool, random_access_storage::RandomAccessError> {
+        self.0.is_empty().await
+    }
+    async fn sync_all(&mut self) -> Result<(), random_access_storage::RandomAccessError> {
+        Ok(())
+    }
+}
+
+#[async_std::test]
+async fn slow_storage_on_one_side() -> TestResult {
+    let files = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::<
+        String,
+        multifeed_storage::MemoryStore,
+    >::new()));
+    let factory = multifeed::FnFactory::new(move |path: &str| {
+        let store = files
+            .lock()
+            .map(|mut f| f.entry(path.to_owned()).or_default().clone())
+            .map_err(|_| std::io::Error::other("poisoned"));
+        Box::pin(async move { Ok(Box::new(SlowStore(store?)) as multifeed_storage::BoxedStore) })
+    });
+    let slow = Multifeed::builder().storage(factory).open().await?;
+    slow.writer("s")
+        .await?
+        .append_batch((0..200u32).map(|i| i.to_le_bytes()))
+        .await?;
+    let fast = with_writer("f", 200).await?;
+    sync_ok(&slow, &fast).await?;
+    assert_converged(&slow, &fast).await?;
+    Ok(())
+}
+
+#[async_std::test]
+async fn replication_started_before_any_feed_exists() -> TestResult {
+    let a = Multifeed::open_memory().await?;
+    let b = Multifeed::open_memory().await?;
+    let oa = ReplicateOptions::new(true).live(true);
+    let ob = ReplicateOptions::new(false).live(true);
+    let (stop_a, stop_b) = (oa.stop_handle(), ob.stop_handle());
+    let (left, right) = async_std::os::unix::net::UnixStream::pair()?;
+    let ta = async_std::task::spawn({
+        let a = a.clone();
+        async move { a.replicate(left, oa).await }
+    });
+    let tb = async_std::task::spawn({
+        let b = b.clone();
+        async move { b.replicate(right, ob).await }
+    });
+    // Both sides create their writers only now.
+    let wa = a.writer("late-a").await?;
+    wa.append(b"from a").await?;
+    let wb = b.writer("late-b").await?;
+    wb.append(b"from b").await?;
+    wait_for_len(&b, *wa.key(), 1).await?;
+    wait_for_len(&a, *wb.key(), 1).await?;
+    stop_a.stop();
+    stop_b.stop();
+    within("live replication to stop", async {
+        ta.await?;
+        tb.await?;
+        Ok::<_, Error>(())
+    })
+    .await??;
+    assert_converged(&a, &b).await?;
+    Ok(())
+}
