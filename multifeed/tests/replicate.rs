@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use multifeed::{Error, Event, Multifeed, ReplicateOptions, ReplicateSummary};
+use multifeed_testkit::connect_live;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 const BOUND: Duration = Duration::from_secs(60);
@@ -220,18 +221,7 @@ async fn different_shared_keys_fail_on_both_sides() -> TestResult {
 async fn live_replication_carries_later_appends_and_new_feeds() -> TestResult {
     let a = with_writer("a", 2).await?;
     let b = Multifeed::open_memory().await?;
-    let oa = ReplicateOptions::new(true).live(true);
-    let ob = ReplicateOptions::new(false).live(true);
-    let (stop_a, stop_b) = (oa.stop_handle(), ob.stop_handle());
-    let (left, right) = async_std::os::unix::net::UnixStream::pair()?;
-    let ta = async_std::task::spawn({
-        let a = a.clone();
-        async move { a.replicate(left, oa).await }
-    });
-    let tb = async_std::task::spawn({
-        let b = b.clone();
-        async move { b.replicate(right, ob).await }
-    });
+    let live = connect_live(&a, &b);
     let key = *a.writer("a").await?.key();
     wait_for_len(&b, key, 2).await?;
     a.writer("a").await?.append(b"appended live").await?;
@@ -239,14 +229,9 @@ async fn live_replication_carries_later_appends_and_new_feeds() -> TestResult {
     let late = a.writer("late").await?;
     late.append(b"new feed live").await?;
     wait_for_len(&b, *late.key(), 1).await?;
-    stop_a.stop();
-    stop_b.stop();
-    within("live replication to stop", async {
-        ta.await?;
-        tb.await?;
-        Ok::<_, Error>(())
-    })
-    .await??;
+    for result in within("live replication to stop", live.stop()).await? {
+        result?;
+    }
     assert_converged(&a, &b).await?;
     Ok(())
 }
@@ -256,30 +241,14 @@ async fn a_hub_forwards_a_third_peers_feed_to_a_live_peer() -> TestResult {
     let hub = Multifeed::open_memory().await?;
     let live_peer = Multifeed::open_memory().await?;
     let third = with_writer("third", 5).await?;
-    let ohub = ReplicateOptions::new(true).live(true);
-    let opeer = ReplicateOptions::new(false).live(true);
-    let (stop_hub, stop_peer) = (ohub.stop_handle(), opeer.stop_handle());
-    let (left, right) = async_std::os::unix::net::UnixStream::pair()?;
-    let th = async_std::task::spawn({
-        let hub = hub.clone();
-        async move { hub.replicate(left, ohub).await }
-    });
-    let tp = async_std::task::spawn({
-        let peer = live_peer.clone();
-        async move { peer.replicate(right, opeer).await }
-    });
+    let live = connect_live(&hub, &live_peer);
     // The third peer syncs with the hub (not live); the hub passes its feed on.
     sync_ok(&third, &hub).await?;
     let key = *third.feeds()[0].key();
     wait_for_len(&live_peer, key, 5).await?;
-    stop_hub.stop();
-    stop_peer.stop();
-    within("live replication to stop", async {
-        th.await?;
-        tp.await?;
-        Ok::<_, Error>(())
-    })
-    .await??;
+    for result in within("live replication to stop", live.stop()).await? {
+        result?;
+    }
     assert_converged(&third, &live_peer).await?;
     Ok(())
 }
@@ -436,18 +405,7 @@ async fn slow_storage_on_one_side() -> TestResult {
 async fn replication_started_before_any_feed_exists() -> TestResult {
     let a = Multifeed::open_memory().await?;
     let b = Multifeed::open_memory().await?;
-    let oa = ReplicateOptions::new(true).live(true);
-    let ob = ReplicateOptions::new(false).live(true);
-    let (stop_a, stop_b) = (oa.stop_handle(), ob.stop_handle());
-    let (left, right) = async_std::os::unix::net::UnixStream::pair()?;
-    let ta = async_std::task::spawn({
-        let a = a.clone();
-        async move { a.replicate(left, oa).await }
-    });
-    let tb = async_std::task::spawn({
-        let b = b.clone();
-        async move { b.replicate(right, ob).await }
-    });
+    let live = connect_live(&a, &b);
     // Both sides create their writers only now.
     let wa = a.writer("late-a").await?;
     wa.append(b"from a").await?;
@@ -455,14 +413,9 @@ async fn replication_started_before_any_feed_exists() -> TestResult {
     wb.append(b"from b").await?;
     wait_for_len(&b, *wa.key(), 1).await?;
     wait_for_len(&a, *wb.key(), 1).await?;
-    stop_a.stop();
-    stop_b.stop();
-    within("live replication to stop", async {
-        ta.await?;
-        tb.await?;
-        Ok::<_, Error>(())
-    })
-    .await??;
+    for result in within("live replication to stop", live.stop()).await? {
+        result?;
+    }
     assert_converged(&a, &b).await?;
     Ok(())
 }
