@@ -140,6 +140,44 @@ impl FeedOpener {
     pub async fn open_feed(&self, record: &FeedRecord) -> Result<Hypercore, StorageError> {
         open_feed(&self.factory, self.options, record).await
     }
+
+    /// Empties the namespace of a feed learned from a peer and starts it again, empty, under the
+    /// same key: for a replica whose files a crash left unreadable. Its blocks can be fetched
+    /// again from peers. Refused for local feeds, whose secret key would be lost.
+    pub async fn reset_remote_feed(&self, record: &FeedRecord) -> Result<Hypercore, StorageError> {
+        if record.origin != FeedOrigin::Remote {
+            return Err(StorageError::FeedCorrupt {
+                key: hex::encode(record.key),
+                namespace: record.namespace.clone(),
+                reason: "a local feed is never reset".to_owned(),
+            });
+        }
+        for file in ["tree", "data", "bitfield", "oplog"] {
+            let path = format!("{}/{}", record.namespace, file);
+            let mut store = self
+                .factory
+                .open(&path)
+                .await
+                .map_err(|e| StorageError::io(&path, e))?;
+            store
+                .truncate(0)
+                .await
+                .map_err(|e| StorageError::io(&path, e))?;
+        }
+        let public = hypercore::VerifyingKey::from_bytes(&record.key).map_err(|e| {
+            StorageError::FeedCorrupt {
+                key: hex::encode(record.key),
+                namespace: record.namespace.clone(),
+                reason: e.to_string(),
+            }
+        })?;
+        let storage = core_storage(&self.factory, record, false).await?;
+        let key_pair = PartialKeypair {
+            public,
+            secret: None,
+        };
+        build_guarded(builder(storage, self.options).key_pair(key_pair), record).await
+    }
 }
 
 async fn open_feed(

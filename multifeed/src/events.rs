@@ -31,6 +31,14 @@ pub enum Event {
         /// Blocks known to need transfer.
         blocks_known: u64,
     },
+    /// A feed learned from a peer could not be read after a crash and was started again empty;
+    /// replication fetches its entries anew. Local feeds are never reset.
+    FeedReset {
+        /// The feed's key.
+        key: FeedKey,
+        /// What was wrong with its files.
+        reason: String,
+    },
     /// The subscriber fell behind and `missed` events were dropped; re-read [`feeds`](crate::Multifeed::feeds).
     Lagged {
         /// How many events were dropped.

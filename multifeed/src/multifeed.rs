@@ -319,7 +319,23 @@ impl Inner {
             CoreState::Open(core) => Ok(core.clone()),
             CoreState::Closed => Err(Error::Closed),
             CoreState::Unopened => {
-                let core = self.opener.open_feed(&slot.record).await?;
+                let core = match self.opener.open_feed(&slot.record).await {
+                    Ok(core) => core,
+                    // A replica a crash left unreadable is only a copy: start it again empty
+                    // and let replication fetch it anew.
+                    Err(
+                        err @ (multifeed_storage::StorageError::FeedCorrupt { .. }
+                        | multifeed_storage::StorageError::FeedMissing { .. }),
+                    ) if slot.record.origin == FeedOrigin::Remote => {
+                        let core = self.opener.reset_remote_feed(&slot.record).await?;
+                        self.emit(Event::FeedReset {
+                            key: slot.record.key,
+                            reason: err.to_string(),
+                        });
+                        core
+                    }
+                    Err(err) => return Err(err.into()),
+                };
                 let core = SharedCore::new(core);
                 *state = CoreState::Open(core.clone());
                 Ok(core)

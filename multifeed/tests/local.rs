@@ -430,3 +430,28 @@ async fn custom_storage_from_a_closure() -> TestResult {
     );
     Ok(())
 }
+
+#[async_std::test]
+async fn an_unreadable_replica_is_reset_and_reported_but_a_local_feed_never_is() -> TestResult {
+    let author = Multifeed::open_memory().await?;
+    let key = *author.writer("a").await?.key();
+    let factory = MemoryFactory::new();
+    let multi = memory_multifeed(&factory).await?;
+    multi.add_remote_feed(&key).await?;
+    multi.close().await?;
+    let oplog = factory
+        .file(&format!("{}/oplog", multifeed_storage::namespace_for(&key)))
+        .ok_or("no oplog")?;
+    oplog.replace(vec![0xEE; 300]);
+
+    let multi = memory_multifeed(&factory).await?;
+    let mut events = multi.events();
+    let replica = multi.feed(key)?.ok_or("replica listed")?;
+    assert_eq!(replica.len().await?, 0, "the replica starts again, empty");
+    assert_eq!(replica.key(), &key);
+    match next_event(&mut events).await? {
+        Some(Event::FeedReset { key: k, .. }) => assert_eq!(k, key),
+        other => return Err(format!("expected FeedReset, got {other:?}").into()),
+    }
+    Ok(())
+}
