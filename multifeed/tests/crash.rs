@@ -8,11 +8,12 @@
 //! holds only entries identical to `a`'s, and a sync then converges.
 //! `MULTIFEED_CRASH_SEEDS=<n>` sets the number of kills (default 50).
 //!
-//! Known failure (why the test is ignored): with our `DiskStore`, about one kill in 20–50 leaves
-//! a local feed whose tree file lacks a node hypercore 0.16 needs ("Could not load node: N, store
-//! tree, blank"). The same seeds pass with the stock `random-access-disk`
-//! (`MULTIFEED_CRASH_STOCK_DISK=1`) and with an fsync after every write; they fail with and
-//! without our page cache. Run it with `cargo test -p multifeed --test crash -- --ignored`.
+//! Known failure (why the test is ignored): about one kill in 20–50 leaves a local feed whose
+//! tree file lacks a node hypercore 0.16 needs ("Could not load node: N, store tree, blank").
+//! It is hypercore's: the stock `random-access-disk` fails the same way
+//! (`MULTIFEED_CRASH_STOCK_DISK=1 MULTIFEED_SEED=11 MULTIFEED_CRASH_SEEDS=150`), only more
+//! rarely because its fsync per write makes the kill land elsewhere. Run it with
+//! `cargo test -p multifeed --test crash -- --ignored`.
 //!
 //! The replica runs only with `MULTIFEED_CRASH_REPLICATE=1`: that variant still fails now and
 //! then (a replicated or, rarer, a local feed that hypercore 0.16 cannot read after the kill, or
@@ -59,9 +60,9 @@ fn entry(writer: usize, index: u64) -> Vec<u8> {
 }
 
 #[test]
-#[ignore = "known failure: on our disk backend a SIGKILL sometimes leaves an acknowledged feed \
-            unreadable (\"Could not load node: N, store tree, blank\"); passes on stock \
-            random-access-disk (MULTIFEED_CRASH_STOCK_DISK=1). Run with --ignored."]
+#[ignore = "known hypercore 0.16 failure: a SIGKILL sometimes leaves an acknowledged feed \
+            unreadable (\"Could not load node: N, store tree, blank\"), on stock \
+            random-access-disk too. Run with --ignored."]
 fn killed_appenders_lose_no_acknowledged_entry() {
     let seeds: u64 = std::env::var("MULTIFEED_CRASH_SEEDS")
         .ok()
