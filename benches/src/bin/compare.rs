@@ -2,6 +2,8 @@
 //! times, ratios and peak RSS.
 //!
 //! `cargo run --release -p multifeed-benches --bin compare -- [--disk] [WORKLOAD ...]`
+//! `cargo run --release -p multifeed-benches --bin compare -- --appends` (10,000 single appends
+//! and one 10,000-entry batch, on disk and in memory, against JS multifeed's `benches/js/appends.js`)
 //!
 //! Each measurement runs in its own child process (so its peak RSS is its own): the Rust side
 //! re-invokes this binary with `--child`, the JS side runs `node bench.js` of
@@ -17,6 +19,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("--child") {
         return child(&args[1..]);
+    }
+    if args.first().map(String::as_str) == Some("--child-appends") {
+        return child_appends(&args[1..]);
+    }
+    if args.iter().any(|a| a == "--appends") {
+        return appends();
     }
     let disk = args.iter().any(|a| a == "--disk");
     let names: Vec<String> = args
@@ -88,6 +96,85 @@ fn child(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
         println!("{} {}", elapsed.as_secs_f64() * 1e3, peak_rss_mb());
         Ok(())
     })
+}
+
+/// Times 10,000 appends (`single` or `batch`) to one writer; prints `ms rss_mb`.
+fn child_appends(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
+    let single = args.first().map(String::as_str) != Some("batch");
+    let disk = args.get(1).map(String::as_str) == Some("disk");
+    async_std::task::block_on(async {
+        let dir = tempfile::tempdir()?;
+        let builder =
+            multifeed::Multifeed::builder().value_encoding(multifeed::ValueEncoding::Json);
+        let multi = if disk {
+            builder.disk(dir.path())
+        } else {
+            builder.memory()
+        }
+        .open()
+        .await?;
+        let feed = multi.writer("w").await?;
+        let msg = "x".repeat(80);
+        let entries: Vec<Vec<u8>> = (0..10_000)
+            .map(|n| {
+                serde_json::to_vec(&serde_json::json!({ "msg": msg, "n": n })).unwrap_or_default()
+            })
+            .collect();
+        let started = std::time::Instant::now();
+        if single {
+            for entry in &entries {
+                feed.append(entry).await?;
+            }
+        } else {
+            feed.append_batch(&entries).await?;
+        }
+        let elapsed = started.elapsed();
+        if feed.len().await? != 10_000 {
+            return Err("not every entry was appended".into());
+        }
+        println!("{} {}", elapsed.as_secs_f64() * 1e3, peak_rss_mb());
+        multi.close().await?;
+        Ok(())
+    })
+}
+
+/// Prints the appends table: Rust and JS, disk and memory, single and batch.
+fn appends() -> Result<(), Box<dyn std::error::Error>> {
+    let baseline = baseline_dir()?;
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("js/appends.js");
+    println!("| appends | storage | rust ms | rust RSS MB | js ms | js RSS MB | speed-up |");
+    println!("|---|---|---|---|---|---|---|");
+    for mode in ["single", "batch"] {
+        for storage in ["disk", "memory"] {
+            let out = Command::new(std::env::current_exe()?)
+                .args(["--child-appends", mode, storage])
+                .output()?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            let mut parts = text.split_whitespace().map(str::parse::<f64>);
+            let (Some(Ok(ms)), Some(Ok(rss))) = (parts.next(), parts.next()) else {
+                return Err(format!(
+                    "rust appends failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+                .into());
+            };
+            let js = Command::new("node")
+                .arg(&script)
+                .args([mode, storage])
+                .env("NODE_PATH", baseline.join("node_modules"))
+                .output()?;
+            let json: Option<serde_json::Value> = serde_json::from_slice(&js.stdout).ok();
+            match json {
+                Some(json) => {
+                    let js_ms = json["ms"].as_f64().unwrap_or(f64::NAN);
+                    let js_rss = json["rss_mb"].as_f64().unwrap_or(f64::NAN);
+                    println!("| 10,000 {mode} | {storage} | {ms:.0} | {rss:.0} | {js_ms:.0} | {js_rss:.0} | {:.1}x |", js_ms / ms);
+                }
+                None => println!("| 10,000 {mode} | {storage} | {ms:.0} | {rss:.0} | - | - | - |"),
+            }
+        }
+    }
+    Ok(())
 }
 
 fn peak_rss_mb() -> f64 {
