@@ -43,6 +43,7 @@
 mod error;
 mod factory;
 mod index;
+mod oplog_guard;
 mod root;
 mod shared;
 mod store;

@@ -9,6 +9,7 @@ use random_access_storage::RandomAccessError;
 
 use crate::factory::{BoxedStore, StorageFactory};
 use crate::index::{FeedIndex, FeedOrigin, FeedRecord, IndexRecovery};
+use crate::oplog_guard::OplogGuard;
 use crate::{FeedKey, StorageError};
 
 /// Path of the index inside the root.
@@ -244,8 +245,15 @@ async fn core_storage(
                 .map_err(|e| StorageError::io(&path, e))?,
         );
     }
+    // Hypercore 0.16 overwrites pending oplog entries after a reopen; see `oplog_guard`.
+    let oplog_path = format!("{}/oplog", record.namespace);
+    if let Some(oplog) = stores[3].take() {
+        let guarded = OplogGuard::open(oplog)
+            .await
+            .map_err(|e| StorageError::io(&oplog_path, e))?;
+        stores[3] = Some(Box::new(guarded));
+    }
     if must_exist {
-        let oplog_path = format!("{}/oplog", record.namespace);
         let oplog = stores[3].as_mut().ok_or_else(|| missing(record))?;
         let len = oplog
             .len()
