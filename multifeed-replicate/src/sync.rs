@@ -75,7 +75,9 @@ impl SyncState {
                 self.upgrade_in_flight = true;
                 let block = (!self.stalled
                     && contiguous < length
-                    && contiguous >= local_length
+                    // Only the block right after our tree: hypercore 0.16 computes the offset of
+                    // a block further on from the wrong roots (and may panic).
+                    && contiguous == local_length
                     && !self.blocks_in_flight.contains(&contiguous))
                 .then_some(contiguous);
                 let asked = match block {

@@ -9,7 +9,7 @@ use random_access_storage::RandomAccessError;
 
 use crate::factory::{BoxedStore, StorageFactory};
 use crate::index::{FeedIndex, FeedOrigin, FeedRecord, IndexRecovery};
-use crate::oplog_guard::OplogGuard;
+use crate::oplog_guard;
 use crate::{FeedKey, StorageError};
 
 /// Path of the index inside the root.
@@ -245,13 +245,14 @@ async fn core_storage(
                 .map_err(|e| StorageError::io(&path, e))?,
         );
     }
-    // Hypercore 0.16 overwrites pending oplog entries after a reopen; see `oplog_guard`.
+    // Hypercore 0.16 misreads oplogs and bitfields it wrote itself; see `oplog_guard`.
     let oplog_path = format!("{}/oplog", record.namespace);
-    if let Some(oplog) = stores[3].take() {
-        let guarded = OplogGuard::open(oplog)
+    if let (Some(bitfield), Some(oplog)) = (stores[2].take(), stores[3].take()) {
+        let (bitfield, oplog) = oplog_guard::guard(bitfield, oplog)
             .await
             .map_err(|e| StorageError::io(&oplog_path, e))?;
-        stores[3] = Some(Box::new(guarded));
+        stores[2] = Some(Box::new(bitfield));
+        stores[3] = Some(Box::new(oplog));
     }
     if must_exist {
         let oplog = stores[3].as_mut().ok_or_else(|| missing(record))?;

@@ -419,3 +419,44 @@ async fn replication_started_before_any_feed_exists() -> TestResult {
     assert_converged(&a, &b).await?;
     Ok(())
 }
+
+/// A replica reopened from its files holds every replicated entry, and keeps replicating without
+/// downloading again what it has. Its oplog then holds replicated blocks (entries without an
+/// upgrade), which hypercore 0.16 alone cannot decode: without the storage layer's oplog guard the
+/// replica fails to open and is fetched again from scratch.
+#[async_std::test]
+async fn a_reopened_replica_keeps_its_entries_and_catches_up() -> TestResult {
+    for count in [1u64, 2, 3, 5, 9, 50] {
+        let a = Multifeed::open_memory().await?;
+        let writer = a.writer("w").await?;
+        for i in 0..count {
+            writer.append(format!("entry {i}").as_bytes()).await?;
+        }
+        let files = multifeed::MemoryFactory::new();
+        let b = Multifeed::builder().storage(files.clone()).open().await?;
+        sync_ok(&a, &b).await?;
+        multifeed_testkit::assert_converged(&[&a, &b]).await?;
+        b.close().await?;
+
+        let b = Multifeed::builder().storage(files.clone()).open().await?;
+        let replica = b.feed(writer.key())?.ok_or("replica listed")?;
+        assert_eq!(replica.len().await?, count, "{count}: replica length");
+        for i in 0..count {
+            let got = replica.get(i).await?;
+            assert_eq!(
+                got,
+                Some(format!("entry {i}").into_bytes()),
+                "{count}: entry {i}"
+            );
+        }
+        writer.append(b"after the reopen").await?;
+        let (_, received) = sync_ok(&a, &b).await?;
+        assert_eq!(
+            received.blocks_received, 1,
+            "{count}: only the new entry is fetched"
+        );
+        multifeed_testkit::assert_converged(&[&a, &b]).await?;
+        b.close().await?;
+    }
+    Ok(())
+}
