@@ -11,6 +11,12 @@
 //! missing or damaged gives a typed error naming it when opened; the other feeds still open.
 //! Writer names are local and never leave the machine; no replication secret is ever stored here.
 //!
+//! Every feed's `oplog` and `bitfield` stores are guarded against defects of hypercore 0.16's
+//! reopen path (pending entries overwritten after a reopen, entries of an older header replayed,
+//! replicated entries misdecoded, bitfield pages misplaced beyond 32,768 entries): with the guard,
+//! a process killed at any write leaves feeds that reopen with every acknowledged entry, and
+//! replicas reopen with exactly the blocks they held. The guard works on any backend.
+//!
 //! ```
 //! # async_std::task::block_on(async {
 //! use std::sync::Arc;
