@@ -3,12 +3,14 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::channel::mpsc;
 use futures::select_biased;
 use futures::stream::{BoxStream, SelectAll, StreamExt};
+use futures::FutureExt;
 use hypercore_protocol::schema::{Data, NoData, Range, Request, Synchronize};
 use hypercore_protocol::{discovery_key, Channel, CommandTx, Event, Message, Protocol};
 use hypercore_schema::{RequestBlock, RequestUpgrade};
@@ -770,8 +772,21 @@ impl Driver {
         };
         let proof = {
             let mut core = feed.core.lock().await;
-            core.create_proof(request.block, request.hash, request.seek, request.upgrade)
+            if crate::sync::servable(&request, core.info().length) {
+                // Validation keeps hypercore 0.16 from panicking on hostile requests; a panic
+                // it still finds is contained and answered like a request we cannot serve.
+                AssertUnwindSafe(core.create_proof(
+                    request.block,
+                    request.hash,
+                    request.seek,
+                    request.upgrade,
+                ))
+                .catch_unwind()
                 .await
+                .unwrap_or(Ok(None))
+            } else {
+                Ok(None)
+            }
         };
         let message = match proof {
             Ok(Some(proof)) => {
@@ -805,12 +820,29 @@ impl Driver {
         let Some(asked) = feed.sync.on_data(data.request) else {
             return Ok(());
         };
+        if !crate::sync::well_formed(&data) {
+            return Err(ReplicateError::InvalidProof {
+                key: hex::encode(feed.key),
+                reason: "a tree node hash is not 32 bytes".to_owned(),
+            });
+        }
         let block_bytes = data.block.as_ref().map(|b| b.value.len() as u64);
         let proof = data.into_proof();
         let (applied, info) = {
             let mut core = feed.core.lock().await;
-            let applied = core.verify_and_apply_proof(&proof).await;
+            let applied = AssertUnwindSafe(core.verify_and_apply_proof(&proof))
+                .catch_unwind()
+                .await;
             (applied, core.info())
+        };
+        let applied = match applied {
+            Ok(applied) => applied,
+            Err(_) => {
+                return Err(ReplicateError::InvalidProof {
+                    key: hex::encode(feed.key),
+                    reason: "hypercore panicked while verifying the proof".to_owned(),
+                })
+            }
         };
         match applied {
             Ok(_) => {}
