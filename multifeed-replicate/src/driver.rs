@@ -107,6 +107,8 @@ struct Driver {
     peer_closed_root: bool,
     last_activity: Instant,
     started: Instant,
+    /// Blocks were stored since the host last made them durable.
+    unsynced_blocks: bool,
 }
 
 impl Driver {
@@ -151,6 +153,7 @@ impl Driver {
             peer_closed_root: false,
             last_activity: Instant::now(),
             started: Instant::now(),
+            unsynced_blocks: false,
             config,
         }
     }
@@ -204,6 +207,7 @@ impl Driver {
             }
             self.check_synced().await?;
         }
+        self.blocks_stored().await?;
         self.close_gracefully(&mut events, true).await;
         Ok(self.summary)
     }
@@ -759,7 +763,20 @@ impl Driver {
         if messages.is_empty() {
             return Ok(());
         }
+        // A new burst: the blocks of the previous one are a batch the host may make durable.
+        self.blocks_stored().await?;
         send(&channel, &messages).await
+    }
+
+    /// Lets the host make the blocks stored so far durable.
+    async fn blocks_stored(&mut self) -> Result<(), ReplicateError> {
+        if std::mem::take(&mut self.unsynced_blocks) {
+            self.host
+                .blocks_stored()
+                .await
+                .map_err(ReplicateError::Host)?;
+        }
+        Ok(())
     }
 
     /// Answers a request with a proof, or NoData.
@@ -860,6 +877,7 @@ impl Driver {
             }
         }
         feed.core.notify_changed();
+        self.unsynced_blocks = true;
         if let Asked::Block(index) | Asked::UpgradeAndBlock(index) = asked {
             if feed.core.lock().await.has(index) {
                 self.summary.blocks_received += 1;

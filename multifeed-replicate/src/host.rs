@@ -32,4 +32,11 @@ pub trait FeedHost: Send + Sync + 'static {
     /// A stream of keys of feeds added to the host after this call (local writers created, or
     /// feeds learned from other connections), for live replication to offer them.
     fn subscribe_new_feeds(&self) -> futures::stream::BoxStream<'static, FeedKey>;
+
+    /// Called after a batch of received blocks was stored (before each new burst of requests,
+    /// and when the connection ends). A host that promises durability across power loss makes
+    /// them durable here (fsync); the default does nothing.
+    async fn blocks_stored(&self) -> Result<(), HostError> {
+        Ok(())
+    }
 }

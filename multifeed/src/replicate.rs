@@ -218,6 +218,13 @@ impl FeedHost for Host {
         Ok(feed.core().await?)
     }
 
+    async fn blocks_stored(&self) -> Result<(), HostError> {
+        if self.multi.inner.config.durability == multifeed_storage::Durability::Sync {
+            self.multi.flush().await?;
+        }
+        Ok(())
+    }
+
     fn subscribe_new_feeds(&self) -> BoxStream<'static, FeedKey> {
         let multi = self.multi.clone();
         let receiver = self.multi.inner.new_event_receiver();

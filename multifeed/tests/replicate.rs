@@ -460,3 +460,63 @@ async fn a_reopened_replica_keeps_its_entries_and_catches_up() -> TestResult {
     }
     Ok(())
 }
+
+/// Counts `sync_all` calls (fsyncs on disk) of a memory root.
+#[derive(Debug, Clone, Default)]
+struct CountingFactory {
+    files: multifeed::MemoryFactory,
+    syncs: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl multifeed::StorageFactory for CountingFactory {
+    fn open(
+        &self,
+        path: &str,
+    ) -> futures::future::BoxFuture<
+        'static,
+        Result<multifeed_storage::BoxedStore, random_access_storage::RandomAccessError>,
+    > {
+        self.files.open(path)
+    }
+
+    fn sync_all(
+        &self,
+    ) -> futures::future::BoxFuture<'static, Result<(), multifeed_storage::StorageError>> {
+        self.syncs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// With `Durability::Sync`, replicated blocks are made durable per burst of requests and when
+/// the replication ends, never per block; with the default, replication never fsyncs.
+#[async_std::test]
+async fn sync_durability_fsyncs_replicated_batches_not_blocks() -> TestResult {
+    let a = Multifeed::open_memory().await?;
+    let writer = a.writer("w").await?;
+    let batch: Vec<Vec<u8>> = (0..2_000u32).map(|i| i.to_le_bytes().to_vec()).collect();
+    writer.append_batch(&batch).await?;
+
+    for (durability, expect_syncs) in [
+        (multifeed::Durability::Sync, true),
+        (multifeed::Durability::Process, false),
+    ] {
+        let factory = CountingFactory::default();
+        let b = Multifeed::builder()
+            .storage(factory.clone())
+            .durability(durability)
+            .open()
+            .await?;
+        let before = factory.syncs.load(std::sync::atomic::Ordering::SeqCst);
+        let (_, received) = sync_ok(&a, &b).await?;
+        assert_eq!(received.blocks_received, 2_000);
+        let syncs = factory.syncs.load(std::sync::atomic::Ordering::SeqCst) - before;
+        if expect_syncs {
+            // 2,000 blocks in bursts of about 128: roughly 16 syncs, far fewer than blocks.
+            assert!((2..=100).contains(&syncs), "{syncs} syncs for 2,000 blocks");
+        } else {
+            assert_eq!(syncs, 0, "no fsync without Durability::Sync");
+        }
+        b.close().await?;
+    }
+    Ok(())
+}
