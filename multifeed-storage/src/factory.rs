@@ -3,11 +3,12 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 
 use futures::future::BoxFuture;
 use hypercore::StorageTraits;
-use random_access_storage::RandomAccessError;
+use random_access_storage::{RandomAccess, RandomAccessError};
 
 use crate::{DiskStore, FdPool, MemoryStore};
 
@@ -130,8 +131,13 @@ impl StorageFactory for MemoryFactory {
 }
 
 /// A factory from a closure, for any `random-access-storage` backend.
+///
+/// [`sync_all`](StorageFactory::sync_all) calls `sync_all` on every store opened through it that
+/// was written since the last call, so `Durability::Sync` and `Multifeed::flush` hold for custom
+/// backends too.
 pub struct FnFactory<F> {
     open: F,
+    opened: Arc<Mutex<Vec<Weak<TrackedInner>>>>,
 }
 
 impl<F> FnFactory<F>
@@ -143,7 +149,10 @@ where
 {
     /// Wraps `open`, called with each path inside the root.
     pub fn new(open: F) -> Self {
-        Self { open }
+        Self {
+            open,
+            opened: Arc::default(),
+        }
     }
 }
 
@@ -161,6 +170,90 @@ where
         + 'static,
 {
     fn open(&self, path: &str) -> BoxFuture<'static, Result<BoxedStore, RandomAccessError>> {
-        (self.open)(path)
+        let opening = (self.open)(path);
+        let opened = self.opened.clone();
+        let path = path.to_owned();
+        Box::pin(async move {
+            let inner = Arc::new(TrackedInner {
+                path,
+                store: async_lock::Mutex::new(opening.await?),
+                dirty: AtomicBool::new(false),
+            });
+            let mut list = opened.lock().unwrap_or_else(|p| p.into_inner());
+            list.retain(|weak| weak.strong_count() > 0);
+            list.push(Arc::downgrade(&inner));
+            Ok(Box::new(Tracked { inner }) as BoxedStore)
+        })
+    }
+
+    fn sync_all(&self) -> BoxFuture<'static, Result<(), crate::StorageError>> {
+        let stores: Vec<Arc<TrackedInner>> = self
+            .opened
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        Box::pin(async move {
+            for store in stores {
+                if store.dirty.swap(false, Ordering::SeqCst) {
+                    let result = store.store.lock().await.sync_all().await;
+                    if let Err(source) = result {
+                        store.dirty.store(true, Ordering::SeqCst);
+                        return Err(crate::StorageError::io(&store.path, source));
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+#[derive(Debug)]
+struct TrackedInner {
+    path: String,
+    store: async_lock::Mutex<BoxedStore>,
+    /// Written since its last `sync_all`.
+    dirty: AtomicBool,
+}
+
+/// A store of an [`FnFactory`]: the user's store, which the factory can still reach to sync.
+#[derive(Debug)]
+struct Tracked {
+    inner: Arc<TrackedInner>,
+}
+
+impl Tracked {
+    fn written(&self) {
+        self.inner.dirty.store(true, Ordering::SeqCst);
+    }
+}
+
+#[async_trait::async_trait]
+impl RandomAccess for Tracked {
+    async fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), RandomAccessError> {
+        self.written();
+        self.inner.store.lock().await.write(offset, data).await
+    }
+    async fn read(&mut self, offset: u64, length: u64) -> Result<Vec<u8>, RandomAccessError> {
+        self.inner.store.lock().await.read(offset, length).await
+    }
+    async fn del(&mut self, offset: u64, length: u64) -> Result<(), RandomAccessError> {
+        self.written();
+        self.inner.store.lock().await.del(offset, length).await
+    }
+    async fn truncate(&mut self, length: u64) -> Result<(), RandomAccessError> {
+        self.written();
+        self.inner.store.lock().await.truncate(length).await
+    }
+    async fn len(&mut self) -> Result<u64, RandomAccessError> {
+        self.inner.store.lock().await.len().await
+    }
+    async fn is_empty(&mut self) -> Result<bool, RandomAccessError> {
+        self.inner.store.lock().await.is_empty().await
+    }
+    async fn sync_all(&mut self) -> Result<(), RandomAccessError> {
+        self.inner.dirty.store(false, Ordering::SeqCst);
+        self.inner.store.lock().await.sync_all().await
     }
 }

@@ -58,3 +58,94 @@ async fn writes_wait_in_the_page_cache_until_a_sync() {
         Some(b"one more".to_vec())
     );
 }
+
+/// A memory store that counts its `sync_all` calls.
+#[derive(Debug)]
+struct CountingStore {
+    inner: multifeed_storage::MemoryStore,
+    syncs: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+#[async_trait::async_trait]
+impl random_access_storage::RandomAccess for CountingStore {
+    async fn write(
+        &mut self,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), random_access_storage::RandomAccessError> {
+        self.inner.write(offset, data).await
+    }
+    async fn read(
+        &mut self,
+        offset: u64,
+        length: u64,
+    ) -> Result<Vec<u8>, random_access_storage::RandomAccessError> {
+        self.inner.read(offset, length).await
+    }
+    async fn del(
+        &mut self,
+        offset: u64,
+        length: u64,
+    ) -> Result<(), random_access_storage::RandomAccessError> {
+        self.inner.del(offset, length).await
+    }
+    async fn truncate(
+        &mut self,
+        length: u64,
+    ) -> Result<(), random_access_storage::RandomAccessError> {
+        self.inner.truncate(length).await
+    }
+    async fn len(&mut self) -> Result<u64, random_access_storage::RandomAccessError> {
+        self.inner.len().await
+    }
+    async fn is_empty(&mut self) -> Result<bool, random_access_storage::RandomAccessError> {
+        self.inner.is_empty().await
+    }
+    async fn sync_all(&mut self) -> Result<(), random_access_storage::RandomAccessError> {
+        self.syncs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// A custom backend gets its `sync_all` called on every store written since the last sync, and
+/// only on those.
+#[async_std::test]
+async fn custom_backends_are_synced_where_written() {
+    use std::sync::atomic::Ordering;
+    let syncs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = syncs.clone();
+    let factory = Arc::new(multifeed_storage::FnFactory::new(move |_path: &str| {
+        let store = CountingStore {
+            inner: multifeed_storage::MemoryStore::new(),
+            syncs: counter.clone(),
+        };
+        Box::pin(async move { Ok(Box::new(store) as multifeed_storage::BoxedStore) })
+    }));
+    let (mut root, _, _) =
+        RootStorage::open(factory.clone(), CoreOptions::default(), Durability::Process)
+            .await
+            .expect("open");
+    let (_, mut core) = root
+        .create_feed(key_pair(), None, FeedOrigin::Local)
+        .await
+        .expect("create");
+    core.append(b"one").await.expect("append");
+    assert_eq!(syncs.load(Ordering::SeqCst), 0, "no sync on its own");
+    factory.sync_all().await.expect("sync");
+    let first = syncs.load(Ordering::SeqCst);
+    // The index, and the feed's data, tree, bitfield and oplog were written.
+    assert!(first >= 5, "{first} stores synced");
+    factory.sync_all().await.expect("sync");
+    assert_eq!(
+        syncs.load(Ordering::SeqCst),
+        first,
+        "nothing written, nothing synced"
+    );
+    core.append(b"two").await.expect("append");
+    factory.sync_all().await.expect("sync");
+    let second = syncs.load(Ordering::SeqCst) - first;
+    assert!(
+        (1..first).contains(&second),
+        "only the written stores: {second}"
+    );
+}
