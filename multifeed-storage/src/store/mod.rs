@@ -7,8 +7,7 @@
 //! kernel still holds it. It survives a power loss or kernel crash only once `sync_all` (or
 //! [`FdPool::sync_all`], which covers every store of the pool) has returned. The multifeed's
 //! `Durability::Sync` option calls it at batch boundaries: after each append batch, each burst of
-//! replicated blocks, each index
-//! record, and on close — never per block.
+//! replicated blocks, each index record, and on close — never per block.
 
 mod disk;
 mod fd_pool;
