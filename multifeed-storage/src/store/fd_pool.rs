@@ -13,6 +13,9 @@ use super::page_cache::PageCache;
 /// Pages of file data the pool caches by default (32 MiB).
 const DEFAULT_CACHE_PAGES: usize = 8192;
 
+/// Bound on the remembered missing files.
+const MAX_MISSING: usize = 65_536;
+
 /// A bounded least-recently-used pool of open files, shared by every [`DiskStore`](crate::DiskStore)
 /// of a root, so thousands of feeds never hold thousands of descriptors. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -27,6 +30,9 @@ struct PoolInner {
     open: HashMap<PathBuf, (Arc<File>, u64)>,
     /// Files written since the last [`FdPool::sync_all`].
     dirty: HashSet<PathBuf>,
+    /// Files found missing by a lookup and not created since (saves a failing `open` per
+    /// lookup of a new feed's files; the pool's root belongs to one process).
+    missing: HashSet<PathBuf>,
     ids: HashMap<PathBuf, u64>,
     cache: PageCache,
 }
@@ -45,6 +51,7 @@ impl FdPool {
                 tick: 0,
                 open: HashMap::new(),
                 dirty: HashSet::new(),
+                missing: HashSet::new(),
                 ids: HashMap::new(),
                 cache: PageCache::new(cache_pages),
             })),
@@ -77,6 +84,7 @@ impl FdPool {
     pub fn clear(&self) {
         let mut inner = self.lock();
         inner.open.clear();
+        inner.missing.clear();
         inner.cache.clear();
     }
 
@@ -90,26 +98,43 @@ impl FdPool {
                 *used = tick;
                 return Ok(Some(file.clone()));
             }
+            if !create && inner.missing.contains(path) {
+                return Ok(None);
+            }
         }
         // Open outside the lock: it is a syscall, and other stores may proceed meanwhile.
-        let file = match OpenOptions::new().read(true).write(true).open(path) {
+        // Creating opens with O_CREAT straight away; only a missing directory costs a retry.
+        let open = |path: &Path| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(create)
+                .truncate(false)
+                .open(path)
+        };
+        let file = match open(path) {
             Ok(file) => file,
             Err(err) if err.kind() == io::ErrorKind::NotFound && create => {
                 if let Some(parent) = path.parent() {
                     std::fs::create_dir_all(parent)?;
                 }
-                OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(false)
-                    .open(path)?
+                open(path)?
             }
-            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                let mut inner = self.lock();
+                if inner.missing.len() >= MAX_MISSING {
+                    inner.missing.clear();
+                }
+                inner.missing.insert(path.to_path_buf());
+                return Ok(None);
+            }
             Err(err) => return Err(err),
         };
         let file = Arc::new(file);
         let mut inner = self.lock();
+        if create {
+            inner.missing.remove(path);
+        }
         while inner.open.len() >= inner.max_open {
             let oldest = inner
                 .open
