@@ -1,8 +1,8 @@
 //! An in-memory duplex link whose faults all come from one seed.
 //!
 //! Each direction is a bounded pipe that applies, in order: re-chunking (partial writes, short
-//! reads), bit flips, latency with jitter that keeps bytes in order, an abrupt disconnect or a
-//! half-close or a silent drop after a number of bytes. A full buffer makes the writer wait
+//! reads), bit flips, a bandwidth cap, stalls, latency with jitter that keeps bytes in order, an
+//! abrupt disconnect or a half-close or a silent drop after a number of bytes. A full buffer makes the writer wait
 //! (backpressure); nothing busy-waits.
 
 use std::collections::VecDeque;
@@ -42,6 +42,8 @@ pub struct LinkConfig {
     seed: Seed,
     max_chunk: Option<usize>,
     latency: Option<(Duration, Duration)>,
+    bandwidth: Option<u64>,
+    stall: Option<(f64, Duration)>,
     corrupt_per_byte: f64,
     disconnect_after: Option<(Direction, u64)>,
     half_close_after: Option<(Direction, u64)>,
@@ -55,6 +57,8 @@ impl Default for LinkConfig {
             seed: Seed(0),
             max_chunk: None,
             latency: None,
+            bandwidth: None,
+            stall: None,
             corrupt_per_byte: 0.0,
             disconnect_after: None,
             half_close_after: None,
@@ -85,6 +89,20 @@ impl LinkConfig {
     /// Delivers each write `base` plus up to `jitter` later, keeping order.
     pub fn latency(mut self, base: Duration, jitter: Duration) -> Self {
         self.latency = Some((base, jitter));
+        self
+    }
+
+    /// Caps each direction at `bytes_per_second`: a write occupies the wire for its size over the
+    /// rate, and later writes queue behind it.
+    pub fn bandwidth(mut self, bytes_per_second: u64) -> Self {
+        self.bandwidth = Some(bytes_per_second.max(1));
+        self
+    }
+
+    /// Before each write, with `probability`, stalls the direction for a random time up to
+    /// `max`: that write and every later one wait.
+    pub fn stalls(mut self, probability: f64, max: Duration) -> Self {
+        self.stall = Some((probability.clamp(0.0, 1.0), max));
         self
     }
 
@@ -127,6 +145,8 @@ pub struct LinkStats {
     pub bytes: [u64; 2],
     /// Bytes corrupted in each direction.
     pub corrupted: [u64; 2],
+    /// Stalls in each direction.
+    pub stalls: [u64; 2],
     /// Whether the link was broken by `disconnect_after`.
     pub disconnected: bool,
 }
@@ -141,6 +161,8 @@ struct Pipe {
     reader: Option<Waker>,
     writer: Option<Waker>,
     last_delivery: Instant,
+    /// When the wire is free again (bandwidth cap and stalls).
+    wire_free: Instant,
     timer: Option<async_io::Timer>,
     cut_at: Option<u64>,
     close_at: Option<u64>,
@@ -182,6 +204,7 @@ pub fn link(config: LinkConfig) -> (LinkEnd, LinkEnd) {
             reader: None,
             writer: None,
             last_delivery: Instant::now(),
+            wire_free: Instant::now(),
             timer: None,
             cut_at: at(config.disconnect_after),
             close_at: at(config.half_close_after),
@@ -281,7 +304,22 @@ impl AsyncWrite for LinkEnd {
                 state.stats.corrupted[side] += 1;
             }
         }
-        let now = Instant::now();
+        let mut now = Instant::now();
+        if let Some((probability, max)) = state.config.stall {
+            if probability > 0.0 && !max.is_zero() && pipe.rng.gen_bool(probability) {
+                let pause = pipe.rng.gen_range(Duration::ZERO..max);
+                pipe.wire_free = pipe.wire_free.max(now) + pause;
+                state.stats.stalls[side] += 1;
+            }
+        }
+        if state.config.bandwidth.is_some() || state.config.stall.is_some() {
+            let start = pipe.wire_free.max(now);
+            let on_wire = state.config.bandwidth.map_or(Duration::ZERO, |rate| {
+                Duration::from_secs_f64(n as f64 / rate as f64)
+            });
+            pipe.wire_free = start + on_wire;
+            now = pipe.wire_free;
+        }
         let deliver_at = match state.config.latency {
             Some((base, jitter)) => {
                 let jitter = if jitter.is_zero() {

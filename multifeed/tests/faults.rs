@@ -68,7 +68,7 @@ async fn seeded_fault_schedules_converge_or_fail_cleanly() {
         let base = LinkConfig::reliable()
             .seed(seed)
             .chunking(rng.gen_range(1..4096));
-        let (kind, config) = match rng.gen_range(0..6) {
+        let (kind, config) = match rng.gen_range(0..7) {
             0 => (
                 "latency",
                 base.latency(
@@ -80,6 +80,13 @@ async fn seeded_fault_schedules_converge_or_fail_cleanly() {
             2 | 3 => (
                 "disconnect",
                 base.disconnect_after(direction, rng.gen_range(0..12_000)),
+            ),
+            6 => (
+                "bandwidth+stalls",
+                base.bandwidth(rng.gen_range(200_000..4_000_000)).stalls(
+                    rng.gen_range(0.0..0.05),
+                    Duration::from_millis(rng.gen_range(1..300)),
+                ),
             ),
             4 => (
                 "half-close",
