@@ -17,23 +17,47 @@ const MAX_CACHED_READ_PAGES: u64 = 4;
 /// Every operation is one or two syscalls done in place (`pwrite`, `pread`, `ftruncate`), with no
 /// hand-off to a thread and no fsync; see the [module docs](crate#durability) for what survives
 /// what. One store per path: the length is cached in the store.
+///
+/// Writes to a feed's `tree`, `data` and `bitfield` files are held back until the next write to
+/// the same feed's `oplog` (or a read, truncate, sync or drop of the file), then written in one
+/// `pwrite` per contiguous run. Hypercore ends every operation with an oplog write, so nothing it
+/// acknowledged is held, and the order it relies on (tree and bitfield before the header that
+/// covers them) is kept; an append batch's 20,000 tree-node writes become one `pwrite`.
 #[derive(Debug)]
 pub struct DiskStore {
     pool: FdPool,
     path: PathBuf,
     id: u64,
     len: Option<u64>,
+    role: Role,
+}
+
+/// How a file's writes are ordered with its feed's other files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// `tree`, `data`, `bitfield`: writes are held until the feed's next oplog write.
+    Held,
+    /// `oplog`: writes the feed's held writes first.
+    Barrier,
+    /// Anything else: written at once.
+    Direct,
 }
 
 impl DiskStore {
     /// A store for the file at `path`; touches the disk only when used.
     pub fn open(pool: &FdPool, path: impl Into<PathBuf>) -> Self {
         let path = path.into();
+        let role = match path.file_name().and_then(|name| name.to_str()) {
+            Some("tree" | "data" | "bitfield") => Role::Held,
+            Some("oplog") => Role::Barrier,
+            _ => Role::Direct,
+        };
         Self {
             id: pool.file_id(&path),
             pool: pool.clone(),
             path,
             len: None,
+            role,
         }
     }
 
@@ -58,22 +82,45 @@ impl DiskStore {
         Ok(len)
     }
 
+    /// Writes what this file holds back, before anything that must see it.
+    fn settle(&mut self) -> Result<(), RandomAccessError> {
+        if self.role == Role::Held {
+            self.pool
+                .flush_pending(&self.path)
+                .map_err(|e| self.err(e))?;
+        }
+        Ok(())
+    }
+
+    /// Before a change to the oplog: every held write of the feed goes first.
+    fn barrier(&mut self) -> Result<(), RandomAccessError> {
+        if self.role == Role::Barrier {
+            if let Some(dir) = self.path.parent() {
+                self.pool.flush_pending_in(dir).map_err(|e| self.err(e))?;
+            }
+        }
+        Ok(())
+    }
+
     fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), RandomAccessError> {
-        let file = self
-            .pool
-            .file(&self.path, true)
-            .map_err(|e| self.err(e))?
-            .ok_or_else(|| self.err(std::io::ErrorKind::NotFound.into()))?;
         let len = self.current_len()?;
-        file.write_all_at(data, offset).map_err(|e| self.err(e))?;
-        self.pool
-            .with_pages(|pages| pages.write(self.id, offset, data));
-        self.pool.mark_dirty(&self.path);
+        self.barrier()?;
+        let held = self.role == Role::Held
+            && (self.pool.hold(&self.path, offset, data) || {
+                self.settle()?;
+                self.pool.hold(&self.path, offset, data)
+            });
+        if !held {
+            self.pool
+                .write_now(&self.path, offset, data)
+                .map_err(|e| self.err(e))?;
+        }
         self.len = Some(len.max(offset + data.len() as u64));
         Ok(())
     }
 
     fn read_direct(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), RandomAccessError> {
+        self.settle()?;
         let file = self
             .pool
             .file(&self.path, false)
@@ -83,6 +130,8 @@ impl DiskStore {
     }
 
     fn set_len(&mut self, length: u64) -> Result<(), RandomAccessError> {
+        self.settle()?;
+        self.barrier()?;
         let file = self
             .pool
             .file(&self.path, true)
@@ -116,6 +165,7 @@ impl RandomAccess for DiskStore {
                 length: len,
             });
         }
+        self.settle()?;
         let mut buf = vec![0; length as usize];
         if length == 0 {
             return Ok(buf);
@@ -192,9 +242,17 @@ impl RandomAccess for DiskStore {
     }
 
     async fn sync_all(&mut self) -> Result<(), RandomAccessError> {
+        self.settle()?;
         if let Some(file) = self.pool.file(&self.path, false).map_err(|e| self.err(e))? {
             file.sync_data().map_err(|e| self.err(e))?;
         }
         Ok(())
+    }
+}
+
+impl Drop for DiskStore {
+    fn drop(&mut self) {
+        // Held writes are delayed, never dropped (an error here has no one to go to).
+        let _ = self.settle();
     }
 }

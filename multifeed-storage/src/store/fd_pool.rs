@@ -1,8 +1,9 @@
 //! A bounded, shared pool of open files.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -35,6 +36,9 @@ struct PoolInner {
     missing: HashSet<PathBuf>,
     ids: HashMap<PathBuf, u64>,
     cache: PageCache,
+    /// Writes held back until their feed's next oplog write (see [`DiskStore`](crate::DiskStore)),
+    /// by file and offset.
+    pending: HashMap<PathBuf, BTreeMap<u64, Vec<u8>>>,
 }
 
 impl FdPool {
@@ -54,6 +58,7 @@ impl FdPool {
                 missing: HashSet::new(),
                 ids: HashMap::new(),
                 cache: PageCache::new(cache_pages),
+                pending: HashMap::new(),
             })),
         }
     }
@@ -82,6 +87,8 @@ impl FdPool {
 
     /// Closes every open file and empties the page cache (stores reopen files on next use).
     pub fn clear(&self) {
+        // Held-back writes are only ever delayed, never dropped.
+        let _ = self.flush_all_pending();
         let mut inner = self.lock();
         inner.open.clear();
         inner.missing.clear();
@@ -167,6 +174,7 @@ impl FdPool {
 
     /// Flushes every file written since the last call to stable storage (fsync).
     pub fn sync_all(&self) -> Result<(), RandomAccessError> {
+        self.flush_all_pending()?;
         let dirty: Vec<PathBuf> = self.lock().dirty.drain().collect();
         let mut result = Ok(());
         for path in dirty {
@@ -180,6 +188,83 @@ impl FdPool {
             }
         }
         result
+    }
+
+    /// Writes `data` at `offset` of `path` now: `pwrite`, page cache, dirty mark.
+    pub(crate) fn write_now(&self, path: &Path, offset: u64, data: &[u8]) -> io::Result<()> {
+        let file = self
+            .file(path, true)?
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        file.write_all_at(data, offset)?;
+        let id = self.file_id(path);
+        self.with_pages(|pages| pages.write(id, offset, data));
+        self.mark_dirty(path);
+        Ok(())
+    }
+
+    /// Holds a write back; false if it overlaps one already held (flush, then retry).
+    pub(crate) fn hold(&self, path: &Path, offset: u64, data: &[u8]) -> bool {
+        let mut inner = self.lock();
+        let held = inner.pending.entry(path.to_path_buf()).or_default();
+        let end = offset + data.len() as u64;
+        let before = held
+            .range(..=offset)
+            .next_back()
+            .is_some_and(|(start, bytes)| start + bytes.len() as u64 > offset);
+        let after = held.range(offset..end).next().is_some();
+        if before || after {
+            return false;
+        }
+        held.insert(offset, data.to_vec());
+        true
+    }
+
+    /// Writes what is held back for `path`, contiguous runs in one `pwrite` each.
+    pub(crate) fn flush_pending(&self, path: &Path) -> io::Result<()> {
+        let Some(held) = self.lock().pending.remove(path) else {
+            return Ok(());
+        };
+        let mut run: Option<(u64, Vec<u8>)> = None;
+        for (offset, bytes) in held {
+            match &mut run {
+                Some((start, buf)) if *start + buf.len() as u64 == offset => {
+                    buf.extend_from_slice(&bytes);
+                }
+                _ => {
+                    if let Some((start, buf)) = run.take() {
+                        self.write_now(path, start, &buf)?;
+                    }
+                    run = Some((offset, bytes));
+                }
+            }
+        }
+        if let Some((start, buf)) = run {
+            self.write_now(path, start, &buf)?;
+        }
+        Ok(())
+    }
+
+    /// Writes what is held back for every file in `dir`.
+    pub(crate) fn flush_pending_in(&self, dir: &Path) -> io::Result<()> {
+        let paths: Vec<PathBuf> = self
+            .lock()
+            .pending
+            .keys()
+            .filter(|path| path.parent() == Some(dir))
+            .cloned()
+            .collect();
+        for path in paths {
+            self.flush_pending(&path)?;
+        }
+        Ok(())
+    }
+
+    fn flush_all_pending(&self) -> Result<(), RandomAccessError> {
+        let paths: Vec<PathBuf> = self.lock().pending.keys().cloned().collect();
+        for path in paths {
+            self.flush_pending(&path).map_err(|e| io_error(&path, e))?;
+        }
+        Ok(())
     }
 
     fn lock(&self) -> MutexGuard<'_, PoolInner> {
