@@ -66,8 +66,12 @@ impl FdPool {
     /// The id under which the pool caches pages of `path`.
     pub(crate) fn file_id(&self, path: &Path) -> u64 {
         let mut inner = self.lock();
+        if let Some(&id) = inner.ids.get(path) {
+            return id;
+        }
         let next = inner.ids.len() as u64;
-        *inner.ids.entry(path.to_path_buf()).or_insert(next)
+        inner.ids.insert(path.to_path_buf(), next);
+        next
     }
 
     /// Runs `f` with the page cache locked.
@@ -205,7 +209,12 @@ impl FdPool {
     /// Holds a write back; false if it overlaps one already held (flush, then retry).
     pub(crate) fn hold(&self, path: &Path, offset: u64, data: &[u8]) -> bool {
         let mut inner = self.lock();
-        let held = inner.pending.entry(path.to_path_buf()).or_default();
+        if !inner.pending.contains_key(path) {
+            inner.pending.insert(path.to_path_buf(), BTreeMap::new());
+        }
+        let Some(held) = inner.pending.get_mut(path) else {
+            return false;
+        };
         let end = offset + data.len() as u64;
         let before = held
             .range(..=offset)
