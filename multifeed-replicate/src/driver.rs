@@ -24,6 +24,8 @@ use crate::{FeedHost, ReplicateConfig, ReplicateError, ReplicateSummary, Replica
 /// Name of the extension message that carries the meta exchange on the root channel.
 pub(crate) const EXTENSION: &str = "multifeed";
 const TICK: Duration = Duration::from_millis(250);
+/// Queued messages after which the driver writes even if more input is waiting.
+const MAX_OUTBOX: usize = 512;
 const LINGER: Duration = Duration::from_secs(5);
 const BARRIER: &str = "multifeed-close-barrier";
 
@@ -109,6 +111,9 @@ struct Driver {
     started: Instant,
     /// Blocks were stored since the host last made them durable.
     unsynced_blocks: bool,
+    /// Messages queued for the peer, in order; consecutive ones for one channel share a batch.
+    outbox: Vec<(DiscoveryKey, Channel, Vec<Message>)>,
+    outbox_len: usize,
 }
 
 impl Driver {
@@ -154,6 +159,8 @@ impl Driver {
             last_activity: Instant::now(),
             started: Instant::now(),
             unsynced_blocks: false,
+            outbox: Vec::new(),
+            outbox_len: 0,
             config,
         }
     }
@@ -176,6 +183,19 @@ impl Driver {
             if self.finished {
                 break;
             }
+            // Handle every message that is already here before writing: the answers and new
+            // requests then leave together, in one frame per run of a channel's messages.
+            if self.outbox_len < MAX_OUTBOX {
+                if let Some(Some((dk, message))) = self.inbound.next().now_or_never() {
+                    self.last_activity = Instant::now();
+                    if let Next::Done = self.on_message(dk, message).await? {
+                        break;
+                    }
+                    self.check_synced().await?;
+                    continue;
+                }
+            }
+            self.flush_outbox().await?;
             let step = select_biased! {
                 message = self.inbound.select_next_some() => {
                     self.last_activity = Instant::now();
@@ -207,6 +227,7 @@ impl Driver {
             }
             self.check_synced().await?;
         }
+        self.flush_outbox().await?;
         self.blocks_stored().await?;
         self.close_gracefully(&mut events, true).await;
         Ok(self.summary)
@@ -223,6 +244,9 @@ impl Driver {
         events: &mut mpsc::UnboundedReceiver<io::Result<Event>>,
         normal: bool,
     ) {
+        if self.flush_outbox().await.is_err() {
+            return;
+        }
         let mut barriers = 0;
         if self
             .commands
@@ -415,6 +439,8 @@ impl Driver {
     }
 
     async fn open_channel(&mut self, key: FeedKey) -> Result<(), ReplicateError> {
+        // What we queued (the exchange's offers) must reach the peer before the open does.
+        self.flush_outbox().await?;
         self.commands
             .open(key)
             .await
@@ -535,15 +561,43 @@ impl Driver {
     }
 
     async fn send_meta(&mut self, bytes: Vec<u8>) -> Result<(), ReplicateError> {
-        let Some(root) = &self.root else {
+        let Some(root) = self.root.clone() else {
             return Ok(());
         };
-        root.send(Message::Extension(hypercore_protocol::schema::Extension {
+        let message = Message::Extension(hypercore_protocol::schema::Extension {
             name: EXTENSION.to_owned(),
             message: bytes,
-        }))
-        .await
-        .map_err(|e| ReplicateError::io("exchange", e))
+        });
+        self.queue(self.root_dk, &root, vec![message]);
+        Ok(())
+    }
+
+    /// Queues messages for the peer; [`flush_outbox`](Self::flush_outbox) sends them.
+    fn queue(&mut self, dk: DiscoveryKey, channel: &Channel, messages: Vec<Message>) {
+        if messages.is_empty() || channel.closed() {
+            return;
+        }
+        self.outbox_len += messages.len();
+        match self.outbox.last_mut() {
+            Some((last, _, queued)) if *last == dk => queued.extend(messages),
+            _ => self.outbox.push((dk, channel.clone(), messages)),
+        }
+    }
+
+    /// Hands every queued message to the protocol, in order: one batch (one frame) per run of
+    /// messages for the same channel.
+    async fn flush_outbox(&mut self) -> Result<(), ReplicateError> {
+        self.outbox_len = 0;
+        for (_, channel, messages) in std::mem::take(&mut self.outbox) {
+            if channel.closed() {
+                continue;
+            }
+            channel
+                .send_batch(&messages)
+                .await
+                .map_err(|e| ReplicateError::io("replication", e))?;
+        }
+        Ok(())
     }
 
     /// Starts tracking a feed on this connection (creating it in the host if `create`).
@@ -618,6 +672,7 @@ impl Driver {
     ) -> Result<(), ReplicateError> {
         let Some(feed) = self.feeds.get_mut(&dk) else {
             // A channel for a feed we do not track: close it.
+            self.flush_outbox().await?;
             let _ = channel.close().await;
             return Ok(());
         };
@@ -630,7 +685,7 @@ impl Driver {
         let Some(feed) = self.feeds.get(&dk) else {
             return Ok(());
         };
-        let Some(channel) = &feed.channel else {
+        let Some(channel) = feed.channel.clone() else {
             return Ok(());
         };
         let info = feed.core.lock().await.info();
@@ -649,7 +704,8 @@ impl Driver {
                 length: info.contiguous_length,
             }));
         }
-        send(channel, &messages).await
+        self.queue(dk, &channel, messages);
+        Ok(())
     }
 
     async fn on_message(
@@ -748,10 +804,18 @@ impl Driver {
                 .sync
                 .next_blocks(info.contiguous_length, info.length, |i| core.has(i));
             for (index, id) in blocks {
-                let nodes = core
-                    .missing_nodes(index)
-                    .await
-                    .map_err(|e| ReplicateError::hypercore(&feed.key, e))?;
+                let nodes = match crate::sync::nodes_to_ask(
+                    index,
+                    info.fork,
+                    info.contiguous_length,
+                    info.length,
+                ) {
+                    Some(nodes) => nodes,
+                    None => core
+                        .missing_nodes(index)
+                        .await
+                        .map_err(|e| ReplicateError::hypercore(&feed.key, e))?,
+                };
                 messages.push(Message::Request(request(
                     id,
                     info.fork,
@@ -765,7 +829,8 @@ impl Driver {
         }
         // A new burst: the blocks of the previous one are a batch the host may make durable.
         self.blocks_stored().await?;
-        send(&channel, &messages).await
+        self.queue(dk, &channel, messages);
+        Ok(())
     }
 
     /// Lets the host make the blocks stored so far durable.
@@ -825,7 +890,8 @@ impl Driver {
                 request: request.id,
             }),
         };
-        send(&channel, &[message]).await
+        self.queue(dk, &channel, vec![message]);
+        Ok(())
     }
 
     /// Verifies and stores a proof from the peer; a proof that fails verification ends the
@@ -979,16 +1045,6 @@ fn request(
         manifest: false,
         priority: 0,
     }
-}
-
-async fn send(channel: &Channel, messages: &[Message]) -> Result<(), ReplicateError> {
-    if messages.is_empty() || channel.closed() {
-        return Ok(());
-    }
-    channel
-        .send_batch(messages)
-        .await
-        .map_err(|e| ReplicateError::io("replication", e))
 }
 
 /// Yields `dk` whenever the core reports a change.

@@ -165,6 +165,36 @@ impl SyncState {
     }
 }
 
+/// How many tree nodes to ask for with block `index`, without a storage walk: the levels from
+/// the block's leaf up to the first node we surely hold. `None` when this cannot be told from
+/// the lengths alone (block beyond our tree, or a fork, whose truncation blanks nodes): ask
+/// hypercore then.
+///
+/// We surely hold a node of our tree (`length` blocks, fork 0) when it covers one of our first
+/// `contiguous` blocks (a stored block's path up to its root is stored with it), or when it is
+/// one of the tree's roots (stored with the upgrade). The count is never below the true one, so
+/// the proof always ends at a node we hold and verifies; in a pipelined download it equals it.
+pub(crate) fn nodes_to_ask(index: u64, fork: u64, contiguous: u64, length: u64) -> Option<u64> {
+    if fork != 0 || index >= length || index < contiguous {
+        return None;
+    }
+    // Flat-tree node at `depth` covering blocks [offset << depth, (offset + 1) << depth).
+    let (mut depth, mut offset) = (0u32, index);
+    loop {
+        let first = offset << depth;
+        if first < contiguous {
+            return Some(u64::from(depth));
+        }
+        // The parent's last block; past our length, this node is one of the tree's roots.
+        let parent_end = (u128::from(offset >> 1) + 1) << (depth + 1);
+        if parent_end > u128::from(length) || depth >= 62 {
+            return Some(u64::from(depth));
+        }
+        depth += 1;
+        offset >>= 1;
+    }
+}
+
 /// Whether a peer's request is one hypercore 0.16 answers without panicking: a block below our
 /// length, an upgrade that ends within it (and after the block), neither hash nor seek (we never
 /// ask for those, and hypercore panics on many of them). `nodes` counts tree levels, at most 64.
@@ -319,6 +349,135 @@ mod tests {
                 "{served} served, {refused} refused"
             );
         });
+    }
+
+    /// `nodes_to_ask` against hypercore 0.16 itself: never fewer nodes than `missing_nodes`
+    /// counts, and a proof made for that count always verifies, for random feed lengths and
+    /// download orders (sequential bursts and random blocks).
+    #[test]
+    fn nodes_to_ask_is_never_short_and_always_verifies() {
+        use hypercore::PartialKeypair;
+        use hypercore_schema::{RequestBlock, RequestUpgrade};
+        use multifeed_storage::{CoreOptions, Durability, FeedOrigin, MemoryFactory, RootStorage};
+        let seed: u64 = std::env::var("MULTIFEED_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(rand::random);
+        println!("MULTIFEED_SEED={seed}");
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        async_std::task::block_on(async {
+            let open = || {
+                RootStorage::open(
+                    std::sync::Arc::new(MemoryFactory::new()),
+                    CoreOptions::default(),
+                    Durability::Process,
+                )
+            };
+            let (mut root, _, _) = open().await.expect("root");
+            let (mut replica_root, _, _) = open().await.expect("replica root");
+            let (mut exact_total, mut ours_total) = (0u64, 0u64);
+            for _ in 0..12 {
+                let length: u64 = rng.gen_range(1..600);
+                let signing_key = hypercore::generate_signing_key();
+                let public = signing_key.verifying_key();
+                let (_, mut writer) = root
+                    .create_feed(
+                        PartialKeypair {
+                            public,
+                            secret: Some(signing_key),
+                        },
+                        None,
+                        FeedOrigin::Local,
+                    )
+                    .await
+                    .expect("writer");
+                let batch: Vec<Vec<u8>> = (0..length).map(|i| i.to_le_bytes().to_vec()).collect();
+                writer.append_batch(&batch).await.expect("append");
+                let (_, mut replica) = replica_root
+                    .create_feed(
+                        PartialKeypair {
+                            public,
+                            secret: None,
+                        },
+                        None,
+                        FeedOrigin::Remote,
+                    )
+                    .await
+                    .expect("replica");
+                let upgrade = RequestUpgrade { start: 0, length };
+                let proof = writer
+                    .create_proof(None, None, None, Some(upgrade))
+                    .await
+                    .expect("upgrade proof")
+                    .expect("upgrade");
+                replica
+                    .verify_and_apply_proof(&proof)
+                    .await
+                    .expect("upgrade");
+                // Sequential bursts, then random blocks.
+                let mut order: Vec<u64> = Vec::new();
+                let sequential = rng.gen_range(0..=length);
+                order.extend(0..sequential);
+                let mut rest: Vec<u64> = (sequential..length).collect();
+                rand::seq::SliceRandom::shuffle(rest.as_mut_slice(), &mut rng);
+                order.extend(rest);
+                for burst in order.chunks(rng.gen_range(1..40)) {
+                    let info = replica.info();
+                    let mut asks = Vec::new();
+                    for &index in burst {
+                        let exact = replica.missing_nodes(index).await.expect("missing");
+                        let ours =
+                            nodes_to_ask(index, info.fork, info.contiguous_length, info.length)
+                                .expect("within the tree");
+                        assert!(
+                            ours >= exact,
+                            "MULTIFEED_SEED={seed}: block {index} of {length}: {ours} < {exact}"
+                        );
+                        if index < sequential {
+                            exact_total += exact;
+                            ours_total += ours;
+                        }
+                        asks.push((index, ours));
+                    }
+                    for (index, nodes) in asks {
+                        let proof = writer
+                            .create_proof(Some(RequestBlock { index, nodes }), None, None, None)
+                            .await
+                            .expect("proof")
+                            .expect("block");
+                        replica
+                            .verify_and_apply_proof(&proof)
+                            .await
+                            .unwrap_or_else(|e| {
+                                panic!("MULTIFEED_SEED={seed}: block {index} of {length}: {e}")
+                            });
+                        assert!(replica.has(index));
+                    }
+                }
+                assert_eq!(replica.info().contiguous_length, length);
+            }
+            println!(
+                "sequential bursts: nodes asked {ours_total}, hypercore's count {exact_total}"
+            );
+        });
+        assert_eq!(nodes_to_ask(5, 1, 0, 10), None, "forks ask hypercore");
+        assert_eq!(nodes_to_ask(10, 0, 0, 10), None, "beyond the tree");
+        assert_eq!(nodes_to_ask(4, 0, 0, 5), Some(0), "a leaf that is a root");
+        assert_eq!(
+            nodes_to_ask(0, 0, 0, 1 << 40),
+            Some(40),
+            "up to the first root"
+        );
+        assert_eq!(
+            nodes_to_ask(11, 0, 10, 1 << 40),
+            Some(2),
+            "up to a stored block's path"
+        );
+        assert_eq!(
+            nodes_to_ask(u64::MAX - 1, 0, 0, u64::MAX),
+            Some(0),
+            "the last root"
+        );
     }
 
     #[test]
