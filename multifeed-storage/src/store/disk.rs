@@ -120,7 +120,12 @@ impl DiskStore {
     }
 
     fn read_direct(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), RandomAccessError> {
-        self.settle()?;
+        // Held writes at or past `offset` are written first: they hold the bytes, or extend
+        // the file past a hole this read would otherwise find short. A cached copy of the
+        // page is updated when they are written.
+        if self.role == Role::Held && self.pool.holds(&self.path, offset, u64::MAX) {
+            self.settle()?;
+        }
         let file = self
             .pool
             .file(&self.path, false)
@@ -165,11 +170,14 @@ impl RandomAccess for DiskStore {
                 length: len,
             });
         }
-        self.settle()?;
-        let mut buf = vec![0; length as usize];
         if length == 0 {
-            return Ok(buf);
+            return Ok(Vec::new());
         }
+        // Held writes stay held unless this read needs them.
+        if self.role == Role::Held && self.pool.holds(&self.path, offset, offset + length) {
+            self.settle()?;
+        }
+        let mut buf = vec![0; length as usize];
         let first = offset / PAGE;
         let last = (offset + length - 1) / PAGE;
         if last - first >= MAX_CACHED_READ_PAGES {

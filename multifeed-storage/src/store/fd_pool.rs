@@ -14,6 +14,10 @@ use super::page_cache::PageCache;
 /// Pages of file data the pool caches by default (32 MiB).
 const DEFAULT_CACHE_PAGES: usize = 8192;
 
+/// Held writes at most this many bytes apart go out in one `pwrite` when the bytes between are
+/// cached.
+const MAX_GAP: u64 = 2 * super::page_cache::PAGE;
+
 /// Bound on the remembered missing files.
 const MAX_MISSING: usize = 65_536;
 
@@ -228,17 +232,38 @@ impl FdPool {
         true
     }
 
-    /// Writes what is held back for `path`, contiguous runs in one `pwrite` each.
+    /// Whether a write held back for `path` overlaps `offset..end`.
+    pub(crate) fn holds(&self, path: &Path, offset: u64, end: u64) -> bool {
+        let inner = self.lock();
+        let Some(held) = inner.pending.get(path) else {
+            return false;
+        };
+        held.range(..end)
+            .next_back()
+            .is_some_and(|(start, bytes)| start + bytes.len() as u64 > offset)
+    }
+
+    /// Writes what is held back for `path`: runs in one `pwrite` each, where a run also spans
+    /// gaps of up to [`MAX_GAP`] bytes whose current content the page cache holds (rewritten
+    /// as they are; hypercore's tree writes land a few nodes apart).
     pub(crate) fn flush_pending(&self, path: &Path) -> io::Result<()> {
         let Some(held) = self.lock().pending.remove(path) else {
             return Ok(());
         };
+        let id = self.file_id(path);
         let mut run: Option<(u64, Vec<u8>)> = None;
         for (offset, bytes) in held {
-            match &mut run {
-                Some((start, buf)) if *start + buf.len() as u64 == offset => {
-                    buf.extend_from_slice(&bytes);
+            let joined = match &mut run {
+                Some((start, buf)) => {
+                    let end = *start + buf.len() as u64;
+                    end == offset
+                        || (offset - end <= MAX_GAP
+                            && self.with_pages(|pages| pages.copy_into(id, end, offset - end, buf)))
                 }
+                None => false,
+            };
+            match &mut run {
+                Some((_, buf)) if joined => buf.extend_from_slice(&bytes),
                 _ => {
                     if let Some((start, buf)) = run.take() {
                         self.write_now(path, start, &buf)?;

@@ -74,6 +74,35 @@ impl PageCache {
         }
     }
 
+    /// Appends bytes `offset..offset + len` of `file` to `out` if every one of them is cached;
+    /// otherwise leaves `out` as it was and returns false.
+    pub(crate) fn copy_into(
+        &mut self,
+        file: u64,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<u8>,
+    ) -> bool {
+        let end = offset + len;
+        let before = out.len();
+        let mut at = offset;
+        while at < end {
+            let page = at / PAGE;
+            let start = page * PAGE;
+            let to = end.min(start + PAGE);
+            let (lo, hi) = ((at - start) as usize, (to - start) as usize);
+            match self.pages.get(&(file, page)) {
+                Some((bytes, _)) if bytes.len() >= hi => out.extend_from_slice(&bytes[lo..hi]),
+                _ => {
+                    out.truncate(before);
+                    return false;
+                }
+            }
+            at = to;
+        }
+        true
+    }
+
     /// Forgets cached bytes at and past `length` of `file`.
     pub(crate) fn truncate(&mut self, file: u64, length: u64) {
         let first_gone = length.div_ceil(PAGE);
@@ -107,6 +136,22 @@ mod tests {
         cache.truncate(1, 4095);
         assert!(cache.get(1, 1).is_none());
         assert_eq!(cache.get(1, 0).unwrap().len(), 4095);
+    }
+
+    #[test]
+    fn copies_only_fully_cached_ranges() {
+        let mut cache = PageCache::new(8);
+        cache.insert(1, 0, (0..4096).map(|i| i as u8).collect());
+        cache.insert(1, 1, vec![7; 10]);
+        let mut out = vec![1];
+        assert!(cache.copy_into(1, 4094, 4, &mut out));
+        assert_eq!(out, [1, 254, 255, 7, 7]);
+        assert!(
+            !cache.copy_into(1, 4094, 20, &mut out),
+            "past the cached end"
+        );
+        assert!(!cache.copy_into(1, 8192, 1, &mut out), "an uncached page");
+        assert_eq!(out, [1, 254, 255, 7, 7], "unchanged when refused");
     }
 
     #[test]
