@@ -78,6 +78,10 @@ struct FeedState {
     sync: SyncState,
     /// For feeds we download (non-live): the length to reach.
     target: Option<u64>,
+    /// Set once an answer came out of order: node counts assume only our contiguous blocks.
+    cautious: bool,
+    /// Requests in flight whose node count assumed the block before arrives first.
+    optimistic: HashSet<u64>,
 }
 
 enum Next {
@@ -644,6 +648,8 @@ impl Driver {
                     opened: false,
                     sync: SyncState::new(self.config.max_in_flight),
                     target,
+                    cautious: false,
+                    optimistic: HashSet::new(),
                 },
             );
         }
@@ -756,6 +762,7 @@ impl Driver {
             Message::NoData(no_data) => {
                 if let Some(feed) = self.feeds.get_mut(&dk) {
                     feed.sync.on_no_data(no_data.request);
+                    feed.optimistic.remove(&no_data.request);
                 }
             }
             _ => {}
@@ -804,18 +811,25 @@ impl Driver {
                 .sync
                 .next_blocks(info.contiguous_length, info.length, |i| core.has(i));
             for (index, id) in blocks {
-                let nodes = match crate::sync::nodes_to_ask(
-                    index,
-                    info.fork,
-                    info.contiguous_length,
-                    info.length,
-                ) {
-                    Some(nodes) => nodes,
-                    None => core
-                        .missing_nodes(index)
-                        .await
-                        .map_err(|e| ReplicateError::hypercore(&feed.key, e))?,
+                // The block before, asked for earlier, is stored by the time this answer comes.
+                let optimistic = !feed.cautious
+                    && info.fork == 0
+                    && index > info.contiguous_length
+                    && feed.sync.block_in_flight(index - 1);
+                let held_below = if optimistic {
+                    feed.optimistic.insert(id);
+                    index
+                } else {
+                    info.contiguous_length
                 };
+                let nodes =
+                    match crate::sync::nodes_to_ask(index, info.fork, held_below, info.length) {
+                        Some(nodes) => nodes,
+                        None => core
+                            .missing_nodes(index)
+                            .await
+                            .map_err(|e| ReplicateError::hypercore(&feed.key, e))?,
+                    };
                 messages.push(Message::Request(request(
                     id,
                     info.fork,
@@ -909,10 +923,32 @@ impl Driver {
                 reason: "a tree node hash is not 32 bytes".to_owned(),
             });
         }
+        let optimistic = feed.optimistic.remove(&data.request);
         let block_bytes = data.block.as_ref().map(|b| b.value.len() as u64);
         let proof = data.into_proof();
         let (applied, info) = {
             let mut core = feed.core.lock().await;
+            if let (Asked::Block(index), Some(block), true) = (asked, &proof.block, optimistic) {
+                let info = core.info();
+                let depth = block.nodes.len() as u64;
+                if block.index == index
+                    && info.fork == 0
+                    && !crate::sync::anchor_held(
+                        index,
+                        depth,
+                        info.contiguous_length,
+                        info.length,
+                        |i| core.has(i),
+                    )
+                {
+                    // The block before it is not here (answered out of order, or not at all):
+                    // ask again, counting on our contiguous blocks only from now on.
+                    drop(core);
+                    feed.cautious = true;
+                    feed.sync.retry_from(index);
+                    return self.request_more(dk).await;
+                }
+            }
             let applied = AssertUnwindSafe(core.verify_and_apply_proof(&proof))
                 .catch_unwind()
                 .await;

@@ -121,6 +121,11 @@ impl SyncState {
         out
     }
 
+    /// Whether a request for block `index` is in flight.
+    pub(crate) fn block_in_flight(&self, index: u64) -> bool {
+        self.blocks_in_flight.contains(&index)
+    }
+
     fn issue(&mut self, asked: Asked) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
@@ -166,15 +171,19 @@ impl SyncState {
 }
 
 /// How many tree nodes to ask for with block `index`, without a storage walk: the levels from
-/// the block's leaf up to the first node we surely hold. `None` when this cannot be told from
-/// the lengths alone (block beyond our tree, or a fork, whose truncation blanks nodes): ask
+/// the block's leaf up to the first node we hold. `None` when this cannot be told from the
+/// lengths alone (block beyond our tree, or a fork, whose truncation blanks nodes): ask
 /// hypercore then.
 ///
-/// We surely hold a node of our tree (`length` blocks, fork 0) when it covers one of our first
-/// `contiguous` blocks (a stored block's path up to its root is stored with it), or when it is
-/// one of the tree's roots (stored with the upgrade). The count is never below the true one, so
-/// the proof always ends at a node we hold and verifies; in a pipelined download it equals it.
-pub(crate) fn nodes_to_ask(index: u64, fork: u64, contiguous: u64, length: u64) -> Option<u64> {
+/// We hold a node of our tree (`length` blocks, fork 0) when it covers one of the blocks below
+/// `held_below` (a stored block's path up to its root is stored with it), or when it is one of
+/// the tree's roots (stored with the upgrade). With `held_below` = our contiguous length, the
+/// count is never below the true one, so the proof always ends at a node we hold. A pipelined
+/// download passes `index` when block `index - 1` is asked for just before: the answers come
+/// in order, so the proof is as short as if the blocks were fetched one by one, and
+/// [`anchor_held`] checks the assumption before the proof is applied.
+pub(crate) fn nodes_to_ask(index: u64, fork: u64, held_below: u64, length: u64) -> Option<u64> {
+    let contiguous = held_below;
     if fork != 0 || index >= length || index < contiguous {
         return None;
     }
@@ -193,6 +202,29 @@ pub(crate) fn nodes_to_ask(index: u64, fork: u64, contiguous: u64, length: u64) 
         depth += 1;
         offset >>= 1;
     }
+}
+
+/// Whether we hold the node a proof for block `index` with `depth` tree nodes ends at (which
+/// hypercore requires): a node within our tree that covers one of our first `contiguous`
+/// blocks, or block `index - 1` that we hold (`has`), or that is one of the tree's roots.
+pub(crate) fn anchor_held(
+    index: u64,
+    depth: u64,
+    contiguous: u64,
+    length: u64,
+    has: impl Fn(u64) -> bool,
+) -> bool {
+    if depth >= 62 {
+        return false;
+    }
+    let first = (index >> depth) << depth;
+    let end = u128::from(first) + (1u128 << depth);
+    let parent_end = (u128::from(index >> (depth + 1)) + 1) << (depth + 1);
+    // A node past our length is above the tree's roots: never stored.
+    end <= u128::from(length)
+        && (first < contiguous
+            || parent_end > u128::from(length)
+            || (first < index && has(index - 1)))
 }
 
 /// Whether a peer's request is one hypercore 0.16 answers without panicking: a block below our
@@ -351,9 +383,10 @@ mod tests {
         });
     }
 
-    /// `nodes_to_ask` against hypercore 0.16 itself: never fewer nodes than `missing_nodes`
-    /// counts, and a proof made for that count always verifies, for random feed lengths and
-    /// download orders (sequential bursts and random blocks).
+    /// `nodes_to_ask` and `anchor_held` against hypercore 0.16 itself, for random feed lengths
+    /// and download orders (sequential bursts and random blocks, answers sometimes out of
+    /// order): a cautious count is never below `missing_nodes`; a proof `anchor_held` accepts
+    /// always verifies; a cautious count is always anchored.
     #[test]
     fn nodes_to_ask_is_never_short_and_always_verifies() {
         use hypercore::PartialKeypair;
@@ -375,7 +408,7 @@ mod tests {
             };
             let (mut root, _, _) = open().await.expect("root");
             let (mut replica_root, _, _) = open().await.expect("replica root");
-            let (mut exact_total, mut ours_total) = (0u64, 0u64);
+            let (mut exact_total, mut ours_total, mut skipped) = (0u64, 0u64, 0u64);
             for _ in 0..12 {
                 let length: u64 = rng.gen_range(1..600);
                 let signing_key = hypercore::generate_signing_key();
@@ -422,24 +455,54 @@ mod tests {
                 rand::seq::SliceRandom::shuffle(rest.as_mut_slice(), &mut rng);
                 order.extend(rest);
                 for burst in order.chunks(rng.gen_range(1..40)) {
+                    // Pipelined asks count on the block just before being answered first, as
+                    // the driver does; cautious ones only on the contiguous blocks.
+                    let pipelined = rng.gen_bool(0.5);
                     let info = replica.info();
                     let mut asks = Vec::new();
+                    let mut previous = None;
                     for &index in burst {
                         let exact = replica.missing_nodes(index).await.expect("missing");
-                        let ours =
-                            nodes_to_ask(index, info.fork, info.contiguous_length, info.length)
-                                .expect("within the tree");
-                        assert!(
-                            ours >= exact,
-                            "MULTIFEED_SEED={seed}: block {index} of {length}: {ours} < {exact}"
-                        );
+                        let held_below = if pipelined && previous == index.checked_sub(1) {
+                            index
+                        } else {
+                            info.contiguous_length
+                        };
+                        previous = Some(index);
+                        let ours = nodes_to_ask(index, info.fork, held_below, info.length)
+                            .expect("within the tree");
+                        if !pipelined {
+                            assert!(
+                                ours >= exact,
+                                "MULTIFEED_SEED={seed}: block {index} of {length}: {ours} < {exact}"
+                            );
+                        }
                         if index < sequential {
                             exact_total += exact;
                             ours_total += ours;
                         }
                         asks.push((index, ours));
                     }
+                    // Answers mostly come in order; sometimes not.
+                    if rng.gen_bool(0.2) {
+                        rand::seq::SliceRandom::shuffle(asks.as_mut_slice(), &mut rng);
+                    }
+                    let mut again = Vec::new();
                     for (index, nodes) in asks {
+                        let info = replica.info();
+                        let held =
+                            anchor_held(index, nodes, info.contiguous_length, info.length, |i| {
+                                replica.has(i)
+                            });
+                        assert!(
+                            held || pipelined,
+                            "MULTIFEED_SEED={seed}: block {index} of {length}: cautious count {nodes} not anchored"
+                        );
+                        if !held {
+                            skipped += 1;
+                            again.push(index);
+                            continue;
+                        }
                         let proof = writer
                             .create_proof(Some(RequestBlock { index, nodes }), None, None, None)
                             .await
@@ -453,11 +516,24 @@ mod tests {
                             });
                         assert!(replica.has(index));
                     }
+                    for index in again {
+                        let info = replica.info();
+                        let nodes =
+                            nodes_to_ask(index, info.fork, info.contiguous_length, info.length)
+                                .expect("within the tree");
+                        let proof = writer
+                            .create_proof(Some(RequestBlock { index, nodes }), None, None, None)
+                            .await
+                            .expect("proof")
+                            .expect("block");
+                        replica.verify_and_apply_proof(&proof).await.expect("retry");
+                    }
                 }
                 assert_eq!(replica.info().contiguous_length, length);
             }
             println!(
-                "sequential bursts: nodes asked {ours_total}, hypercore's count {exact_total}"
+                "sequential bursts: nodes asked {ours_total}, hypercore's count {exact_total}; \
+                 {skipped} answers out of order asked again"
             );
         });
         assert_eq!(nodes_to_ask(5, 1, 0, 10), None, "forks ask hypercore");
