@@ -15,6 +15,9 @@ pub enum StorageKind {
     Memory,
     /// On disk, in a fresh temporary directory per side.
     Disk,
+    /// In memory on hypercore 0.16's own storage, `random-access-memory` with 4 KiB pages
+    /// (the reference the in-memory backend is measured against), through the same stack.
+    StockMemory,
 }
 
 /// A replication workload: writers x entries on each side.
@@ -97,6 +100,14 @@ async fn open(
             dirs.push(dir);
             builder
         }
+        StorageKind::StockMemory => builder.storage(multifeed::FnFactory::new(|_path: &str| {
+            Box::pin(async {
+                Ok(
+                    Box::new(random_access_memory::RandomAccessMemory::new(4096))
+                        as multifeed_storage::BoxedStore,
+                )
+            })
+        })),
     };
     Ok(builder.open().await?)
 }

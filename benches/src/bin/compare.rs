@@ -39,10 +39,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let baseline = baseline_dir()?;
     let kind = if disk { "disk" } else { "memory" };
-    println!("| workload | storage | rust ms | rust RSS MB | js ms | js RSS MB | js setting | speed-up | RSS ratio |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    // In memory, the same stack on hypercore's own 4 KiB-page storage runs too.
+    let stock_header = if disk {
+        ""
+    } else {
+        " stock 4 KiB ms | vs stock |"
+    };
+    println!("| workload | storage | rust ms | rust RSS MB | js ms | js RSS MB | js setting | speed-up | RSS ratio |{stock_header}");
+    println!(
+        "|---|---|---|---|---|---|---|---|---|{}",
+        if disk { "" } else { "---|---|" }
+    );
     for w in selected {
         let rust = run_rust(w.name, kind)?;
+        let stock = if disk {
+            String::new()
+        } else {
+            let stock = run_rust(w.name, "stock")?;
+            format!(" {:.0} | {:.1}x |", stock.0, stock.0 / rust.0)
+        };
         let js = if w.name == "feeds10000x1" {
             None
         } else if disk {
@@ -59,7 +74,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         };
         match js {
             Some(((js_ms, js_rss), setting)) => println!(
-                "| {} | {kind} | {:.0} | {:.0} | {:.0} | {:.0} | {setting} | {:.1}x | {:.2} |",
+                "| {} | {kind} | {:.0} | {:.0} | {:.0} | {:.0} | {setting} | {:.1}x | {:.2} |{stock}",
                 w.name,
                 rust.0,
                 rust.1,
@@ -69,7 +84,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 rust.1 / js_rss
             ),
             None => println!(
-                "| {} | {kind} | {:.0} | {:.0} | - | - | - | - | - |",
+                "| {} | {kind} | {:.0} | {:.0} | - | - | - | - | - |{stock}",
                 w.name, rust.0, rust.1
             ),
         }
@@ -83,6 +98,7 @@ fn child(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
     let w = workload(name).ok_or("unknown workload")?;
     let kind = match args.get(1).map(String::as_str) {
         Some("disk") => StorageKind::Disk,
+        Some("stock") => StorageKind::StockMemory,
         _ => StorageKind::Memory,
     };
     async_std::task::block_on(async {
