@@ -24,6 +24,8 @@ pub(crate) struct Framed<IO> {
     read_start: usize,
     write_buf: VecDeque<u8>,
     eof: bool,
+    /// The last write found the connection full; a waker is registered for when it drains.
+    write_blocked: bool,
 }
 
 impl<IO: AsyncRead + AsyncWrite + Unpin> Framed<IO> {
@@ -34,6 +36,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Framed<IO> {
             read_start: 0,
             write_buf: VecDeque::new(),
             eof: false,
+            write_blocked: false,
         }
     }
 
@@ -117,8 +120,23 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Framed<IO> {
         self.write_buf.len()
     }
 
+    /// Like [`poll_write_all`](Self::poll_write_all), but while the last write found the
+    /// connection full it returns `Pending` without trying again: the waker registered then
+    /// wakes the task, whose next read-side poll retries. Saves a failing syscall per frame
+    /// queued while the peer is slow to read.
+    pub(crate) fn poll_write_unless_blocked(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.write_blocked && !self.write_buf.is_empty() {
+            return Poll::Pending;
+        }
+        self.poll_write_all(cx)
+    }
+
     /// Writes queued bytes until done or `Pending`, then flushes.
     pub(crate) fn poll_write_all(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.write_blocked = false;
         while !self.write_buf.is_empty() {
             let (front, _) = self.write_buf.as_slices();
             match Pin::new(&mut self.io).poll_write(cx, front) {
@@ -133,7 +151,10 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Framed<IO> {
                 }
                 Poll::Ready(Err(err)) if err.kind() == io::ErrorKind::Interrupted => {}
                 Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    self.write_blocked = true;
+                    return Poll::Pending;
+                }
             }
         }
         Pin::new(&mut self.io).poll_flush(cx)

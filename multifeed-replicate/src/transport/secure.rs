@@ -119,6 +119,13 @@ impl SecureChannel {
 
     /// Encrypts queued plaintext into frames and writes what the connection takes.
     fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_send_with(cx, true)
+    }
+
+    /// `retry`: also write when the last write found the connection full (the read side
+    /// always does; a flush after each queued frame does not, see
+    /// [`Framed::poll_write_unless_blocked`]).
+    fn poll_send_with(&mut self, cx: &mut Context<'_>, retry: bool) -> Poll<io::Result<()>> {
         loop {
             match self.guarded(|c| c.get_next_sendable_message()) {
                 Ok(Some(frame)) => {
@@ -131,7 +138,12 @@ impl SecureChannel {
                 Err(err) => return Poll::Ready(Err(err)),
             }
         }
-        lock(&self.framed).poll_write_all(cx)
+        let mut framed = lock(&self.framed);
+        if retry {
+            framed.poll_write_all(cx)
+        } else {
+            framed.poll_write_unless_blocked(cx)
+        }
     }
 
     /// Reads every complete frame into the cipher; `Pending` once the source is.
@@ -241,7 +253,7 @@ impl Sink<Vec<u8>> for SecureChannel {
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        let result = this.poll_send(cx);
+        let result = this.poll_send_with(cx, false);
         // Encrypting can also decrypt buffered input: hand it to the stream side and wake it.
         if this.drain_decrypted() {
             cx.waker().wake_by_ref();
