@@ -102,7 +102,10 @@ struct Driver {
     feeds: HashMap<DiscoveryKey, FeedState>,
     /// Downloads still short of their target (non-live).
     incomplete: HashSet<DiscoveryKey>,
-    inbound: SelectAll<BoxStream<'static, (DiscoveryKey, Message)>>,
+    /// Each channel's incoming messages, all those already there at once: handling one feed's
+    /// run together keeps its files, lock and answers together (polling channels in turn for
+    /// one message each interleaved every feed's blocks).
+    inbound: SelectAll<BoxStream<'static, (DiscoveryKey, Vec<Message>)>>,
     changes: SelectAll<BoxStream<'static, DiscoveryKey>>,
     summary: ReplicateSummary,
     blocks_known: u64,
@@ -190,9 +193,9 @@ impl Driver {
             // Handle every message that is already here before writing: the answers and new
             // requests then leave together, in one frame per run of a channel's messages.
             if self.outbox_len < MAX_OUTBOX {
-                if let Some(Some((dk, message))) = self.inbound.next().now_or_never() {
+                if let Some(Some((dk, messages))) = self.inbound.next().now_or_never() {
                     self.last_activity = Instant::now();
-                    if let Next::Done = self.on_message(dk, message).await? {
+                    if let Next::Done = self.on_messages(dk, messages).await? {
                         break;
                     }
                     self.check_synced().await?;
@@ -201,9 +204,9 @@ impl Driver {
             }
             self.flush_outbox().await?;
             let step = select_biased! {
-                message = self.inbound.select_next_some() => {
+                (dk, messages) = self.inbound.select_next_some() => {
                     self.last_activity = Instant::now();
-                    self.on_message(message.0, message.1).await?
+                    self.on_messages(dk, messages).await?
                 }
                 event = events.next() => {
                     self.last_activity = Instant::now();
@@ -406,7 +409,12 @@ impl Driver {
             Event::Channel(mut channel) => {
                 let dk = *channel.discovery_key();
                 if let Some(receiver) = channel.take_receiver() {
-                    self.inbound.push(receiver.map(move |m| (dk, m)).boxed());
+                    self.inbound.push(
+                        receiver
+                            .ready_chunks(MAX_OUTBOX)
+                            .map(move |m| (dk, m))
+                            .boxed(),
+                    );
                 }
                 if dk == self.root_dk && self.exchange.is_some() {
                     self.root = Some(channel);
@@ -712,6 +720,20 @@ impl Driver {
         }
         self.queue(dk, &channel, messages);
         Ok(())
+    }
+
+    /// Handles a channel's messages in order, until one ends the replication.
+    async fn on_messages(
+        &mut self,
+        dk: DiscoveryKey,
+        messages: Vec<Message>,
+    ) -> Result<Next, ReplicateError> {
+        for message in messages {
+            if let Next::Done = self.on_message(dk, message).await? {
+                return Ok(Next::Done);
+            }
+        }
+        Ok(Next::Continue)
     }
 
     async fn on_message(
