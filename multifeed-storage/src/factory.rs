@@ -30,6 +30,28 @@ pub trait StorageFactory: Send + Sync + fmt::Debug + 'static {
     fn sync_all(&self) -> BoxFuture<'static, Result<(), crate::StorageError>> {
         Box::pin(async { Ok(()) })
     }
+
+    /// Called before the stores of a feed the index does not list yet are opened, with its
+    /// namespace (`feeds/ab/ab12…`). A factory may prepare for it; the disk factory creates the
+    /// directory, and when it did not exist, knows the feed's files do not either (saving a
+    /// failing lookup per file). The default does nothing.
+    fn new_feed(&self, namespace: &str) {
+        let _ = namespace;
+    }
+
+    /// Tells the factory, before the feed's stores are opened, that the feed under `namespace`
+    /// (`feeds/ab/ab12…`) is a replica: it only ever stores blocks received from peers. A
+    /// factory may then hold back more of its writes (see [`DiskStore`](crate::DiskStore)),
+    /// until [`write_held`](Self::write_held) at the latest. The default does nothing.
+    fn replica(&self, namespace: &str) {
+        let _ = namespace;
+    }
+
+    /// Hands every write held back so far to the operating system (no fsync): called when a
+    /// batch of replicated blocks is stored. The default does nothing.
+    fn write_held(&self) -> Result<(), crate::StorageError> {
+        Ok(())
+    }
 }
 
 /// Stores files under a directory on disk, with a bounded pool of open file descriptors.
@@ -72,6 +94,27 @@ impl StorageFactory for DiskFactory {
 
     fn release(&self) {
         self.pool.clear();
+    }
+
+    fn new_feed(&self, namespace: &str) {
+        let mut dir = self.root.clone();
+        dir.extend(namespace.split('/').filter(|part| !part.is_empty()));
+        self.pool.prepare_feed_dir(&dir);
+    }
+
+    fn replica(&self, namespace: &str) {
+        let mut dir = self.root.clone();
+        dir.extend(namespace.split('/').filter(|part| !part.is_empty()));
+        self.pool.mark_replica(dir);
+    }
+
+    fn write_held(&self) -> Result<(), crate::StorageError> {
+        self.pool
+            .write_held()
+            .map_err(|source| crate::StorageError::Io {
+                path: self.root.display().to_string(),
+                source,
+            })
     }
 
     fn sync_all(&self) -> BoxFuture<'static, Result<(), crate::StorageError>> {

@@ -99,6 +99,7 @@ impl RootStorage {
                 });
             }
         }
+        self.factory.new_feed(&record.namespace);
         let storage = core_storage(&self.factory, &record, false).await?;
         let builder = builder(storage, self.options).key_pair(key_pair);
         let core = build_guarded(builder, &record).await?;
@@ -235,6 +236,9 @@ async fn core_storage(
     record: &FeedRecord,
     must_exist: bool,
 ) -> Result<Storage, StorageError> {
+    if record.origin == FeedOrigin::Remote {
+        factory.replica(&record.namespace);
+    }
     let mut stores: [Option<BoxedStore>; 4] = [None, None, None, None];
     for (slot, file) in stores.iter_mut().zip(["tree", "data", "bitfield", "oplog"]) {
         let path = format!("{}/{}", record.namespace, file);

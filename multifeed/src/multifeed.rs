@@ -26,7 +26,7 @@ pub(crate) struct Inner {
     /// The index writer; `None` once closed. Its lock also serializes feed creation.
     root: async_lock::Mutex<Option<RootStorage>>,
     opener: FeedOpener,
-    factory: Arc<dyn StorageFactory>,
+    pub(crate) factory: Arc<dyn StorageFactory>,
     table: RwLock<FeedTable>,
     events: async_broadcast::Sender<Event>,
     _events_open: async_broadcast::InactiveReceiver<Event>,

@@ -221,6 +221,9 @@ impl FeedHost for Host {
     async fn blocks_stored(&self) -> Result<(), HostError> {
         if self.multi.inner.config.durability == multifeed_storage::Durability::Sync {
             self.multi.flush().await?;
+        } else {
+            // Replicas' held writes reach the operating system once per batch of blocks.
+            self.multi.inner.factory.write_held()?;
         }
         Ok(())
     }

@@ -23,6 +23,16 @@ const MAX_CACHED_READ_PAGES: u64 = 4;
 /// `pwrite` per contiguous run. Hypercore ends every operation with an oplog write, so nothing it
 /// acknowledged is held, and the order it relies on (tree and bitfield before the header that
 /// covers them) is kept; an append batch's 20,000 tree-node writes become one `pwrite`.
+///
+/// In a replica's directory (see [`StorageFactory::replica`](crate::StorageFactory::replica)),
+/// the oplog's entries are held too, until the next header write or truncation of the oplog
+/// (hypercore writes a header every fourth operation), a read that needs them, a read of the
+/// block data, or [`FdPool::write_held`] (called after each batch of replicated blocks). They
+/// are then written data first, entries next, tree and bitfield after, then the header: the
+/// order hypercore wrote them in, except that block data may land before the entries of the
+/// blocks before it, which a kill leaves as unused bytes past the feed's end. A replica takes
+/// no local appends, so nothing a caller was told is stored is held; a kill may lose the last
+/// few blocks received, which the next replication fetches again.
 #[derive(Debug)]
 pub struct DiskStore {
     pool: FdPool,
@@ -30,7 +40,15 @@ pub struct DiskStore {
     id: u64,
     len: Option<u64>,
     role: Role,
+    /// The file is in a replica's feed directory.
+    replica: bool,
+    /// For a feed file, the ids of the feed's files in flush order (data, oplog, tree,
+    /// bitfield).
+    feed: Option<[u64; 4]>,
 }
+
+/// Where an oplog's entries start: two 4 KiB header slots come first.
+const OPLOG_ENTRIES_START: u64 = 8192;
 
 /// How a file's writes are ordered with its feed's other files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,12 +70,17 @@ impl DiskStore {
             Some("oplog") => Role::Barrier,
             _ => Role::Direct,
         };
+        let dir = path.parent().filter(|_| role != Role::Direct);
+        let replica = dir.is_some_and(|dir| pool.is_replica(dir));
+        let feed = dir.map(|dir| pool.feed_ids(dir));
         Self {
             id: pool.file_id(&path),
             pool: pool.clone(),
             path,
             len: None,
             role,
+            replica,
+            feed,
         }
     }
 
@@ -74,7 +97,7 @@ impl DiskStore {
         if let Some(len) = self.len {
             return Ok(len);
         }
-        let len = match self.pool.file(&self.path, false).map_err(|e| self.err(e))? {
+        let len = match self.pool.file(self.id, false).map_err(|e| self.err(e))? {
             Some(file) => file.metadata().map_err(|e| self.err(e))?.len(),
             None => 0,
         };
@@ -82,12 +105,22 @@ impl DiskStore {
         Ok(len)
     }
 
-    /// Writes what this file holds back, before anything that must see it.
+    /// Writes what this file holds back, before anything that must see it; in a replica's
+    /// directory, everything the feed holds (the order between its files matters there).
     fn settle(&mut self) -> Result<(), RandomAccessError> {
+        if self.replica {
+            return self.flush_feed();
+        }
         if self.role == Role::Held {
-            self.pool
-                .flush_pending(&self.path)
-                .map_err(|e| self.err(e))?;
+            self.pool.flush_pending(self.id).map_err(|e| self.err(e))?;
+        }
+        Ok(())
+    }
+
+    /// Writes everything the feed holds back, in order.
+    fn flush_feed(&mut self) -> Result<(), RandomAccessError> {
+        if let Some(feed) = &self.feed {
+            self.pool.flush_files(feed).map_err(|e| self.err(e))?;
         }
         Ok(())
     }
@@ -95,24 +128,35 @@ impl DiskStore {
     /// Before a change to the oplog: every held write of the feed goes first.
     fn barrier(&mut self) -> Result<(), RandomAccessError> {
         if self.role == Role::Barrier {
-            if let Some(dir) = self.path.parent() {
-                self.pool.flush_pending_in(dir).map_err(|e| self.err(e))?;
-            }
+            self.flush_feed()?;
         }
         Ok(())
     }
 
+    /// Whether a write at `offset` is held back: always for `Held` files, and for a replica's
+    /// oplog entries (not its headers).
+    fn holds_writes_at(&self, offset: u64) -> bool {
+        match self.role {
+            Role::Held => true,
+            Role::Barrier => self.replica && offset >= OPLOG_ENTRIES_START,
+            Role::Direct => false,
+        }
+    }
+
     fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), RandomAccessError> {
         let len = self.current_len()?;
-        self.barrier()?;
-        let held = self.role == Role::Held
-            && (self.pool.hold(&self.path, offset, data) || {
+        let hold = self.holds_writes_at(offset);
+        if !hold {
+            self.barrier()?;
+        }
+        let held = hold
+            && (self.pool.hold(self.id, offset, data) || {
                 self.settle()?;
-                self.pool.hold(&self.path, offset, data)
+                self.pool.hold(self.id, offset, data)
             });
         if !held {
             self.pool
-                .write_now(&self.path, offset, data)
+                .write_now(self.id, offset, data)
                 .map_err(|e| self.err(e))?;
         }
         self.len = Some(len.max(offset + data.len() as u64));
@@ -123,12 +167,12 @@ impl DiskStore {
         // Held writes at or past `offset` are written first: they hold the bytes, or extend
         // the file past a hole this read would otherwise find short. A cached copy of the
         // page is updated when they are written.
-        if self.role == Role::Held && self.pool.holds(&self.path, offset, u64::MAX) {
+        if self.pool.holds(self.id, offset, u64::MAX) {
             self.settle()?;
         }
         let file = self
             .pool
-            .file(&self.path, false)
+            .file(self.id, false)
             .map_err(|e| self.err(e))?
             .ok_or_else(|| self.err(std::io::ErrorKind::NotFound.into()))?;
         file.read_exact_at(buf, offset).map_err(|e| self.err(e))
@@ -139,13 +183,13 @@ impl DiskStore {
         self.barrier()?;
         let file = self
             .pool
-            .file(&self.path, true)
+            .file(self.id, true)
             .map_err(|e| self.err(e))?
             .ok_or_else(|| self.err(std::io::ErrorKind::NotFound.into()))?;
         file.set_len(length).map_err(|e| self.err(e))?;
         self.pool
             .with_pages(|pages| pages.truncate(self.id, length));
-        self.pool.mark_dirty(&self.path);
+        self.pool.mark_dirty(self.id);
         self.len = Some(length);
         Ok(())
     }
@@ -173,8 +217,13 @@ impl RandomAccess for DiskStore {
         if length == 0 {
             return Ok(Vec::new());
         }
-        // Held writes stay held unless this read needs them.
-        if self.role == Role::Held && self.pool.holds(&self.path, offset, offset + length) {
+        // Held writes stay held unless this read needs them. Reading a replica's blocks first
+        // writes the entries that record them: what anyone read survives a kill.
+        let block_read = self.replica
+            && self
+                .feed
+                .is_some_and(|[data, oplog, ..]| data == self.id && self.pool.holds_any(oplog));
+        if block_read || self.pool.holds(self.id, offset, offset + length) {
             self.settle()?;
         }
         let mut buf = vec![0; length as usize];
@@ -251,7 +300,7 @@ impl RandomAccess for DiskStore {
 
     async fn sync_all(&mut self) -> Result<(), RandomAccessError> {
         self.settle()?;
-        if let Some(file) = self.pool.file(&self.path, false).map_err(|e| self.err(e))? {
+        if let Some(file) = self.pool.file(self.id, false).map_err(|e| self.err(e))? {
             file.sync_data().map_err(|e| self.err(e))?;
         }
         Ok(())

@@ -1,4 +1,7 @@
 //! A bounded, shared pool of open files.
+//!
+//! Files are known by a small id handed out once per path ([`FdPool::file_id`]), so the hot
+//! paths (every read and write) hash a `u64`, not a path.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
@@ -21,6 +24,11 @@ const MAX_GAP: u64 = 2 * super::page_cache::PAGE;
 /// Bound on the remembered missing files.
 const MAX_MISSING: usize = 65_536;
 
+/// The order a feed's held writes reach the files in: a block's data before the oplog entry
+/// that records it, entries before the tree nodes and bitfield pages hypercore writes after
+/// them, and all of them before the header write or truncation that waits for them.
+pub(crate) const FLUSH_ORDER: [&str; 4] = ["data", "oplog", "tree", "bitfield"];
+
 /// A bounded least-recently-used pool of open files, shared by every [`DiskStore`](crate::DiskStore)
 /// of a root, so thousands of feeds never hold thousands of descriptors. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -32,17 +40,21 @@ pub struct FdPool {
 struct PoolInner {
     max_open: usize,
     tick: u64,
-    open: HashMap<PathBuf, (Arc<File>, u64)>,
+    /// Open files by id, with the tick of their last use.
+    open: HashMap<u64, (Arc<File>, u64)>,
     /// Files written since the last [`FdPool::sync_all`].
-    dirty: HashSet<PathBuf>,
+    dirty: HashSet<u64>,
     /// Files found missing by a lookup and not created since (saves a failing `open` per
     /// lookup of a new feed's files; the pool's root belongs to one process).
-    missing: HashSet<PathBuf>,
+    missing: HashSet<u64>,
     ids: HashMap<PathBuf, u64>,
+    /// Path of each id.
+    paths: Vec<Arc<Path>>,
     cache: PageCache,
-    /// Writes held back until their feed's next oplog write (see [`DiskStore`](crate::DiskStore)),
-    /// by file and offset.
-    pending: HashMap<PathBuf, BTreeMap<u64, Vec<u8>>>,
+    /// Writes held back (see [`DiskStore`](crate::DiskStore)), by file and offset.
+    pending: HashMap<u64, BTreeMap<u64, Vec<u8>>>,
+    /// Feed directories of replicas, whose oplog entries are held too.
+    replicas: HashSet<PathBuf>,
 }
 
 impl FdPool {
@@ -61,21 +73,29 @@ impl FdPool {
                 dirty: HashSet::new(),
                 missing: HashSet::new(),
                 ids: HashMap::new(),
+                paths: Vec::new(),
                 cache: PageCache::new(cache_pages),
                 pending: HashMap::new(),
+                replicas: HashSet::new(),
             })),
         }
     }
 
-    /// The id under which the pool caches pages of `path`.
+    /// The id the pool knows `path` by (the same for the pool's whole life).
     pub(crate) fn file_id(&self, path: &Path) -> u64 {
         let mut inner = self.lock();
         if let Some(&id) = inner.ids.get(path) {
             return id;
         }
-        let next = inner.ids.len() as u64;
+        let next = inner.paths.len() as u64;
         inner.ids.insert(path.to_path_buf(), next);
+        inner.paths.push(Arc::from(path));
         next
+    }
+
+    /// The path of file `id`.
+    pub(crate) fn path(&self, id: u64) -> Arc<Path> {
+        self.lock().paths[id as usize].clone()
     }
 
     /// Runs `f` with the page cache locked.
@@ -96,27 +116,28 @@ impl FdPool {
     /// Closes every open file and empties the page cache (stores reopen files on next use).
     pub fn clear(&self) {
         // Held-back writes are only ever delayed, never dropped.
-        let _ = self.flush_all_pending();
+        let _ = self.write_held();
         let mut inner = self.lock();
         inner.open.clear();
         inner.missing.clear();
         inner.cache.clear();
     }
 
-    /// The open file at `path`; `None` if it does not exist and `create` is false.
-    pub(crate) fn file(&self, path: &Path, create: bool) -> io::Result<Option<Arc<File>>> {
-        {
+    /// The open file `id`; `None` if it does not exist and `create` is false.
+    pub(crate) fn file(&self, id: u64, create: bool) -> io::Result<Option<Arc<File>>> {
+        let path = {
             let mut inner = self.lock();
             inner.tick += 1;
             let tick = inner.tick;
-            if let Some((file, used)) = inner.open.get_mut(path) {
+            if let Some((file, used)) = inner.open.get_mut(&id) {
                 *used = tick;
                 return Ok(Some(file.clone()));
             }
-            if !create && inner.missing.contains(path) {
+            if !create && inner.missing.contains(&id) {
                 return Ok(None);
             }
-        }
+            inner.paths[id as usize].clone()
+        };
         // Open outside the lock: it is a syscall, and other stores may proceed meanwhile.
         // Creating opens with O_CREAT straight away; only a missing directory costs a retry.
         let open = |path: &Path| {
@@ -127,20 +148,20 @@ impl FdPool {
                 .truncate(false)
                 .open(path)
         };
-        let file = match open(path) {
+        let file = match open(&path) {
             Ok(file) => file,
             Err(err) if err.kind() == io::ErrorKind::NotFound && create => {
                 if let Some(parent) = path.parent() {
                     std::fs::create_dir_all(parent)?;
                 }
-                open(path)?
+                open(&path)?
             }
             Err(err) if err.kind() == io::ErrorKind::NotFound => {
                 let mut inner = self.lock();
                 if inner.missing.len() >= MAX_MISSING {
                     inner.missing.clear();
                 }
-                inner.missing.insert(path.to_path_buf());
+                inner.missing.insert(id);
                 return Ok(None);
             }
             Err(err) => return Err(err),
@@ -148,14 +169,14 @@ impl FdPool {
         let file = Arc::new(file);
         let mut inner = self.lock();
         if create {
-            inner.missing.remove(path);
+            inner.missing.remove(&id);
         }
         while inner.open.len() >= inner.max_open {
             let oldest = inner
                 .open
                 .iter()
                 .min_by_key(|(_, (_, used))| *used)
-                .map(|(path, _)| path.clone());
+                .map(|(id, _)| *id);
             match oldest {
                 Some(oldest) => {
                     inner.open.remove(&oldest);
@@ -164,61 +185,48 @@ impl FdPool {
             }
         }
         let tick = inner.tick;
-        let file = inner
-            .open
-            .entry(path.to_path_buf())
-            .or_insert((file, tick))
-            .0
-            .clone();
+        let file = inner.open.entry(id).or_insert((file, tick)).0.clone();
         Ok(Some(file))
     }
 
-    pub(crate) fn mark_dirty(&self, path: &Path) {
-        let mut inner = self.lock();
-        if !inner.dirty.contains(path) {
-            inner.dirty.insert(path.to_path_buf());
-        }
+    pub(crate) fn mark_dirty(&self, id: u64) {
+        self.lock().dirty.insert(id);
     }
 
     /// Flushes every file written since the last call to stable storage (fsync).
     pub fn sync_all(&self) -> Result<(), RandomAccessError> {
-        self.flush_all_pending()?;
-        let dirty: Vec<PathBuf> = self.lock().dirty.drain().collect();
+        self.write_held()?;
+        let dirty: Vec<u64> = self.lock().dirty.drain().collect();
         let mut result = Ok(());
-        for path in dirty {
+        for id in dirty {
             let synced = self
-                .file(&path, false)
+                .file(id, false)
                 .and_then(|file| file.map_or(Ok(()), |f| f.sync_data()));
             if let Err(err) = synced {
                 // Keep it dirty so a later sync retries it.
-                self.mark_dirty(&path);
-                result = Err(io_error(&path, err));
+                self.mark_dirty(id);
+                result = Err(io_error(&self.path(id), err));
             }
         }
         result
     }
 
-    /// Writes `data` at `offset` of `path` now: `pwrite`, page cache, dirty mark.
-    pub(crate) fn write_now(&self, path: &Path, offset: u64, data: &[u8]) -> io::Result<()> {
+    /// Writes `data` at `offset` of file `id` now: `pwrite`, page cache, dirty mark.
+    pub(crate) fn write_now(&self, id: u64, offset: u64, data: &[u8]) -> io::Result<()> {
         let file = self
-            .file(path, true)?
+            .file(id, true)?
             .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
         file.write_all_at(data, offset)?;
-        let id = self.file_id(path);
-        self.with_pages(|pages| pages.write(id, offset, data));
-        self.mark_dirty(path);
+        let mut inner = self.lock();
+        inner.cache.write(id, offset, data);
+        inner.dirty.insert(id);
         Ok(())
     }
 
     /// Holds a write back; false if it overlaps one already held (flush, then retry).
-    pub(crate) fn hold(&self, path: &Path, offset: u64, data: &[u8]) -> bool {
+    pub(crate) fn hold(&self, id: u64, offset: u64, data: &[u8]) -> bool {
         let mut inner = self.lock();
-        if !inner.pending.contains_key(path) {
-            inner.pending.insert(path.to_path_buf(), BTreeMap::new());
-        }
-        let Some(held) = inner.pending.get_mut(path) else {
-            return false;
-        };
+        let held = inner.pending.entry(id).or_default();
         let end = offset + data.len() as u64;
         let before = held
             .range(..=offset)
@@ -232,10 +240,10 @@ impl FdPool {
         true
     }
 
-    /// Whether a write held back for `path` overlaps `offset..end`.
-    pub(crate) fn holds(&self, path: &Path, offset: u64, end: u64) -> bool {
+    /// Whether a write held back for file `id` overlaps `offset..end`.
+    pub(crate) fn holds(&self, id: u64, offset: u64, end: u64) -> bool {
         let inner = self.lock();
-        let Some(held) = inner.pending.get(path) else {
+        let Some(held) = inner.pending.get(&id) else {
             return false;
         };
         held.range(..end)
@@ -243,14 +251,18 @@ impl FdPool {
             .is_some_and(|(start, bytes)| start + bytes.len() as u64 > offset)
     }
 
-    /// Writes what is held back for `path`: runs in one `pwrite` each, where a run also spans
-    /// gaps of up to [`MAX_GAP`] bytes whose current content the page cache holds (rewritten
-    /// as they are; hypercore's tree writes land a few nodes apart).
-    pub(crate) fn flush_pending(&self, path: &Path) -> io::Result<()> {
-        let Some(held) = self.lock().pending.remove(path) else {
+    /// Whether anything is held back for file `id`.
+    pub(crate) fn holds_any(&self, id: u64) -> bool {
+        self.lock().pending.contains_key(&id)
+    }
+
+    /// Writes what is held back for file `id`: runs in one `pwrite` each, where a run also
+    /// spans gaps of up to [`MAX_GAP`] bytes whose current content the page cache holds
+    /// (rewritten as they are; hypercore's tree writes land a few nodes apart).
+    pub(crate) fn flush_pending(&self, id: u64) -> io::Result<()> {
+        let Some(held) = self.lock().pending.remove(&id) else {
             return Ok(());
         };
-        let id = self.file_id(path);
         let mut run: Option<(u64, Vec<u8>)> = None;
         for (offset, bytes) in held {
             let joined = match &mut run {
@@ -266,39 +278,88 @@ impl FdPool {
                 Some((_, buf)) if joined => buf.extend_from_slice(&bytes),
                 _ => {
                     if let Some((start, buf)) = run.take() {
-                        self.write_now(path, start, &buf)?;
+                        self.write_now(id, start, &buf)?;
                     }
                     run = Some((offset, bytes));
                 }
             }
         }
         if let Some((start, buf)) = run {
-            self.write_now(path, start, &buf)?;
+            self.write_now(id, start, &buf)?;
         }
         Ok(())
     }
 
-    /// Writes what is held back for every file in `dir`.
-    pub(crate) fn flush_pending_in(&self, dir: &Path) -> io::Result<()> {
-        let paths: Vec<PathBuf> = self
-            .lock()
-            .pending
-            .keys()
-            .filter(|path| path.parent() == Some(dir))
-            .cloned()
-            .collect();
-        for path in paths {
-            self.flush_pending(&path)?;
+    /// Writes what is held back for the files `ids`, in that order.
+    pub(crate) fn flush_files(&self, ids: &[u64]) -> io::Result<()> {
+        for &id in ids {
+            self.flush_pending(id)?;
         }
         Ok(())
     }
 
-    fn flush_all_pending(&self) -> Result<(), RandomAccessError> {
-        let paths: Vec<PathBuf> = self.lock().pending.keys().cloned().collect();
-        for path in paths {
-            self.flush_pending(&path).map_err(|e| io_error(&path, e))?;
+    /// The ids of the feed files in `dir`, in [`FLUSH_ORDER`].
+    pub(crate) fn feed_ids(&self, dir: &Path) -> [u64; 4] {
+        FLUSH_ORDER.map(|name| self.file_id(&dir.join(name)))
+    }
+
+    /// Creates a new feed's directory; if it did not exist, its files do not either, and the
+    /// pool remembers them as missing (no lookup before each is created). Errors are left to
+    /// the stores' own operations to report.
+    pub(crate) fn prepare_feed_dir(&self, dir: &Path) {
+        let created = match std::fs::create_dir(dir) {
+            Ok(()) => true,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                dir.parent()
+                    .is_some_and(|parent| std::fs::create_dir_all(parent).is_ok())
+                    && std::fs::create_dir(dir).is_ok()
+            }
+            Err(_) => false,
+        };
+        if created {
+            let ids = self.feed_ids(dir);
+            let mut inner = self.lock();
+            if inner.missing.len() + ids.len() > MAX_MISSING {
+                inner.missing.clear();
+            }
+            for id in ids {
+                if !inner.open.contains_key(&id) {
+                    inner.missing.insert(id);
+                }
+            }
         }
-        Ok(())
+    }
+
+    /// Marks `dir` as a replica's feed directory (before its stores are opened).
+    pub(crate) fn mark_replica(&self, dir: PathBuf) {
+        self.lock().replicas.insert(dir);
+    }
+
+    /// Whether `dir` is a replica's feed directory.
+    pub(crate) fn is_replica(&self, dir: &Path) -> bool {
+        self.lock().replicas.contains(dir)
+    }
+
+    /// Writes everything held back, each feed's files in [`FLUSH_ORDER`] (no fsync).
+    pub fn write_held(&self) -> Result<(), RandomAccessError> {
+        loop {
+            let (id, path) = {
+                let inner = self.lock();
+                let Some(&id) = inner.pending.keys().next() else {
+                    return Ok(());
+                };
+                (id, inner.paths[id as usize].clone())
+            };
+            let is_feed_file = path
+                .file_name()
+                .and_then(|name| name.to_str())
+                .is_some_and(|name| FLUSH_ORDER.contains(&name));
+            let flushed = match path.parent() {
+                Some(dir) if is_feed_file => self.flush_files(&self.feed_ids(dir)),
+                _ => self.flush_pending(id),
+            };
+            flushed.map_err(|e| io_error(&path, e))?;
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, PoolInner> {
