@@ -149,3 +149,68 @@ async fn custom_backends_are_synced_where_written() {
         "only the written stores: {second}"
     );
 }
+
+fn file_len(path: &std::path::Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |m| m.len())
+}
+
+/// A replica's oplog entries wait in the process until a header write, a block read or
+/// `write_held`; a local feed's go out at once; held writes reach the files data first.
+#[async_std::test]
+async fn replica_entries_are_held_until_a_barrier() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let factory = DiskFactory::new(dir.path(), 16);
+    let replica = "feeds/aa/replica";
+    let local = "feeds/bb/local";
+    factory.new_feed(replica);
+    factory.replica(replica);
+    factory.new_feed(local);
+    let open = |path: String| {
+        let factory = factory.clone();
+        async move { factory.open(&path).await.expect("open") }
+    };
+    let mut data = open(format!("{replica}/data")).await;
+    let mut oplog = open(format!("{replica}/oplog")).await;
+    let mut local_oplog = open(format!("{local}/oplog")).await;
+    let on_disk = |path: &str| file_len(&dir.path().join(path));
+
+    // A local feed's entry is written at once.
+    local_oplog.write(8192, b"entry").await.expect("write");
+    assert_eq!(on_disk(&format!("{local}/oplog")), 8197);
+
+    // A replica's block and entry are held...
+    data.write(0, b"block").await.expect("write");
+    oplog.write(8192, b"entry 1").await.expect("write");
+    assert_eq!(on_disk(&format!("{replica}/data")), 0);
+    assert_eq!(on_disk(&format!("{replica}/oplog")), 0);
+    // ...and still read back.
+    assert_eq!(oplog.read(8192, 7).await.expect("read"), b"entry 1");
+    assert_eq!(
+        on_disk(&format!("{replica}/oplog")),
+        8199,
+        "a read that needs them writes them"
+    );
+
+    // A header write goes after everything held.
+    data.write(5, b"block 2").await.expect("write");
+    oplog.write(8199, b"entry 2").await.expect("write");
+    assert_eq!(on_disk(&format!("{replica}/data")), 5);
+    oplog.write(0, b"header").await.expect("write");
+    assert_eq!(on_disk(&format!("{replica}/data")), 12);
+    assert_eq!(on_disk(&format!("{replica}/oplog")), 8206);
+
+    // Reading block data writes the entries that record it.
+    data.write(12, b"block 3").await.expect("write");
+    oplog.write(8206, b"entry 3").await.expect("write");
+    assert_eq!(data.read(0, 5).await.expect("read"), b"block");
+    assert_eq!(on_disk(&format!("{replica}/oplog")), 8213);
+
+    // write_held writes the rest.
+    data.write(19, b"block 4").await.expect("write");
+    oplog.write(8213, b"entry 4").await.expect("write");
+    factory.write_held().expect("write held");
+    assert_eq!(on_disk(&format!("{replica}/data")), 26);
+    assert_eq!(on_disk(&format!("{replica}/oplog")), 8220);
+    let bytes = std::fs::read(dir.path().join(format!("{replica}/oplog"))).expect("read");
+    assert_eq!(&bytes[8192..], b"entry 1entry 2entry 3entry 4");
+}
