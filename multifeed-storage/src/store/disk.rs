@@ -144,7 +144,9 @@ impl DiskStore {
     }
 
     fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), RandomAccessError> {
-        let len = self.current_len()?;
+        let len = self.current_len()?.max(offset + data.len() as u64);
+        // The pool fills its page cache from writes that cover whole pages up to this length.
+        self.pool.set_len(self.id, len);
         let hold = self.holds_writes_at(offset);
         if !hold {
             self.barrier()?;
@@ -159,7 +161,7 @@ impl DiskStore {
                 .write_now(self.id, offset, data)
                 .map_err(|e| self.err(e))?;
         }
-        self.len = Some(len.max(offset + data.len() as u64));
+        self.len = Some(len);
         Ok(())
     }
 
@@ -189,6 +191,7 @@ impl DiskStore {
         file.set_len(length).map_err(|e| self.err(e))?;
         self.pool
             .with_pages(|pages| pages.truncate(self.id, length));
+        self.pool.set_len(self.id, length);
         self.pool.mark_dirty(self.id);
         self.len = Some(length);
         Ok(())

@@ -55,6 +55,8 @@ struct PoolInner {
     pending: HashMap<u64, BTreeMap<u64, Vec<u8>>>,
     /// Feed directories of replicas, whose oplog entries are held too.
     replicas: HashSet<PathBuf>,
+    /// Each store's length, held writes included (for filling the page cache on write).
+    lens: HashMap<u64, u64>,
 }
 
 impl FdPool {
@@ -77,6 +79,7 @@ impl FdPool {
                 cache: PageCache::new(cache_pages),
                 pending: HashMap::new(),
                 replicas: HashSet::new(),
+                lens: HashMap::new(),
             })),
         }
     }
@@ -219,8 +222,16 @@ impl FdPool {
         file.write_all_at(data, offset)?;
         let mut inner = self.lock();
         inner.cache.write(id, offset, data);
+        if let Some(&len) = inner.lens.get(&id) {
+            inner.cache.fill(id, offset, data, len);
+        }
         inner.dirty.insert(id);
         Ok(())
+    }
+
+    /// Records the length of file `id` as its store sees it (held writes included).
+    pub(crate) fn set_len(&self, id: u64, len: u64) {
+        self.lock().lens.insert(id, len);
     }
 
     /// Holds a write back; false if it overlaps one already held (flush, then retry).

@@ -74,6 +74,29 @@ impl PageCache {
         }
     }
 
+    /// Caches the pages a write to `file` fills entirely (from the page's start to its end or
+    /// the file's end, `file_len` after the write), so recently written data is read back
+    /// without a `pread`. Pages cached already are updated by [`write`](Self::write).
+    pub(crate) fn fill(&mut self, file: u64, offset: u64, data: &[u8], file_len: u64) {
+        if self.capacity == 0 {
+            return;
+        }
+        let end = offset + data.len() as u64;
+        let mut page = offset.div_ceil(PAGE);
+        while page * PAGE < end {
+            let start = page * PAGE;
+            let page_end = (start + PAGE).min(file_len);
+            if page_end > end || page_end <= start {
+                break;
+            }
+            if !self.pages.contains_key(&(file, page)) {
+                let bytes = data[(start - offset) as usize..(page_end - offset) as usize].to_vec();
+                self.insert(file, page, bytes);
+            }
+            page += 1;
+        }
+    }
+
     /// Appends bytes `offset..offset + len` of `file` to `out` if every one of them is cached;
     /// otherwise leaves `out` as it was and returns false.
     pub(crate) fn copy_into(
@@ -136,6 +159,19 @@ mod tests {
         cache.truncate(1, 4095);
         assert!(cache.get(1, 1).is_none());
         assert_eq!(cache.get(1, 0).unwrap().len(), 4095);
+    }
+
+    #[test]
+    fn writes_fill_the_pages_they_cover() {
+        let mut cache = PageCache::new(8);
+        // Pages 1 and 2 are covered (page 2 up to the file's end); page 0 only in part.
+        cache.fill(1, 100, &[5; 8100], 8200);
+        assert!(cache.get(1, 0).is_none());
+        assert_eq!(cache.get(1, 1).unwrap(), &[5; 4096][..]);
+        assert_eq!(cache.get(1, 2).unwrap(), &[5; 8][..]);
+        // A write that stops short of the file's end leaves its last page alone.
+        cache.fill(2, 0, &[1; 10], 20);
+        assert!(cache.get(2, 0).is_none());
     }
 
     #[test]
