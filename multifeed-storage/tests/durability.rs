@@ -214,3 +214,27 @@ async fn replica_entries_are_held_until_a_barrier() {
     let bytes = std::fs::read(dir.path().join(format!("{replica}/oplog"))).expect("read");
     assert_eq!(&bytes[8192..], b"entry 1entry 2entry 3entry 4");
 }
+
+/// A held write whose flush fails stays held, and a later flush writes it.
+#[async_std::test]
+async fn held_writes_survive_a_failed_flush() {
+    use multifeed_storage::{DiskStore, FdPool};
+    use random_access_storage::RandomAccess;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let feed = dir.path().join("feed");
+    std::fs::create_dir(&feed).expect("dir");
+    let pool = FdPool::new(8);
+    let mut tree = DiskStore::open(&pool, feed.join("tree"));
+    tree.write(0, b"node one").await.expect("held");
+    tree.write(100, b"node two").await.expect("held");
+    // The directory turns into a file: the flush cannot create `tree`.
+    std::fs::remove_dir(&feed).expect("remove dir");
+    std::fs::write(&feed, b"in the way").expect("file");
+    assert!(pool.write_held().is_err(), "the flush fails");
+    std::fs::remove_file(&feed).expect("remove file");
+    std::fs::create_dir(&feed).expect("dir again");
+    pool.write_held().expect("the retry writes");
+    let bytes = std::fs::read(feed.join("tree")).expect("tree");
+    assert_eq!(&bytes[..8], b"node one");
+    assert_eq!(&bytes[100..108], b"node two");
+}

@@ -274,9 +274,9 @@ impl FdPool {
         let Some(held) = self.lock().pending.remove(&id) else {
             return Ok(());
         };
-        let mut run: Option<(u64, Vec<u8>)> = None;
+        let mut runs: Vec<(u64, Vec<u8>)> = Vec::new();
         for (offset, bytes) in held {
-            let joined = match &mut run {
+            let joined = match runs.last_mut() {
                 Some((start, buf)) => {
                     let end = *start + buf.len() as u64;
                     end == offset
@@ -285,18 +285,22 @@ impl FdPool {
                 }
                 None => false,
             };
-            match &mut run {
+            match runs.last_mut() {
                 Some((_, buf)) if joined => buf.extend_from_slice(&bytes),
-                _ => {
-                    if let Some((start, buf)) = run.take() {
-                        self.write_now(id, start, &buf)?;
-                    }
-                    run = Some((offset, bytes));
-                }
+                _ => runs.push((offset, bytes)),
             }
         }
-        if let Some((start, buf)) = run {
-            self.write_now(id, start, &buf)?;
+        let mut runs = runs.into_iter();
+        while let Some((start, buf)) = runs.next() {
+            if let Err(err) = self.write_now(id, start, &buf) {
+                // Nothing held is dropped: what was not written stays held for a retry.
+                let mut inner = self.lock();
+                let held = inner.pending.entry(id).or_default();
+                for (offset, bytes) in std::iter::once((start, buf)).chain(runs) {
+                    held.entry(offset).or_insert(bytes);
+                }
+                return Err(err);
+            }
         }
         Ok(())
     }
