@@ -239,12 +239,12 @@ impl FdPool {
         let mut inner = self.lock();
         let held = inner.pending.entry(id).or_default();
         let end = offset + data.len() as u64;
-        let before = held
-            .range(..=offset)
+        // Held writes never overlap, so only the last one starting before `end` can.
+        let overlaps = held
+            .range(..end)
             .next_back()
             .is_some_and(|(start, bytes)| start + bytes.len() as u64 > offset);
-        let after = held.range(offset..end).next().is_some();
-        if before || after {
+        if overlaps {
             return false;
         }
         held.insert(offset, data.to_vec());
