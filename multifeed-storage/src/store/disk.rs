@@ -202,6 +202,10 @@ impl DiskStore {
 impl RandomAccess for DiskStore {
     async fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), RandomAccessError> {
         if data.is_empty() {
+            // Like `random-access-memory`: an empty write past the end still extends the file.
+            if offset > self.current_len()? {
+                self.set_len(offset)?;
+            }
             return Ok(());
         }
         self.write_at(offset, data)
