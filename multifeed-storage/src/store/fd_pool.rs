@@ -21,6 +21,9 @@ const DEFAULT_CACHE_PAGES: usize = 8192;
 /// cached.
 const MAX_GAP: u64 = 2 * super::page_cache::PAGE;
 
+/// Writes longer than this do not fill the page cache.
+const MAX_FILL: usize = 64 * 1024;
+
 /// Bound on the remembered missing files.
 const MAX_MISSING: usize = 65_536;
 
@@ -222,8 +225,11 @@ impl FdPool {
         file.write_all_at(data, offset)?;
         let mut inner = self.lock();
         inner.cache.write(id, offset, data);
-        if let Some(&len) = inner.lens.get(&id) {
-            inner.cache.fill(id, offset, data, len);
+        // Small writes only: a big one (an append batch) would push out what is being read.
+        if data.len() <= MAX_FILL {
+            if let Some(&len) = inner.lens.get(&id) {
+                inner.cache.fill(id, offset, data, len);
+            }
         }
         inner.dirty.insert(id);
         Ok(())
