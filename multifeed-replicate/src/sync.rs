@@ -267,6 +267,48 @@ mod tests {
     use hypercore_schema::{RequestBlock, RequestSeek, RequestUpgrade};
     use rand::{Rng, SeedableRng};
 
+    /// A seeded rng (`MULTIFEED_SEED`, random by default; the seed is printed).
+    fn seeded_rng() -> (u64, rand::rngs::StdRng) {
+        let seed: u64 = std::env::var("MULTIFEED_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(rand::random);
+        println!("MULTIFEED_SEED={seed}");
+        (seed, rand::rngs::StdRng::seed_from_u64(seed))
+    }
+
+    async fn memory_root() -> multifeed_storage::RootStorage {
+        let factory = std::sync::Arc::new(multifeed_storage::MemoryFactory::new());
+        multifeed_storage::RootStorage::open(
+            factory,
+            multifeed_storage::CoreOptions::default(),
+            multifeed_storage::Durability::Process,
+        )
+        .await
+        .expect("root")
+        .0
+    }
+
+    /// A new local feed in `root` holding `length` entries, and its public key.
+    async fn writer(
+        root: &mut multifeed_storage::RootStorage,
+        length: u64,
+    ) -> (hypercore::Hypercore, hypercore::VerifyingKey) {
+        let signing_key = hypercore::generate_signing_key();
+        let public = signing_key.verifying_key();
+        let key_pair = hypercore::PartialKeypair {
+            public,
+            secret: Some(signing_key),
+        };
+        let (_, mut core) = root
+            .create_feed(key_pair, None, multifeed_storage::FeedOrigin::Local)
+            .await
+            .expect("writer");
+        let batch: Vec<Vec<u8>> = (0..length).map(|i| i.to_le_bytes().to_vec()).collect();
+        core.append_batch(&batch).await.expect("append");
+        (core, public)
+    }
+
     fn req(block: Option<(u64, u64)>, upgrade: Option<(u64, u64)>) -> Request {
         Request {
             id: 1,
@@ -317,32 +359,10 @@ mod tests {
     #[test]
     fn servable_requests_never_panic_hypercore() {
         use futures::FutureExt;
-        let seed: u64 = std::env::var("MULTIFEED_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(rand::random);
-        println!("MULTIFEED_SEED={seed}");
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let (seed, mut rng) = seeded_rng();
         async_std::task::block_on(async {
-            let factory = std::sync::Arc::new(multifeed_storage::MemoryFactory::new());
-            let (mut root, _, _) = multifeed_storage::RootStorage::open(
-                factory,
-                multifeed_storage::CoreOptions::default(),
-                multifeed_storage::Durability::Process,
-            )
-            .await
-            .expect("root");
-            let signing_key = hypercore::generate_signing_key();
-            let key_pair = hypercore::PartialKeypair {
-                public: signing_key.verifying_key(),
-                secret: Some(signing_key),
-            };
-            let (_, mut core) = root
-                .create_feed(key_pair, None, multifeed_storage::FeedOrigin::Local)
-                .await
-                .expect("feed");
-            let batch: Vec<Vec<u8>> = (0..100u32).map(|i| i.to_le_bytes().to_vec()).collect();
-            core.append_batch(&batch).await.expect("append");
+            let mut root = memory_root().await;
+            let (mut core, _) = writer(&mut root, 100).await;
             let number = |rng: &mut rand::rngs::StdRng| match rng.gen_range(0..4) {
                 0 => rng.gen_range(0..8),
                 1 => rng.gen_range(0..130),
@@ -390,42 +410,15 @@ mod tests {
     #[test]
     fn nodes_to_ask_is_never_short_and_always_verifies() {
         use hypercore::PartialKeypair;
-        use hypercore_schema::{RequestBlock, RequestUpgrade};
-        use multifeed_storage::{CoreOptions, Durability, FeedOrigin, MemoryFactory, RootStorage};
-        let seed: u64 = std::env::var("MULTIFEED_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(rand::random);
-        println!("MULTIFEED_SEED={seed}");
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        use multifeed_storage::FeedOrigin;
+        let (seed, mut rng) = seeded_rng();
         async_std::task::block_on(async {
-            let open = || {
-                RootStorage::open(
-                    std::sync::Arc::new(MemoryFactory::new()),
-                    CoreOptions::default(),
-                    Durability::Process,
-                )
-            };
-            let (mut root, _, _) = open().await.expect("root");
-            let (mut replica_root, _, _) = open().await.expect("replica root");
+            let mut root = memory_root().await;
+            let mut replica_root = memory_root().await;
             let (mut exact_total, mut ours_total, mut skipped) = (0u64, 0u64, 0u64);
             for _ in 0..12 {
                 let length: u64 = rng.gen_range(1..600);
-                let signing_key = hypercore::generate_signing_key();
-                let public = signing_key.verifying_key();
-                let (_, mut writer) = root
-                    .create_feed(
-                        PartialKeypair {
-                            public,
-                            secret: Some(signing_key),
-                        },
-                        None,
-                        FeedOrigin::Local,
-                    )
-                    .await
-                    .expect("writer");
-                let batch: Vec<Vec<u8>> = (0..length).map(|i| i.to_le_bytes().to_vec()).collect();
-                writer.append_batch(&batch).await.expect("append");
+                let (mut writer, public) = writer(&mut root, length).await;
                 let (_, mut replica) = replica_root
                     .create_feed(
                         PartialKeypair {
