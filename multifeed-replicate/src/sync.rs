@@ -183,15 +183,14 @@ impl SyncState {
 /// in order, so the proof is as short as if the blocks were fetched one by one, and
 /// [`anchor_held`] checks the assumption before the proof is applied.
 pub(crate) fn nodes_to_ask(index: u64, fork: u64, held_below: u64, length: u64) -> Option<u64> {
-    let contiguous = held_below;
-    if fork != 0 || index >= length || index < contiguous {
+    if fork != 0 || index >= length || index < held_below {
         return None;
     }
     // Flat-tree node at `depth` covering blocks [offset << depth, (offset + 1) << depth).
     let (mut depth, mut offset) = (0u32, index);
     loop {
         let first = offset << depth;
-        if first < contiguous {
+        if first < held_below {
             return Some(u64::from(depth));
         }
         // The parent's last block; past our length, this node is one of the tree's roots.

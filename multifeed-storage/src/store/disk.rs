@@ -144,9 +144,13 @@ impl DiskStore {
     }
 
     fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), RandomAccessError> {
-        let len = self.current_len()?.max(offset + data.len() as u64);
-        // The pool fills its page cache from writes that cover whole pages up to this length.
-        self.pool.set_len(self.id, len);
+        let before = self.current_len()?;
+        let len = before.max(offset + data.len() as u64);
+        // The pool fills its page cache from writes that cover whole pages up to this length
+        // (it only fills once it knows the length: every change is told to it).
+        if len != before {
+            self.pool.set_len(self.id, len);
+        }
         let hold = self.holds_writes_at(offset);
         if !hold {
             self.barrier()?;
