@@ -103,7 +103,11 @@ pub struct ReplicateConfig {
     pub(crate) stop: StopHandle,
     pub(crate) handshake_timeout: Duration,
     pub(crate) idle_timeout: Duration,
+    pub(crate) live_timeout: Duration,
+    pub(crate) keepalive_interval: Duration,
     pub(crate) max_in_flight: usize,
+    pub(crate) max_channels: usize,
+    pub(crate) max_queued_requests: usize,
     pub(crate) plain_feeds: Option<Vec<FeedKey>>,
     pub(crate) protocol_version: Option<multifeed_meta::semver::Version>,
     pub(crate) client: Option<String>,
@@ -134,7 +138,11 @@ impl ReplicateConfig {
             stop: StopHandle::default(),
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
+            live_timeout: Duration::from_secs(30),
+            keepalive_interval: Duration::from_secs(5),
             max_in_flight: 256,
+            max_channels: 131_072,
+            max_queued_requests: 65_536,
             plain_feeds: None,
             protocol_version: None,
             client: None,
@@ -189,9 +197,42 @@ impl ReplicateConfig {
         self
     }
 
-    /// How long a non-live replication may receive nothing while it waits (default 30 s).
+    /// How long a non-live replication may go without progress (default 30 s): no block, no
+    /// new length, no agreed feed, no answer served. Messages that move nothing forward (an
+    /// empty extension, a duplicate manifest) do not count.
     pub fn idle_timeout(mut self, timeout: Duration) -> Self {
         self.idle_timeout = timeout;
+        self
+    }
+
+    /// How long a live multifeed peer may send nothing at all, not even a keep-alive, before
+    /// the connection ends with a timeout (default 30 s). Plain Hypercore peers have no
+    /// keep-alive on the wire: their liveness is the transport's (TCP keep-alive, or a
+    /// [`StopHandle`]).
+    pub fn live_timeout(mut self, timeout: Duration) -> Self {
+        self.live_timeout = timeout;
+        self
+    }
+
+    /// How often a live replication that sent nothing else tells the peer it is still here
+    /// (default 5 s; keep it well under the peer's [`live_timeout`](Self::live_timeout)).
+    pub fn keepalive_interval(mut self, interval: Duration) -> Self {
+        self.keepalive_interval = interval.max(Duration::from_millis(10));
+        self
+    }
+
+    /// Channels the peer may hold open at once (default 131,072: one per feed replicating, and
+    /// the root). A peer that opens more is disconnected with [`PeerViolation::TooManyChannels`](crate::PeerViolation::TooManyChannels).
+    pub fn max_channels(mut self, max: usize) -> Self {
+        self.max_channels = max.max(1);
+        self
+    }
+
+    /// The peer's requests that may wait while the connection is full (default 65,536, about
+    /// 100 bytes each). A peer that asks for more and does not read our answers is
+    /// disconnected with [`PeerViolation::TooManyRequests`](crate::PeerViolation::TooManyRequests).
+    pub fn max_queued_requests(mut self, max: usize) -> Self {
+        self.max_queued_requests = max.max(1);
         self
     }
 

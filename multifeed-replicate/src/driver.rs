@@ -1,11 +1,11 @@
 //! The connection driver: one task polls the protocol and routes messages to the meta exchange
 //! and to each feed's sync state.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::channel::mpsc;
 use futures::select_biased;
@@ -17,53 +17,152 @@ use hypercore_schema::{RequestBlock, RequestUpgrade};
 use multifeed_meta::{Action, Exchange, ExchangeConfig, FeedOffer};
 use multifeed_storage::{FeedKey, SharedCore};
 
+use crate::backlog::{Backlog, OUTGOING_HIGH};
 use crate::close::CloseSignal;
+use crate::error::PeerViolation;
 use crate::sync::{Asked, SyncState};
+use crate::transport::{weight_of_message, FrameLimits, Guard};
 use crate::{FeedHost, ReplicateConfig, ReplicateError, ReplicateSummary, ReplicationEvent};
 
 /// Name of the extension message that carries the meta exchange on the root channel.
 pub(crate) const EXTENSION: &str = "multifeed";
+/// Name of the root-channel extension a live peer sends when it has sent nothing else for a
+/// while (peers that do not know it ignore it, as they ignore any other extension name).
+pub(crate) const KEEPALIVE: &str = "multifeed/keepalive";
 const TICK: Duration = Duration::from_millis(250);
 /// Queued messages after which the driver writes even if more input is waiting.
 const MAX_OUTBOX: usize = 512;
+/// Queued weight (about bytes) after which the driver writes even if more input is waiting.
+const MAX_OUTBOX_WEIGHT: u64 = 4 << 20;
+/// Channels the peer may open for feeds we did not agree to (each is closed at once).
+pub(crate) const MAX_UNKNOWN_CHANNELS: usize = 1024;
+/// Answers in a row for one feed that bring no block and no length before the peer is dropped.
+pub(crate) const MAX_FRUITLESS_ANSWERS: u32 = 64;
+/// How long the driver may stay stuck after the connection failed before the failure is
+/// returned anyway.
+const END_GRACE: Duration = Duration::from_secs(2);
 const LINGER: Duration = Duration::from_secs(5);
 const BARRIER: &str = "multifeed-close-barrier";
 
 type DiscoveryKey = [u8; 32];
 
 /// Runs one replication over an encrypted connection until it finishes, stops or fails.
+///
+/// Three futures share the task: the driver, the pump (which always polls the protocol, so no
+/// send of the driver can deadlock, and contains a panic of it), and a watchdog that ends the
+/// replication when a timeout passes, whatever the driver is waiting for.
 pub(crate) async fn run(
     cipher: Box<dyn hypercore_handshake::CipherTrait>,
     close: Option<CloseSignal>,
     host: Arc<dyn FeedHost>,
     config: ReplicateConfig,
 ) -> Result<ReplicateSummary, ReplicateError> {
-    let mut protocol = Protocol::new(cipher);
+    let backlog = Arc::new(Backlog::default());
+    let limits = FrameLimits {
+        max_channels: config.max_channels,
+    };
+    let mut protocol = Protocol::new(Box::new(Guard::new(cipher, limits, backlog.clone())));
     let commands = protocol.commands();
     let (events_tx, events_rx) = mpsc::unbounded::<io::Result<Event>>();
-    // The protocol is always polled, also while the driver waits to send: no send can deadlock.
+    let pump_backlog = backlog.clone();
     let pump = async move {
         loop {
-            let next = protocol.next().await;
-            let (item, end) = match next {
-                Some(Ok(event)) => (Ok(event), false),
-                Some(Err(err)) => (Err(err), true),
-                None => (Err(io::ErrorKind::UnexpectedEof.into()), true),
+            let next = AssertUnwindSafe(protocol.next()).catch_unwind().await;
+            let err = match next {
+                Ok(Some(Ok(event))) => {
+                    if events_tx.unbounded_send(Ok(event)).is_err() {
+                        futures::future::pending::<()>().await;
+                    }
+                    continue;
+                }
+                Ok(Some(Err(err))) => err,
+                Ok(None) => io::ErrorKind::UnexpectedEof.into(),
+                Err(_panic) => PeerViolation::ProtocolPanic.into_io(),
             };
-            if events_tx.unbounded_send(item).is_err() || end {
-                break;
-            }
+            // The driver hears of the end first; if it is stuck in a wait that only the
+            // protocol could end, the end is returned from here.
+            let kind = err.kind();
+            let text = err.to_string();
+            let violation = PeerViolation::from_io(&err).cloned();
+            let _ = events_tx.unbounded_send(Err(err));
+            async_io::Timer::after(END_GRACE).await;
+            let phase = if pump_backlog.is_noise_done() {
+                "replication"
+            } else {
+                "noise handshake"
+            };
+            let source = match violation {
+                Some(violation) => violation.into_io(),
+                None => io::Error::new(kind, text),
+            };
+            return ReplicateError::io(phase, source);
         }
-        futures::future::pending::<()>().await;
     };
-    let driver = Driver::new(host, config, commands, close);
-    // Both live on the heap: the driver's state machine is large.
+    let watchdog = watch(backlog.clone(), Timeouts::of(&config));
+    let driver = Driver::new(host, config, commands, close, backlog);
+    // All live on the heap: the driver's state machine is large.
     let logic = Box::pin(driver.run(events_rx));
-    let pump = Box::pin(pump);
-    match futures::future::select(logic, pump).await {
+    let ended = Box::pin(futures::future::select(Box::pin(pump), Box::pin(watchdog)));
+    match futures::future::select(logic, ended).await {
         futures::future::Either::Left((result, _)) => result,
-        futures::future::Either::Right(((), _)) => {
-            Err(ReplicateError::Timeout { phase: "protocol" })
+        futures::future::Either::Right((either, _)) => Err(either.factor_first().0),
+    }
+}
+
+/// The timeouts the watchdog enforces.
+struct Timeouts {
+    handshake: Duration,
+    idle: Duration,
+    live: bool,
+    /// Live multifeed peers only: plain Hypercore peers send no keep-alive.
+    keepalive: Option<Duration>,
+}
+
+impl Timeouts {
+    fn of(config: &ReplicateConfig) -> Self {
+        Self {
+            handshake: config.handshake_timeout,
+            idle: config.idle_timeout,
+            live: config.live,
+            keepalive: (config.live && config.plain_feeds.is_none()).then_some(config.live_timeout),
+        }
+    }
+}
+
+/// Resolves with the timeout that passed first: the handshakes, a non-live replication that
+/// made no progress, or a live peer that sent nothing (not even a keep-alive).
+async fn watch(backlog: Arc<Backlog>, timeouts: Timeouts) -> ReplicateError {
+    let Timeouts {
+        handshake: handshake_timeout,
+        idle: idle_timeout,
+        live,
+        keepalive: live_timeout,
+    } = timeouts;
+    loop {
+        async_io::Timer::after(TICK).await;
+        if !backlog.is_exchange_done() {
+            if backlog.age() > handshake_timeout {
+                return ReplicateError::Timeout {
+                    phase: if backlog.is_noise_done() {
+                        "exchange handshake"
+                    } else {
+                        "noise handshake"
+                    },
+                };
+            }
+            continue;
+        }
+        if !live && backlog.since_progress() > idle_timeout {
+            return ReplicateError::Timeout {
+                phase: "replication",
+            };
+        }
+        if let Some(timeout) = live_timeout {
+            if backlog.since_received() > timeout {
+                return ReplicateError::Timeout {
+                    phase: "live keep-alive",
+                };
+            }
         }
     }
 }
@@ -82,11 +181,20 @@ struct FeedState {
     cautious: bool,
     /// Requests in flight whose node count assumed the block before arrives first.
     optimistic: HashSet<u64>,
+    /// Answers in a row that brought no block and no length.
+    fruitless: u32,
 }
 
 enum Next {
     Continue,
     Done,
+}
+
+/// What one item from the protocol's event queue means for the run.
+enum Step {
+    Next(Next),
+    /// The run ends with this.
+    End(Result<ReplicateSummary, ReplicateError>),
 }
 
 struct Driver {
@@ -114,13 +222,19 @@ struct Driver {
     finished: bool,
     /// The peer closed the root channel.
     peer_closed_root: bool,
-    last_activity: Instant,
-    started: Instant,
+    backlog: Arc<Backlog>,
+    /// The peer's requests waiting for the transport to drain (bounded).
+    deferred: VecDeque<(DiscoveryKey, Request)>,
+    /// Channels the peer opened for feeds we have not agreed to.
+    unknown_channels: HashSet<DiscoveryKey>,
+    /// Whether we sent anything since the last keep-alive tick.
+    sent_since_tick: bool,
     /// Blocks were stored since the host last made them durable.
     unsynced_blocks: bool,
     /// Messages queued for the peer, in order; consecutive ones for one channel share a batch.
     outbox: Vec<(DiscoveryKey, Channel, Vec<Message>)>,
     outbox_len: usize,
+    outbox_weight: u64,
 }
 
 impl Driver {
@@ -129,6 +243,7 @@ impl Driver {
         config: ReplicateConfig,
         commands: CommandTx,
         close: Option<CloseSignal>,
+        backlog: Arc<Backlog>,
     ) -> Self {
         let exchange = config.plain_feeds.is_none().then(|| {
             let mut exchange_config = ExchangeConfig {
@@ -163,11 +278,14 @@ impl Driver {
             handshake_done: false,
             finished: false,
             peer_closed_root: false,
-            last_activity: Instant::now(),
-            started: Instant::now(),
+            backlog,
+            deferred: VecDeque::new(),
+            unknown_channels: HashSet::new(),
+            sent_since_tick: false,
             unsynced_blocks: false,
             outbox: Vec::new(),
             outbox_len: 0,
+            outbox_weight: 0,
             config,
         }
     }
@@ -181,10 +299,18 @@ impl Driver {
         } else {
             futures::stream::pending().boxed().fuse()
         };
-        let mut tick = StreamExt::fuse(async_io::Timer::interval(TICK));
+        let keepalive_every = if self.config.live && self.exchange.is_some() {
+            self.config.keepalive_interval
+        } else {
+            // Never fires: plain peers have no keep-alive, non-live replications end by
+            // themselves or by the idle timeout.
+            Duration::from_secs(365 * 24 * 3600)
+        };
+        let mut keepalive = StreamExt::fuse(async_io::Timer::interval(keepalive_every));
         let stop = self.config.stop.clone();
         let stopped = futures::FutureExt::fuse(stop.stopped());
         futures::pin_mut!(stopped);
+        let backlog = self.backlog.clone();
         loop {
             self.emit_progress();
             if self.finished {
@@ -192,42 +318,55 @@ impl Driver {
             }
             // Handle every message that is already here before writing: the answers and new
             // requests then leave together, in one frame per run of a channel's messages.
-            if self.outbox_len < MAX_OUTBOX {
+            if self.outbox_len < MAX_OUTBOX && self.outbox_weight < MAX_OUTBOX_WEIGHT {
                 if let Some(Some((dk, messages))) = self.inbound.next().now_or_never() {
-                    self.last_activity = Instant::now();
                     if let Next::Done = self.on_messages(dk, messages).await? {
                         break;
                     }
                     self.check_synced().await?;
                     continue;
                 }
-            }
-            self.flush_outbox().await?;
-            let step = select_biased! {
-                (dk, messages) = self.inbound.select_next_some() => {
-                    self.last_activity = Instant::now();
-                    self.on_messages(dk, messages).await?
-                }
-                event = events.next() => {
-                    self.last_activity = Instant::now();
-                    match event {
-                        Some(Ok(event)) => match self.on_event(event).await {
-                            Ok(next) => next,
-                            Err(err) => {
-                                // Let the peer see our channel opens before we go, so it can
-                                // tell why (a key mismatch shows on both sides).
-                                self.close_gracefully(&mut events, false).await;
-                                return Err(err);
-                            }
-                        },
-                        Some(Err(err)) => return self.on_connection_end(err),
-                        None => return self.on_connection_end(io::ErrorKind::UnexpectedEof.into()),
+                if let Some(item) = events.next().now_or_never() {
+                    match self.on_protocol_item(item, &mut events).await {
+                        Step::Next(Next::Continue) => {
+                            self.check_synced().await?;
+                            continue;
+                        }
+                        Step::Next(Next::Done) => break,
+                        Step::End(result) => return result,
                     }
                 }
+                // Every message the protocol decoded was taken: it may read more.
+                self.backlog.input_taken();
+                if !self.deferred.is_empty() && !self.outgoing_full() {
+                    self.serve_deferred().await?;
+                    continue;
+                }
+            }
+            self.flush_outbox().await?;
+            let waiting = !self.deferred.is_empty();
+            let drained = async {
+                if !waiting {
+                    futures::future::pending::<()>().await;
+                }
+                backlog.outgoing_drained().await;
+            };
+            let step = select_biased! {
+                (dk, messages) = self.inbound.select_next_some() => {
+                    self.on_messages(dk, messages).await?
+                }
+                item = events.next() => match self.on_protocol_item(item, &mut events).await {
+                    Step::Next(next) => next,
+                    Step::End(result) => return result,
+                },
                 changed = self.changes.select_next_some() => self.on_local_change(changed).await?,
                 key = new_feeds.select_next_some() => self.on_new_local_feed(key).await?,
                 () = stopped => Next::Done,
-                _ = tick.next() => self.check_timeouts()?,
+                () = drained.fuse() => {
+                    self.serve_deferred().await?;
+                    Next::Continue
+                }
+                _ = keepalive.next() => self.keepalive(),
             };
             if let Next::Done = step {
                 break;
@@ -238,6 +377,60 @@ impl Driver {
         self.blocks_stored().await?;
         self.close_gracefully(&mut events, true).await;
         Ok(self.summary)
+    }
+
+    /// Handles one item of the protocol's event queue (`None`: the queue ended).
+    async fn on_protocol_item(
+        &mut self,
+        item: Option<io::Result<Event>>,
+        events: &mut mpsc::UnboundedReceiver<io::Result<Event>>,
+    ) -> Step {
+        match item {
+            Some(Ok(event)) => match self.on_event(event).await {
+                Ok(next) => Step::Next(next),
+                Err(err) => {
+                    // Let the peer see our channel opens before we go, so it can tell why
+                    // (a key mismatch shows on both sides).
+                    self.close_gracefully(events, false).await;
+                    Step::End(Err(err))
+                }
+            },
+            Some(Err(err)) => Step::End(self.on_connection_end(err)),
+            None => Step::End(self.on_connection_end(io::ErrorKind::UnexpectedEof.into())),
+        }
+    }
+
+    /// Whether what waits for the transport is above the high-water mark: requests then wait.
+    fn outgoing_full(&self) -> bool {
+        self.backlog.outgoing() + self.outbox_weight > OUTGOING_HIGH
+    }
+
+    /// Answers waiting requests while the transport keeps up.
+    async fn serve_deferred(&mut self) -> Result<(), ReplicateError> {
+        while !self.outgoing_full()
+            && self.outbox_len < MAX_OUTBOX
+            && self.outbox_weight < MAX_OUTBOX_WEIGHT
+        {
+            let Some((dk, request)) = self.deferred.pop_front() else {
+                break;
+            };
+            self.serve(dk, request).await?;
+        }
+        Ok(())
+    }
+
+    /// A live keep-alive tick: tell the peer we are here if we sent nothing else since the last.
+    fn keepalive(&mut self) -> Next {
+        if !std::mem::take(&mut self.sent_since_tick) {
+            if let Some(root) = self.root.clone() {
+                let message = Message::Extension(hypercore_protocol::schema::Extension {
+                    name: KEEPALIVE.to_owned(),
+                    message: Vec::new(),
+                });
+                self.queue(self.root_dk, &root, vec![message]);
+            }
+        }
+        Next::Continue
     }
 
     /// Ends the connection without losing what we queued last.
@@ -303,6 +496,9 @@ impl Driver {
                     Some(Ok(_)) => {}
                     _ => return,
                 },
+                // What the peer sends while we close no longer matters; taking it keeps the
+                // transport reading, so the peer's close reaches us.
+                _ = self.inbound.select_next_some() => self.backlog.input_taken(),
                 _ = linger => return,
             }
         }
@@ -320,7 +516,7 @@ impl Driver {
         {
             return Ok(self.summary);
         }
-        let phase = if !self.handshake_done {
+        let phase = if !self.handshake_done && !self.backlog.is_noise_done() {
             "noise handshake"
         } else if self.root.is_none() && self.exchange.is_some() {
             "root channel"
@@ -328,28 +524,6 @@ impl Driver {
             "replication"
         };
         Err(ReplicateError::io(phase, err))
-    }
-
-    fn check_timeouts(&mut self) -> Result<Next, ReplicateError> {
-        let exchanged = match &self.exchange {
-            Some(exchange) => exchange.remote_handshake_done(),
-            None => self.handshake_done,
-        };
-        if !exchanged && self.started.elapsed() > self.config.handshake_timeout {
-            return Err(ReplicateError::Timeout {
-                phase: if self.handshake_done {
-                    "exchange handshake"
-                } else {
-                    "noise handshake"
-                },
-            });
-        }
-        if !self.config.live && self.last_activity.elapsed() > self.config.idle_timeout {
-            return Err(ReplicateError::Timeout {
-                phase: "replication",
-            });
-        }
-        Ok(Next::Continue)
     }
 
     fn emit(&mut self, event: ReplicationEvent) -> bool {
@@ -373,6 +547,11 @@ impl Driver {
         match event {
             Event::Handshake(_) => {
                 self.handshake_done = true;
+                self.backlog.noise_done();
+                if self.exchange.is_none() {
+                    self.backlog.exchange_done();
+                }
+                self.backlog.on_progress();
                 if self.exchange.is_some() {
                     let key = self.config.encryption_key;
                     self.open_channel(key).await?;
@@ -402,7 +581,21 @@ impl Driver {
                         None if self.exchange.is_some() && self.root.is_none() => {
                             return Err(ReplicateError::KeyMismatch)
                         }
-                        None => {}
+                        // A feed we have not agreed to (yet: the peer's open can overtake its
+                        // REPLICATE_FEEDS, which travels in another queue of the protocol). The
+                        // protocol keeps the half-open channel until we open ours; a peer may
+                        // keep only so many of those.
+                        None => {
+                            self.unknown_channels.insert(dk);
+                            if self.unknown_channels.len() > MAX_UNKNOWN_CHANNELS {
+                                return Err(ReplicateError::peer(
+                                    "replication",
+                                    PeerViolation::UnknownChannels {
+                                        limit: MAX_UNKNOWN_CHANNELS,
+                                    },
+                                ));
+                            }
+                        }
                     }
                 }
             }
@@ -416,6 +609,7 @@ impl Driver {
                             .boxed(),
                     );
                 }
+                self.backlog.on_progress();
                 if dk == self.root_dk && self.exchange.is_some() {
                     self.root = Some(channel);
                     self.start_exchange().await?;
@@ -441,6 +635,7 @@ impl Driver {
                     }
                     return Ok(Next::Done);
                 }
+                self.unknown_channels.remove(&dk);
                 if let Some(feed) = self.feeds.get_mut(&dk) {
                     feed.channel = None;
                 }
@@ -525,19 +720,27 @@ impl Driver {
     }
 
     async fn apply(&mut self, actions: Vec<Action>) -> Result<(), ReplicateError> {
+        if actions
+            .iter()
+            .any(|action| !matches!(action, Action::Send(_)))
+        {
+            self.backlog.on_progress();
+        }
         let mut queue: std::collections::VecDeque<Action> = actions.into();
         while let Some(action) = queue.pop_front() {
             match action {
                 Action::Send(message) => self.send_meta(message.encode()).await?,
                 Action::RemoteHandshake { user_data, .. } => {
+                    self.backlog.exchange_done();
                     self.emit(ReplicationEvent::RemoteHandshake { user_data });
                 }
                 Action::RemoteOffered(offers) => {
-                    // Keys that are not ed25519 public keys can never verify: ignore them.
+                    // Keys that are not ed25519 public keys, or are of small order (anyone can
+                    // sign for those), can never be trusted: ignore them.
                     let wanted: Vec<FeedKey> = offers
                         .iter()
                         .map(|offer| offer.key)
-                        .filter(|key| hypercore::VerifyingKey::from_bytes(key).is_ok())
+                        .filter(usable_feed_key)
                         .filter(|key| self.accepts(key))
                         .collect();
                     if let Some(exchange) = self.exchange.as_mut() {
@@ -590,6 +793,7 @@ impl Driver {
             return;
         }
         self.outbox_len += messages.len();
+        self.outbox_weight += messages.iter().map(weight_of_message).sum::<u64>();
         match self.outbox.last_mut() {
             Some((last, _, queued)) if *last == dk => queued.extend(messages),
             _ => self.outbox.push((dk, channel.clone(), messages)),
@@ -598,16 +802,22 @@ impl Driver {
 
     /// Hands every queued message to the protocol, in order: one batch (one frame) per run of
     /// messages for the same channel.
+    /// The protocol's queue holds what it was handed until the transport takes it: the weight
+    /// is counted in the [`Backlog`] once the batch is handed over.
     async fn flush_outbox(&mut self) -> Result<(), ReplicateError> {
         self.outbox_len = 0;
+        self.outbox_weight = 0;
         for (_, channel, messages) in std::mem::take(&mut self.outbox) {
             if channel.closed() {
                 continue;
             }
+            let weight = messages.iter().map(weight_of_message).sum::<u64>();
             channel
                 .send_batch(&messages)
                 .await
                 .map_err(|e| ReplicateError::io("replication", e))?;
+            self.backlog.add_outgoing(weight);
+            self.sent_since_tick = true;
         }
         Ok(())
     }
@@ -621,6 +831,7 @@ impl Driver {
     ) -> Result<(), ReplicateError> {
         let dk = discovery_key(&key);
         self.known.insert(dk, key);
+        self.unknown_channels.remove(&dk);
         if let Some(feed) = self.feeds.get_mut(&dk) {
             if target.is_some() {
                 feed.target = target;
@@ -658,6 +869,7 @@ impl Driver {
                     target,
                     cautious: false,
                     optimistic: HashSet::new(),
+                    fruitless: 0,
                 },
             );
         }
@@ -729,6 +941,11 @@ impl Driver {
         messages: Vec<Message>,
     ) -> Result<Next, ReplicateError> {
         for message in messages {
+            // Once finished, whatever else the peer sent does not matter (and must not turn a
+            // completed sync into an error).
+            if self.finished {
+                return Ok(Next::Continue);
+            }
             if let Next::Done = self.on_message(dk, message).await? {
                 return Ok(Next::Done);
             }
@@ -758,6 +975,9 @@ impl Driver {
                 let Some(feed) = self.feeds.get_mut(&dk) else {
                     return Ok(Next::Continue);
                 };
+                if feed.sync.remote_length() != sync.length {
+                    self.backlog.on_progress();
+                }
                 let first = feed.sync.on_remote_sync(sync.fork, sync.length);
                 if feed.target.is_none() && self.exchange.is_none() && !self.config.live {
                     // Plain mode: download up to what the peer has.
@@ -779,7 +999,22 @@ impl Driver {
                 }
                 self.request_more(dk).await?;
             }
-            Message::Request(request) => self.serve(dk, request).await?,
+            Message::Request(request) => {
+                // While the transport is behind, requests wait (bounded) instead of growing
+                // the protocol's write queue.
+                if self.deferred.is_empty() && !self.outgoing_full() {
+                    self.serve(dk, request).await?;
+                } else if self.deferred.len() >= self.config.max_queued_requests {
+                    return Err(ReplicateError::peer(
+                        "replication",
+                        PeerViolation::TooManyRequests {
+                            limit: self.config.max_queued_requests,
+                        },
+                    ));
+                } else {
+                    self.deferred.push_back((dk, request));
+                }
+            }
             Message::Data(data) => self.on_data(dk, data).await?,
             Message::NoData(no_data) => {
                 if let Some(feed) = self.feeds.get_mut(&dk) {
@@ -908,6 +1143,7 @@ impl Driver {
         };
         let message = match proof {
             Ok(Some(proof)) => {
+                self.backlog.on_progress();
                 if let Some(block) = &proof.block {
                     self.summary.blocks_sent += 1;
                     self.summary.bytes_sent += block.value.len() as u64;
@@ -931,7 +1167,9 @@ impl Driver {
     }
 
     /// Verifies and stores a proof from the peer; a proof that fails verification ends the
-    /// connection. Data we never asked for is ignored.
+    /// connection. Data we never asked for is ignored, and so is an answer about another block
+    /// than the one asked for; a feed whose answers bring nothing [`MAX_FRUITLESS_ANSWERS`]
+    /// times in a row ends the connection ([`PeerViolation::NoProgress`]).
     async fn on_data(&mut self, dk: DiscoveryKey, data: Data) -> Result<(), ReplicateError> {
         let Some(feed) = self.feeds.get_mut(&dk) else {
             return Ok(());
@@ -939,27 +1177,38 @@ impl Driver {
         let Some(asked) = feed.sync.on_data(data.request) else {
             return Ok(());
         };
+        let optimistic = feed.optimistic.remove(&data.request);
+        if !answers(asked, &data) {
+            if let Asked::Block(index) | Asked::UpgradeAndBlock(index) = asked {
+                feed.sync.retry_from(index);
+            }
+            self.fruitless(dk)?;
+            return self.request_more(dk).await;
+        }
         if !crate::sync::well_formed(&data) {
             return Err(ReplicateError::InvalidProof {
                 key: hex::encode(feed.key),
                 reason: "a tree node hash is not 32 bytes".to_owned(),
             });
         }
-        let optimistic = feed.optimistic.remove(&data.request);
         let block_bytes = data.block.as_ref().map(|b| b.value.len() as u64);
         let proof = data.into_proof();
-        let (applied, info) = {
+        let asked_block = match asked {
+            Asked::Block(index) | Asked::UpgradeAndBlock(index) => Some(index),
+            Asked::Upgrade => None,
+        };
+        let (applied, before, info, stored) = {
             let mut core = feed.core.lock().await;
+            let before = core.info();
             if let (Asked::Block(index), Some(block), true) = (asked, &proof.block, optimistic) {
-                let info = core.info();
                 let depth = block.nodes.len() as u64;
                 if block.index == index
-                    && info.fork == 0
+                    && before.fork == 0
                     && !crate::sync::anchor_held(
                         index,
                         depth,
-                        info.contiguous_length,
-                        info.length,
+                        before.contiguous_length,
+                        before.length,
                         |i| core.has(i),
                     )
                 {
@@ -971,11 +1220,15 @@ impl Driver {
                     return self.request_more(dk).await;
                 }
             }
+            let had_block = asked_block.is_some_and(|index| core.has(index));
             let applied = AssertUnwindSafe(core.verify_and_apply_proof(&proof))
                 .catch_unwind()
                 .await;
-            (applied, core.info())
+            let held = asked_block.map(|index| core.has(index));
+            (applied, before, core.info(), (had_block, held))
         };
+        let (had_block, held) = stored;
+        let stored = !had_block && held == Some(true);
         let applied = match applied {
             Ok(applied) => applied,
             Err(_) => {
@@ -984,6 +1237,12 @@ impl Driver {
                     reason: "hypercore panicked while verifying the proof".to_owned(),
                 })
             }
+        };
+        // Not applied (another fork), or the block asked for is still missing: the answer
+        // brought nothing. A block that arrived twice (from two peers) is not the peer's fault.
+        let useless = match applied {
+            Ok(applied) => !applied || held == Some(false),
+            Err(_) => false,
         };
         match applied {
             Ok(_) => {}
@@ -1000,14 +1259,21 @@ impl Driver {
                 })
             }
         }
-        feed.core.notify_changed();
-        self.unsynced_blocks = true;
-        if let Asked::Block(index) | Asked::UpgradeAndBlock(index) = asked {
-            if feed.core.lock().await.has(index) {
+        let progressed = stored || info.length != before.length || info.fork != before.fork;
+        if progressed {
+            feed.fruitless = 0;
+            feed.core.notify_changed();
+            self.unsynced_blocks = true;
+        }
+        if progressed || !useless {
+            self.backlog.on_progress();
+        }
+        if let Some(index) = asked_block {
+            if stored {
                 self.summary.blocks_received += 1;
                 self.summary.bytes_received += block_bytes.unwrap_or(0);
                 self.progress_dirty = true;
-            } else {
+            } else if !info_has(&info, index) {
                 feed.sync.retry_from(index);
             }
         }
@@ -1016,10 +1282,31 @@ impl Driver {
                 self.incomplete.remove(&dk);
             }
         }
+        if useless && !progressed {
+            self.fruitless(dk)?;
+        }
         if matches!(asked, Asked::Upgrade | Asked::UpgradeAndBlock(_)) {
             self.announce(dk).await?;
         }
         self.request_more(dk).await
+    }
+
+    /// Counts an answer that brought nothing; too many in a row end the connection.
+    fn fruitless(&mut self, dk: DiscoveryKey) -> Result<(), ReplicateError> {
+        let Some(feed) = self.feeds.get_mut(&dk) else {
+            return Ok(());
+        };
+        feed.fruitless += 1;
+        if feed.fruitless > MAX_FRUITLESS_ANSWERS {
+            return Err(ReplicateError::peer(
+                "replication",
+                PeerViolation::NoProgress {
+                    key: hex::encode(feed.key),
+                    answers: feed.fruitless,
+                },
+            ));
+        }
+        Ok(())
     }
 
     /// Our copy of a feed changed (append, or blocks from another connection): tell the peer.
@@ -1085,6 +1372,29 @@ impl Driver {
         }
         Ok(())
     }
+}
+
+/// Whether a Data message answers what was asked: the block asked for (or none), and the
+/// upgrade when only an upgrade was asked for.
+fn answers(asked: Asked, data: &Data) -> bool {
+    match (asked, &data.block) {
+        (Asked::Block(index) | Asked::UpgradeAndBlock(index), Some(block)) => block.index == index,
+        (Asked::Block(_), None) => false,
+        (Asked::UpgradeAndBlock(_), None) => data.upgrade.is_some(),
+        (Asked::Upgrade, Some(_)) => false,
+        (Asked::Upgrade, None) => data.upgrade.is_some(),
+    }
+}
+
+/// Whether a block below the contiguous length (so certainly held) is `index`.
+fn info_has(info: &hypercore::Info, index: u64) -> bool {
+    index < info.contiguous_length
+}
+
+/// Whether `key` can be a feed's public key: a valid ed25519 point that is not of small order
+/// (a signature under a small-order key proves nothing).
+pub(crate) fn usable_feed_key(key: &FeedKey) -> bool {
+    hypercore::VerifyingKey::from_bytes(key).is_ok_and(|key| !key.is_weak())
 }
 
 fn request(

@@ -49,6 +49,99 @@ pub enum ReplicateError {
         /// What the replication was waiting for.
         phase: &'static str,
     },
+    /// The peer sent what no honest peer sends, or more than a peer may: the connection ended
+    /// before it could crash, stall or bloat us.
+    #[error("the peer broke the protocol during {phase}: {violation}")]
+    Peer {
+        /// What the replication was doing.
+        phase: &'static str,
+        /// What the peer did.
+        #[source]
+        violation: PeerViolation,
+    },
+}
+
+/// What a hostile or broken peer did (see [`ReplicateError::Peer`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PeerViolation {
+    /// A frame that does not decode as the Hypercore 10 wire protocol.
+    #[error("malformed frame: {what}")]
+    Malformed {
+        /// What was wrong with it.
+        what: &'static str,
+    },
+    /// An Open with a channel id far past any the peer could have allocated.
+    #[error("channel id {id} is past the bound {bound}")]
+    ChannelId {
+        /// The id it sent.
+        id: u64,
+        /// The largest id it could have had.
+        bound: u64,
+    },
+    /// The peer holds more channels open than we allow.
+    #[error("the peer opened more than {limit} channels")]
+    TooManyChannels {
+        /// The limit ([`ReplicateConfig::max_channels`](crate::ReplicateConfig::max_channels)).
+        limit: usize,
+    },
+    /// The peer opened channels for feeds we did not agree to replicate.
+    #[error("the peer opened more than {limit} channels we did not agree to")]
+    UnknownChannels {
+        /// The limit.
+        limit: usize,
+    },
+    /// A frame larger than a handshake message before the Noise handshake completed.
+    #[error("a frame of {len} bytes before the handshake completed; the limit is {limit}")]
+    HandshakeFrame {
+        /// Its length.
+        len: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// More of the peer's requests wait to be answered than we queue.
+    #[error("more than {limit} of the peer's requests wait to be answered")]
+    TooManyRequests {
+        /// The limit ([`ReplicateConfig::max_queued_requests`](crate::ReplicateConfig::max_queued_requests)).
+        limit: usize,
+    },
+    /// The peer answered our requests for a feed many times without a block or length we lack.
+    #[error("no progress on feed {key} after {answers} answers")]
+    NoProgress {
+        /// Hex key of the feed.
+        key: String,
+        /// Answers in a row that brought nothing.
+        answers: u32,
+    },
+    /// `hypercore-protocol` panicked on the peer's input (contained; a bug there or here).
+    #[error("hypercore-protocol panicked on the peer's input")]
+    ProtocolPanic,
+}
+
+impl PeerViolation {
+    /// The error code: `ERR_MALFORMED_MESSAGE`, `ERR_PEER_LIMIT` or `ERR_NO_PROGRESS`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Malformed { .. } | Self::ChannelId { .. } | Self::ProtocolPanic => {
+                "ERR_MALFORMED_MESSAGE"
+            }
+            Self::TooManyChannels { .. }
+            | Self::UnknownChannels { .. }
+            | Self::HandshakeFrame { .. }
+            | Self::TooManyRequests { .. } => "ERR_PEER_LIMIT",
+            Self::NoProgress { .. } => "ERR_NO_PROGRESS",
+        }
+    }
+
+    /// Carries the violation through the `io::Error` of the transport.
+    pub(crate) fn into_io(self) -> std::io::Error {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, self)
+    }
+
+    /// The violation an `io::Error` from the transport carries, if any.
+    pub(crate) fn from_io(err: &std::io::Error) -> Option<&Self> {
+        err.get_ref().and_then(|inner| inner.downcast_ref::<Self>())
+    }
 }
 
 impl ReplicateError {
@@ -62,6 +155,7 @@ impl ReplicateError {
             Self::Hypercore { .. } => "ERR_HYPERCORE",
             Self::Host(_) => "ERR_HOST",
             Self::Timeout { .. } => "ERR_TIMEOUT",
+            Self::Peer { violation, .. } => violation.code(),
         }
     }
 
@@ -72,10 +166,20 @@ impl ReplicateError {
         }
     }
 
+    /// An I/O error of the connection; one that carries a [`PeerViolation`] becomes
+    /// [`ReplicateError::Peer`].
     pub(crate) fn io(phase: &'static str, source: impl Into<std::io::Error>) -> Self {
-        Self::Io {
-            phase,
-            source: source.into(),
+        let source = source.into();
+        if let Some(violation) = PeerViolation::from_io(&source) {
+            return Self::Peer {
+                phase,
+                violation: violation.clone(),
+            };
         }
+        Self::Io { phase, source }
+    }
+
+    pub(crate) fn peer(phase: &'static str, violation: PeerViolation) -> Self {
+        Self::Peer { phase, violation }
     }
 }

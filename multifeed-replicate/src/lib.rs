@@ -38,6 +38,7 @@
 //! # }).unwrap();
 //! ```
 
+mod backlog;
 mod close;
 mod config;
 mod driver;
@@ -52,7 +53,7 @@ pub use config::{
     KeyFilter, ReplicateConfig, ReplicateSummary, ReplicationEvent, StopHandle,
     DEFAULT_ENCRYPTION_KEY,
 };
-pub use error::ReplicateError;
+pub use error::{PeerViolation, ReplicateError};
 pub use host::{FeedHost, HostError, LocalFeed};
 
 /// Replicates the host's feeds with a peer over `io` (see the [crate docs](crate)).

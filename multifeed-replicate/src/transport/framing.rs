@@ -14,6 +14,9 @@ use futures::{AsyncRead, AsyncWrite};
 
 /// The largest frame uint24 framing can carry.
 pub(crate) const MAX_FRAME: usize = (1 << 24) - 1;
+/// The largest frame a peer may send before the Noise handshake completed (its messages are
+/// under 200 bytes): an unauthenticated peer cannot make us buffer megabytes.
+pub(crate) const MAX_HANDSHAKE_FRAME: usize = 4096;
 const READ_CHUNK: usize = 64 * 1024;
 
 /// Frames in both directions over one byte stream.
@@ -24,6 +27,8 @@ pub(crate) struct Framed<IO> {
     read_start: usize,
     write_buf: VecDeque<u8>,
     eof: bool,
+    /// Frames longer than this are refused as soon as their header arrives.
+    max_frame: usize,
     /// The last write found the connection full; a waker is registered for when it drains.
     write_blocked: bool,
 }
@@ -36,21 +41,34 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Framed<IO> {
             read_start: 0,
             write_buf: VecDeque::new(),
             eof: false,
+            max_frame: MAX_FRAME,
             write_blocked: false,
         }
     }
 
+    /// Refuses incoming frames longer than `max` (at most [`MAX_FRAME`]).
+    pub(crate) fn set_max_frame(&mut self, max: usize) {
+        self.max_frame = max.min(MAX_FRAME);
+    }
+
     /// The next complete frame already buffered, if any.
-    fn take_frame(&mut self) -> Option<Vec<u8>> {
+    fn take_frame(&mut self) -> io::Result<Option<Vec<u8>>> {
         let available = &self.read_buf[self.read_start..];
         if available.len() < 3 {
-            return None;
+            return Ok(None);
         }
         let len = usize::from(available[0])
             | usize::from(available[1]) << 8
             | usize::from(available[2]) << 16;
+        if len > self.max_frame {
+            return Err(crate::error::PeerViolation::HandshakeFrame {
+                len,
+                limit: self.max_frame,
+            }
+            .into_io());
+        }
         if available.len() < 3 + len {
-            return None;
+            return Ok(None);
         }
         let frame = available[3..3 + len].to_vec();
         self.read_start += 3 + len;
@@ -58,13 +76,13 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Framed<IO> {
             self.read_buf.clear();
             self.read_start = 0;
         }
-        Some(frame)
+        Ok(Some(frame))
     }
 
     /// Reads until a frame is complete or the source is `Pending`.
     pub(crate) fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Vec<u8>>> {
         loop {
-            if let Some(frame) = self.take_frame() {
+            if let Some(frame) = self.take_frame()? {
                 return Poll::Ready(Ok(frame));
             }
             if self.eof {
@@ -264,6 +282,21 @@ mod tests {
                 io::ErrorKind::UnexpectedEof,
                 "EOF mid-frame is an error"
             );
+        });
+    }
+
+    #[test]
+    fn frames_past_the_set_limit_fail_at_their_header() {
+        // A header announcing 1 MiB, and only 10 bytes of it: refused before buffering more.
+        let mut bytes = vec![0x00, 0x00, 0x10];
+        bytes.extend_from_slice(&[0; 10]);
+        futures::executor::block_on(async {
+            let mut framed = Framed::new(Cursor::new(bytes));
+            framed.set_max_frame(MAX_HANDSHAKE_FRAME);
+            let (got, err) = read_all(&mut framed).await;
+            assert!(got.is_empty());
+            let violation = crate::error::PeerViolation::from_io(&err).expect("a violation");
+            assert_eq!(violation.code(), "ERR_PEER_LIMIT", "{violation}");
         });
     }
 

@@ -2,6 +2,10 @@
 
 mod batch;
 mod framing;
+mod guard;
+mod inspect;
 mod secure;
 
+pub(crate) use guard::Guard;
+pub(crate) use inspect::{weight_of_message, FrameLimits};
 pub(crate) use secure::SecureChannel;

@@ -19,7 +19,7 @@ use hypercore_handshake::state_machine::SecStream;
 use hypercore_handshake::{Cipher, CipherEvent, CipherTrait};
 
 use super::batch::split_channels;
-use super::framing::Framed;
+use super::framing::{Framed, MAX_FRAME, MAX_HANDSHAKE_FRAME};
 use crate::close::CloseSignal;
 
 /// Any byte stream the connection can run over.
@@ -30,6 +30,9 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> ByteStream for T {}
 const MAX_PLAIN_FRAME: usize = 1 << 20;
 /// Above this many unwritten bytes, the sink applies backpressure.
 const HIGH_WATER: usize = 4 << 20;
+/// Frames read into the cipher per poll: decrypted input waits in small steps, never the whole
+/// socket buffer at once.
+const FRAMES_PER_POLL: usize = 16;
 
 /// The encrypted connection handed to `hypercore_protocol::Protocol::new`.
 pub(crate) struct SecureChannel {
@@ -146,16 +149,27 @@ impl SecureChannel {
         }
     }
 
-    /// Reads every complete frame into the cipher; `Pending` once the source is.
+    /// Reads up to [`FRAMES_PER_POLL`] complete frames into the cipher; `Pending` once the
+    /// source is. Until the Noise handshake completed, frames are limited to handshake size.
     fn poll_receive(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        loop {
-            let frame = lock(&self.framed).poll_frame(cx);
-            match frame {
+        let handshake_done = CipherTrait::handshake_hash(&self.cipher).is_some();
+        let mut framed = lock(&self.framed);
+        framed.set_max_frame(if handshake_done {
+            MAX_FRAME
+        } else {
+            MAX_HANDSHAKE_FRAME
+        });
+        // Before the handshake completes, one frame at a time: the cipher processes input only
+        // when it is drained, so the next frame's limit depends on this one.
+        let frames = if handshake_done { FRAMES_PER_POLL } else { 1 };
+        for _ in 0..frames {
+            match framed.poll_frame(cx) {
                 Poll::Ready(Ok(frame)) => self.cipher.receive_next(frame),
                 Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
                 Poll::Pending => return Poll::Pending,
             }
         }
+        Poll::Ready(Ok(()))
     }
 }
 
