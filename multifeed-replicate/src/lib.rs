@@ -44,6 +44,9 @@ mod config;
 mod driver;
 mod error;
 mod host;
+#[cfg(feature = "hostile-peer")]
+#[doc(hidden)]
+pub mod hostile;
 mod sync;
 mod transport;
 

@@ -62,7 +62,7 @@ fn header(channel: u64) -> Vec<u8> {
 }
 
 /// Encodes a compact-encoding uint, as protomux writes channel ids.
-fn put_varint(out: &mut Vec<u8>, value: u64) {
+pub(crate) fn put_varint(out: &mut Vec<u8>, value: u64) {
     if value < 0xfd {
         out.push(value as u8);
     } else if let Ok(v) = u16::try_from(value) {

@@ -28,12 +28,17 @@ impl TestHost {
 
     /// A new writable feed with `entries` entries.
     pub async fn writer(&self, entries: u64) -> FeedKey {
+        self.writer_sized(entries, 0).await
+    }
+
+    /// A new writable feed with `entries` entries of at least `bytes` bytes each.
+    pub async fn writer_sized(&self, entries: u64, bytes: usize) -> FeedKey {
         let storage = Storage::new_memory().await.expect("memory storage");
         let mut core = HypercoreBuilder::new(storage).build().await.expect("core");
         for i in 0..entries {
-            core.append(format!("entry {i}").as_bytes())
-                .await
-                .expect("append");
+            let mut entry = format!("entry {i}").into_bytes();
+            entry.resize(entry.len().max(bytes), b'.');
+            core.append(&entry).await.expect("append");
         }
         let key = core.key_pair().public.to_bytes();
         self.feeds
@@ -136,4 +141,12 @@ pub async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) ->
     async_std::future::timeout(bound, fut)
         .await
         .unwrap_or_else(|_| panic!("timed out after {bound:?} waiting for {what}"))
+}
+
+/// This process's resident memory, in bytes (Linux; 0 elsewhere).
+pub fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|statm| statm.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096)
 }

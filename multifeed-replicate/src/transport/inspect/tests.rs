@@ -15,18 +15,7 @@ fn limits() -> FrameLimits {
 }
 
 fn uint(out: &mut Vec<u8>, value: u64) {
-    if value < 0xfd {
-        out.push(value as u8);
-    } else if let Ok(v) = u16::try_from(value) {
-        out.push(0xfd);
-        out.extend_from_slice(&v.to_le_bytes());
-    } else if let Ok(v) = u32::try_from(value) {
-        out.push(0xfe);
-        out.extend_from_slice(&v.to_le_bytes());
-    } else {
-        out.push(0xff);
-        out.extend_from_slice(&value.to_le_bytes());
-    }
+    crate::transport::put_varint(out, value);
 }
 
 fn open_frame(channel: u64) -> Vec<u8> {
