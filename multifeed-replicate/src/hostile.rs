@@ -20,6 +20,8 @@ use crate::transport::SecureChannel;
 #[derive(Debug)]
 pub struct HostilePeer {
     channel: SecureChannel,
+    /// Frames that arrived while the handshake completed.
+    early: std::collections::VecDeque<Vec<u8>>,
 }
 
 impl HostilePeer {
@@ -29,26 +31,32 @@ impl HostilePeer {
         IO: futures::AsyncRead + futures::AsyncWrite + Send + Unpin + 'static,
     {
         let mut channel = SecureChannel::new(Box::new(io), initiator, CloseSignal::default())?;
+        let mut early = std::collections::VecDeque::new();
         // Polling the stream sends and receives handshake messages until the keys are set.
         while channel.handshake_hash().is_none() {
             match channel.next().await {
                 Some(CipherEvent::ErrStuff(err)) => return Err(err),
                 None => return Err(io::ErrorKind::UnexpectedEof.into()),
-                Some(_) => {}
+                Some(CipherEvent::Message(frame)) => early.push_back(frame),
+                Some(CipherEvent::HandshakePayload(_)) => {}
             }
         }
         // The initiator's last handshake message may still be queued.
         channel.flush().await?;
-        Ok(Self { channel })
+        Ok(Self { channel, early })
     }
 
     /// Encrypts and sends one plaintext frame as it is.
     pub async fn send_frame(&mut self, frame: Vec<u8>) -> io::Result<()> {
-        self.channel.send(frame).await
+        self.channel.feed(frame).await?;
+        futures::future::poll_fn(|cx| self.channel.poll_write_retrying(cx)).await
     }
 
     /// The next plaintext frame from the honest side.
     pub async fn next_frame(&mut self) -> io::Result<Vec<u8>> {
+        if let Some(frame) = self.early.pop_front() {
+            return Ok(frame);
+        }
         loop {
             match self.channel.next().await {
                 Some(CipherEvent::Message(frame)) => return Ok(frame),

@@ -149,6 +149,13 @@ impl SecureChannel {
         }
     }
 
+    /// Writes what is queued, retrying even after the connection was found full (for a user of
+    /// the sink alone, which has no read side to retry for it).
+    #[cfg(feature = "hostile-peer")]
+    pub(crate) fn poll_write_retrying(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_send_with(cx, true)
+    }
+
     /// Reads up to [`FRAMES_PER_POLL`] complete frames into the cipher; `Pending` once the
     /// source is. Until the Noise handshake completed, frames are limited to handshake size.
     fn poll_receive(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -1,0 +1,258 @@
+//! Hostile peers that try to grow our memory: what one connection may queue is bounded, and a
+//! peer that pushes past a bound is disconnected with a typed error.
+//!
+//! One test runs the scenarios in turn, alone in its test binary, so the growth of the
+//! process's peak resident memory during a scenario is that scenario's.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{peak_rss_bytes, within, TestHost};
+use futures::AsyncWriteExt;
+use hypercore_protocol::schema::{Request, Synchronize};
+use hypercore_protocol::Message;
+use hypercore_schema::RequestBlock;
+use multifeed_replicate::hostile::{batch_frame, HostilePeer};
+use multifeed_replicate::{
+    replicate, FeedHost, PeerViolation, ReplicateConfig, ReplicateError, DEFAULT_ENCRYPTION_KEY,
+};
+
+type Socket = async_std::os::unix::net::UnixStream;
+
+const MIB: u64 = 1 << 20;
+
+/// A hostile initiator that opened the root channel (it knows the key) and the channel of
+/// `feed`, as channel ids 1 and 2.
+async fn opened(socket: Socket, feed: &[u8; 32]) -> HostilePeer {
+    let mut peer = HostilePeer::handshake(socket, true).await.expect("noise");
+    let root = peer.open_frame(1, &DEFAULT_ENCRYPTION_KEY).expect("open");
+    peer.send_frame(root).await.expect("sent");
+    peer.wait_open(&DEFAULT_ENCRYPTION_KEY)
+        .await
+        .expect("root opened");
+    let open = peer.open_frame(2, feed).expect("open");
+    peer.send_frame(open).await.expect("sent");
+    peer.wait_open(feed).await.expect("feed opened");
+    peer
+}
+
+fn request(id: u64, index: u64) -> Message {
+    Message::Request(Request {
+        id,
+        fork: 0,
+        block: Some(RequestBlock { index, nodes: 0 }),
+        hash: None,
+        seek: None,
+        upgrade: None,
+        manifest: false,
+        priority: 0,
+    })
+}
+
+/// Asks for 20,000 blocks of 64 KiB and never reads an answer (was: ~72 KB kept per request,
+/// 868 MB, until the idle timeout).
+async fn requests_without_reading() -> u64 {
+    let host = TestHost::new();
+    let feed = host.writer_sized(200, 64 * 1024).await;
+    let host: Arc<dyn FeedHost> = host;
+    let before = peak_rss_bytes();
+    let (ours, theirs) = Socket::pair().expect("socket pair");
+    let config = ReplicateConfig::new(false).max_queued_requests(2_000);
+    let attack = async move {
+        let mut peer = opened(theirs, &feed).await;
+        for batch in 0..40u64 {
+            let messages: Vec<Message> = (0..500)
+                .map(|i| {
+                    let id = batch * 500 + i;
+                    request(id + 1, id % 200)
+                })
+                .collect();
+            if peer
+                .send_frame(batch_frame(2, &messages).expect("frame"))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        peer
+    };
+    let (result, _peer) = within(
+        "the honest side to drop the peer",
+        futures::future::join(replicate(ours, host, config), attack),
+    )
+    .await;
+    let err = result.expect_err("the peer is dropped");
+    assert!(
+        matches!(
+            err,
+            ReplicateError::Peer {
+                violation: PeerViolation::TooManyRequests { limit: 2_000 },
+                ..
+            }
+        ),
+        "{err}"
+    );
+    peak_rss_bytes().saturating_sub(before)
+}
+
+/// 500,000 small messages as fast as the peer can send them (was: 4 million took 1.04 GB).
+async fn a_flood_of_small_messages() -> u64 {
+    let host = TestHost::new();
+    let feed = host.writer(3).await;
+    let host: Arc<dyn FeedHost> = host;
+    let before = peak_rss_bytes();
+    let (ours, theirs) = Socket::pair().expect("socket pair");
+    // The peer never completes the multifeed handshake: the handshake timeout ends it.
+    let config = ReplicateConfig::new(false).handshake_timeout(Duration::from_secs(3));
+    let attack = async move {
+        let mut peer = opened(theirs, &feed).await;
+        let sync = Message::Synchronize(Synchronize {
+            fork: 0,
+            length: 3,
+            remote_length: 3,
+            downloading: true,
+            uploading: true,
+            can_upgrade: false,
+        });
+        let messages = vec![sync; 10_000];
+        for _ in 0..50 {
+            if peer
+                .send_frame(batch_frame(2, &messages).expect("frame"))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        peer
+    };
+    let (result, _peer) = within(
+        "the honest side to time out",
+        futures::future::join(replicate(ours, host, config), attack),
+    )
+    .await;
+    let err = result.expect_err("no progress");
+    assert!(
+        matches!(
+            err,
+            ReplicateError::Timeout {
+                phase: "exchange handshake"
+            }
+        ),
+        "{err}"
+    );
+    peak_rss_bytes().saturating_sub(before)
+}
+
+/// 30 unauthenticated connections, each announcing a 16 MiB frame before the Noise handshake
+/// (was: 502 MB held until the handshake timeout).
+async fn large_frames_before_the_handshake() -> u64 {
+    let before = peak_rss_bytes();
+    let mut runs = Vec::new();
+    let mut sockets = Vec::new();
+    for _ in 0..30 {
+        let (ours, mut theirs) = Socket::pair().expect("socket pair");
+        let host: Arc<dyn FeedHost> = TestHost::new();
+        runs.push(replicate(ours, host, ReplicateConfig::new(false)));
+        let send = async move {
+            let mut bytes = vec![0xff, 0xff, 0xff];
+            bytes.extend(vec![0x55; 1 << 20]);
+            for _ in 0..16 {
+                if theirs.write_all(&bytes).await.is_err() {
+                    break;
+                }
+                bytes.truncate(1 << 20);
+            }
+            theirs
+        };
+        sockets.push(send);
+    }
+    let (results, _sockets) = within(
+        "every connection to end",
+        futures::future::join(
+            futures::future::join_all(runs),
+            futures::future::join_all(sockets),
+        ),
+    )
+    .await;
+    for result in results {
+        let err = result.expect_err("refused");
+        assert!(
+            matches!(
+                err,
+                ReplicateError::Peer {
+                    phase: "noise handshake",
+                    violation: PeerViolation::HandshakeFrame { .. },
+                }
+            ),
+            "{err}"
+        );
+    }
+    peak_rss_bytes().saturating_sub(before)
+}
+
+/// Opens for 5,000 random discovery keys after the key check (was: 300,000 kept 122 MB while
+/// connected).
+async fn opens_of_unknown_feeds() -> u64 {
+    let host = TestHost::new();
+    host.writer(1).await;
+    let host: Arc<dyn FeedHost> = host;
+    let before = peak_rss_bytes();
+    let (ours, theirs) = Socket::pair().expect("socket pair");
+    let attack = async move {
+        let mut peer = HostilePeer::handshake(theirs, true).await.expect("noise");
+        let root = peer.open_frame(1, &DEFAULT_ENCRYPTION_KEY).expect("open");
+        peer.send_frame(root).await.expect("sent");
+        peer.wait_open(&DEFAULT_ENCRYPTION_KEY)
+            .await
+            .expect("root opened");
+        for id in 2..5_002u64 {
+            let key: [u8; 32] = rand::random();
+            let open = peer.open_frame(id, &key).expect("open");
+            if peer.send_frame(open).await.is_err() {
+                break;
+            }
+        }
+        peer
+    };
+    let (result, _peer) = within(
+        "the honest side to drop the peer",
+        futures::future::join(replicate(ours, host, ReplicateConfig::new(false)), attack),
+    )
+    .await;
+    let err = result.expect_err("the peer is dropped");
+    assert!(
+        matches!(
+            err,
+            ReplicateError::Peer {
+                violation: PeerViolation::UnknownChannels { .. },
+                ..
+            }
+        ),
+        "{err}"
+    );
+    peak_rss_bytes().saturating_sub(before)
+}
+
+#[async_std::test]
+async fn what_a_hostile_peer_can_make_us_hold_is_bounded() {
+    let mut report = Vec::new();
+    let growth = requests_without_reading().await;
+    report.push(("20,000 requests for 64 KiB blocks, never read", growth));
+    assert!(growth < 120 * MIB, "{report:?}");
+    let growth = a_flood_of_small_messages().await;
+    report.push(("500,000 small messages", growth));
+    assert!(growth < 120 * MIB, "{report:?}");
+    let growth = large_frames_before_the_handshake().await;
+    report.push(("30 x 16 MiB frames before the handshake", growth));
+    assert!(growth < 60 * MIB, "{report:?}");
+    let growth = opens_of_unknown_feeds().await;
+    report.push(("5,000 opens of unknown feeds", growth));
+    assert!(growth < 60 * MIB, "{report:?}");
+    for (what, growth) in report {
+        println!("{what}: peak resident memory grew {} MB", growth / MIB);
+    }
+}
