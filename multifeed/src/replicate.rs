@@ -27,6 +27,10 @@ pub struct ReplicateOptions {
     stop: StopHandle,
     plain: Option<Vec<FeedKey>>,
     timeouts: Option<(std::time::Duration, std::time::Duration)>,
+    live_timeout: Option<std::time::Duration>,
+    keepalive_interval: Option<std::time::Duration>,
+    max_channels: Option<usize>,
+    max_queued_requests: Option<usize>,
 }
 
 impl fmt::Debug for ReplicateOptions {
@@ -55,13 +59,44 @@ impl ReplicateOptions {
             stop: StopHandle::default(),
             plain: None,
             timeouts: None,
+            live_timeout: None,
+            keepalive_interval: None,
+            max_channels: None,
+            max_queued_requests: None,
         }
     }
 
     /// How long the handshakes may take (default 10 s), and how long a non-live replication
-    /// may hear nothing from the peer (default 30 s) before it fails with a timeout.
+    /// may make no progress (default 30 s: no block, no new length, no agreed feed, no answer
+    /// served) before it fails with a timeout.
     pub fn timeouts(mut self, handshake: std::time::Duration, idle: std::time::Duration) -> Self {
         self.timeouts = Some((handshake, idle));
+        self
+    }
+
+    /// How long a live peer may send nothing at all before the replication fails with a timeout
+    /// (default 30 s). Live multifeed peers send a keep-alive when they have nothing else to
+    /// send; plain Hypercore peers have none, so this does not apply to them.
+    pub fn live_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.live_timeout = Some(timeout);
+        self
+    }
+
+    /// How often an idle live replication sends a keep-alive (default 5 s).
+    pub fn keepalive_interval(mut self, interval: std::time::Duration) -> Self {
+        self.keepalive_interval = Some(interval);
+        self
+    }
+
+    /// Channels the peer may hold open at once (default 131,072).
+    pub fn max_channels(mut self, max: usize) -> Self {
+        self.max_channels = Some(max);
+        self
+    }
+
+    /// The peer's requests that may wait while the connection is full (default 65,536).
+    pub fn max_queued_requests(mut self, max: usize) -> Self {
+        self.max_queued_requests = Some(max);
         self
     }
 
@@ -164,6 +199,18 @@ impl Multifeed {
         }
         if let Some(keys) = options.plain {
             config = config.plain_hypercore(keys);
+        }
+        if let Some(timeout) = options.live_timeout {
+            config = config.live_timeout(timeout);
+        }
+        if let Some(interval) = options.keepalive_interval {
+            config = config.keepalive_interval(interval);
+        }
+        if let Some(max) = options.max_channels {
+            config = config.max_channels(max);
+        }
+        if let Some(max) = options.max_queued_requests {
+            config = config.max_queued_requests(max);
         }
         let inner = self.inner.clone();
         let forward = async move {
