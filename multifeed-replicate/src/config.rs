@@ -108,6 +108,7 @@ pub struct ReplicateConfig {
     pub(crate) max_in_flight: usize,
     pub(crate) max_channels: usize,
     pub(crate) max_queued_requests: usize,
+    pub(crate) max_new_feeds: usize,
     pub(crate) plain_feeds: Option<Vec<FeedKey>>,
     pub(crate) protocol_version: Option<multifeed_meta::semver::Version>,
     pub(crate) client: Option<String>,
@@ -143,6 +144,7 @@ impl ReplicateConfig {
             max_in_flight: 256,
             max_channels: 131_072,
             max_queued_requests: 65_536,
+            max_new_feeds: 100_000,
             plain_feeds: None,
             protocol_version: None,
             client: None,
@@ -225,6 +227,14 @@ impl ReplicateConfig {
     /// the root). A peer that opens more is disconnected with [`PeerViolation::TooManyChannels`](crate::PeerViolation::TooManyChannels).
     pub fn max_channels(mut self, max: usize) -> Self {
         self.max_channels = max.max(1);
+        self
+    }
+
+    /// Feeds this replication may add to the host (default 100,000). A feed new to us is added
+    /// only once a signed root of it verified (an offered feed that is never served, or that
+    /// is empty, adds nothing); feeds past the limit are not kept.
+    pub fn max_new_feeds(mut self, max: usize) -> Self {
+        self.max_new_feeds = max;
         self
     }
 

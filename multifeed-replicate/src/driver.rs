@@ -36,6 +36,8 @@ const MAX_OUTBOX: usize = 512;
 const MAX_OUTBOX_WEIGHT: u64 = 4 << 20;
 /// Channels the peer may open for feeds we did not agree to (each is closed at once).
 pub(crate) const MAX_UNKNOWN_CHANNELS: usize = 1024;
+/// Feeds new to us fetched at once into probes, before their first signed root verified.
+pub(crate) const MAX_PROBES: usize = 1024;
 /// Answers in a row for one feed that bring no block and no length before the peer is dropped.
 pub(crate) const MAX_FRUITLESS_ANSWERS: u32 = 64;
 /// How long the driver may stay stuck after the connection failed before the failure is
@@ -183,6 +185,8 @@ struct FeedState {
     optimistic: HashSet<u64>,
     /// Answers in a row that brought no block and no length.
     fruitless: u32,
+    /// `core` is a probe in memory: the host does not have the feed yet.
+    probe: bool,
 }
 
 enum Next {
@@ -229,6 +233,12 @@ struct Driver {
     unknown_channels: HashSet<DiscoveryKey>,
     /// Whether we sent anything since the last keep-alive tick.
     sent_since_tick: bool,
+    /// Feeds new to us being fetched into probes, not yet verified.
+    probes: usize,
+    /// New feeds waiting for a probe slot (and their targets).
+    waiting: VecDeque<(FeedKey, Option<u64>)>,
+    /// Feeds this connection added to the host.
+    feeds_added: usize,
     /// Blocks were stored since the host last made them durable.
     unsynced_blocks: bool,
     /// Messages queued for the peer, in order; consecutive ones for one channel share a batch.
@@ -282,6 +292,9 @@ impl Driver {
             deferred: VecDeque::new(),
             unknown_channels: HashSet::new(),
             sent_since_tick: false,
+            probes: 0,
+            waiting: VecDeque::new(),
+            feeds_added: 0,
             unsynced_blocks: false,
             outbox: Vec::new(),
             outbox_len: 0,
@@ -843,19 +856,26 @@ impl Driver {
                 .await
                 .map_err(ReplicateError::Host)?
             {
-                Some(core) => core,
+                Some(core) => (core, false),
+                // A feed new to us is fetched into a probe in memory first: the host records
+                // it only once a signed root of it verified (see `promote`).
+                None if create && self.probes >= MAX_PROBES => {
+                    if !self.waiting.iter().any(|(k, _)| *k == key) {
+                        self.waiting.push_back((key, target));
+                    }
+                    if target.is_some_and(|t| t > 0) && !self.config.live {
+                        self.incomplete.insert(dk);
+                    }
+                    return Ok(());
+                }
                 None if create => {
-                    let core = self
-                        .host
-                        .add_remote_feed(&key)
-                        .await
-                        .map_err(ReplicateError::Host)?;
-                    self.emit(ReplicationEvent::FeedAdded(key));
-                    core
+                    self.probes += 1;
+                    (probe_core(&key).await?, true)
                 }
                 None => return Ok(()),
             };
-            if self.config.live {
+            let (core, probe) = core;
+            if self.config.live && !probe {
                 self.changes.push(change_stream(dk, core.clone()));
             }
             self.feeds.insert(
@@ -870,6 +890,7 @@ impl Driver {
                     cautious: false,
                     optimistic: HashSet::new(),
                     fruitless: 0,
+                    probe,
                 },
             );
         }
@@ -1193,6 +1214,7 @@ impl Driver {
         }
         let block_bytes = data.block.as_ref().map(|b| b.value.len() as u64);
         let proof = data.into_proof();
+        let probe_proof = feed.probe.then(|| proof.clone());
         let asked_block = match asked {
             Asked::Block(index) | Asked::UpgradeAndBlock(index) => Some(index),
             Asked::Upgrade => None,
@@ -1265,6 +1287,14 @@ impl Driver {
             feed.core.notify_changed();
             self.unsynced_blocks = true;
         }
+        if let (Some(proof), true) = (probe_proof, progressed && info.length > 0) {
+            if !self.promote(dk, &proof).await? {
+                return Ok(());
+            }
+        }
+        let Some(feed) = self.feeds.get_mut(&dk) else {
+            return Ok(());
+        };
         if progressed || !useless {
             self.backlog.on_progress();
         }
@@ -1289,6 +1319,74 @@ impl Driver {
             self.announce(dk).await?;
         }
         self.request_more(dk).await
+    }
+
+    /// A probe's first signed root verified: the host records the feed, the proof is applied
+    /// to the host's core too, and the feed goes on syncing there. Returns false when this
+    /// connection may add no more feeds (the probe is dropped).
+    async fn promote(
+        &mut self,
+        dk: DiscoveryKey,
+        proof: &hypercore_schema::Proof,
+    ) -> Result<bool, ReplicateError> {
+        self.probes = self.probes.saturating_sub(1);
+        let Some(key) = self.feeds.get(&dk).map(|feed| feed.key) else {
+            return Ok(false);
+        };
+        if self.feeds_added >= self.config.max_new_feeds {
+            self.feeds.remove(&dk);
+            self.incomplete.remove(&dk);
+            self.start_waiting().await?;
+            return Ok(false);
+        }
+        let core = self
+            .host
+            .add_remote_feed(&key)
+            .await
+            .map_err(ReplicateError::Host)?;
+        self.feeds_added += 1;
+        self.emit(ReplicationEvent::FeedAdded(key));
+        {
+            let mut real = core.lock().await;
+            // Another connection may have added it meanwhile: then it has this root already.
+            if real.info().length == 0 {
+                let applied = AssertUnwindSafe(real.verify_and_apply_proof(proof))
+                    .catch_unwind()
+                    .await;
+                match applied {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(err)) => return Err(ReplicateError::hypercore(&key, err)),
+                    Err(_) => {
+                        return Err(ReplicateError::InvalidProof {
+                            key: hex::encode(key),
+                            reason: "hypercore panicked while verifying the proof".to_owned(),
+                        })
+                    }
+                }
+            }
+        }
+        core.notify_changed();
+        if self.config.live {
+            self.changes.push(change_stream(dk, core.clone()));
+        }
+        if let Some(feed) = self.feeds.get_mut(&dk) {
+            feed.core = core;
+            feed.probe = false;
+        }
+        self.start_waiting().await?;
+        Ok(true)
+    }
+
+    /// Starts new feeds that waited for a probe slot.
+    async fn start_waiting(&mut self) -> Result<(), ReplicateError> {
+        while self.probes < MAX_PROBES {
+            let Some((key, target)) = self.waiting.pop_front() else {
+                break;
+            };
+            self.track_feed(key, target, true).await?;
+            self.open_feed_channel(key).await?;
+        }
+        Ok(())
     }
 
     /// Counts an answer that brought nothing; too many in a row end the connection.
@@ -1389,6 +1487,41 @@ fn answers(asked: Asked, data: &Data) -> bool {
 /// Whether a block below the contiguous length (so certainly held) is `index`.
 fn info_has(info: &hypercore::Info, index: u64) -> bool {
     index < info.contiguous_length
+}
+
+/// An in-memory hypercore for a feed we do not hold yet (4 KiB pages: a probe costs little).
+async fn probe_core(key: &FeedKey) -> Result<SharedCore, ReplicateError> {
+    use futures::FutureExt;
+    use hypercore::{HypercoreBuilder, PartialKeypair, Storage, StorageTraits};
+    let create = |_| {
+        async {
+            Ok(
+                Box::new(random_access_memory::RandomAccessMemory::new(4096))
+                    as Box<dyn StorageTraits + Send>,
+            )
+        }
+        .boxed()
+    };
+    let storage = Storage::open(create, false)
+        .await
+        .map_err(|e| ReplicateError::hypercore(key, e))?;
+    let public = hypercore::VerifyingKey::from_bytes(key).map_err(|_| {
+        ReplicateError::hypercore(
+            key,
+            hypercore::HypercoreError::InvalidOperation {
+                context: "not an ed25519 public key".to_owned(),
+            },
+        )
+    })?;
+    let core = HypercoreBuilder::new(storage)
+        .key_pair(PartialKeypair {
+            public,
+            secret: None,
+        })
+        .build()
+        .await
+        .map_err(|e| ReplicateError::hypercore(key, e))?;
+    Ok(SharedCore::new(core))
 }
 
 /// Whether `key` can be a feed's public key: a valid ed25519 point that is not of small order

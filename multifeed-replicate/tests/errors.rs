@@ -91,12 +91,8 @@ async fn a_peer_serving_forged_data_is_dropped_and_our_data_is_untouched() {
         before,
         "our own feed is untouched"
     );
-    let forged = victim.core(&key).expect("the feed was added");
-    assert_eq!(
-        forged.lock().await.info().contiguous_length,
-        0,
-        "nothing forged was stored"
-    );
+    // Its root never verified, so the feed was never even recorded.
+    assert!(victim.core(&key).is_none(), "nothing forged was stored");
 }
 
 #[async_std::test]
@@ -224,10 +220,63 @@ async fn offered_feeds_that_are_never_served_end_in_a_timeout() {
     let valid: Vec<[u8; 32]> = (0..3)
         .map(|_| hypercore::generate_signing_key().verifying_key().to_bytes())
         .collect();
-    teaser.offer_phantoms(valid);
+    teaser.offer_phantoms(valid.clone());
     let honest = TestHost::new();
     let config = ReplicateConfig::new(false).idle_timeout(Duration::from_millis(500));
-    let (_, rh) = both(teaser, honest, ReplicateConfig::new(true), config).await;
+    let (_, rh) = both(teaser, honest.clone(), ReplicateConfig::new(true), config).await;
     let err = rh.expect_err("the wait is bounded");
     assert!(matches!(err, ReplicateError::Timeout { .. }), "{err}");
+    // Nothing of them was verified, so nothing of them was recorded (was: a permanent feed
+    // per offered key, which we then offered to every later peer).
+    for key in &valid {
+        assert!(
+            honest.core(key).is_none(),
+            "an unverified feed was recorded"
+        );
+    }
+}
+
+#[async_std::test]
+async fn thousands_of_junk_offers_record_nothing_and_real_feeds_still_sync() {
+    let junk = TestHost::new();
+    let keys: Vec<[u8; 32]> = (0..3_000)
+        .map(|_| hypercore::generate_signing_key().verifying_key().to_bytes())
+        .collect();
+    junk.offer_phantoms(keys.clone());
+    let real = junk.writer(4).await;
+    // A small-order point is a valid curve point anyone can sign for: never a feed.
+    let mut small_order = [0u8; 32];
+    small_order[0] = 1;
+    junk.offer_phantoms(vec![small_order]);
+    let honest = TestHost::new();
+    let config = ReplicateConfig::new(false).idle_timeout(Duration::from_millis(800));
+    let (_, rh) = both(junk, honest.clone(), ReplicateConfig::new(true), config).await;
+    assert!(rh.is_err(), "the junk is never served: the wait ends");
+    // The real feed was verified and recorded even though it waited behind junk for a slot.
+    assert_eq!(honest.entries(&real).await.len(), 4);
+    assert!(honest.core(&small_order).is_none());
+    let recorded = keys.iter().filter(|key| honest.core(key).is_some()).count();
+    assert_eq!(recorded, 0, "junk feeds recorded");
+}
+
+#[async_std::test]
+async fn a_replication_adds_at_most_max_new_feeds() {
+    let author = TestHost::new();
+    let mut keys = Vec::new();
+    for _ in 0..5 {
+        keys.push(author.writer(2).await);
+    }
+    let honest = TestHost::new();
+    let (ra, rh) = both(
+        author,
+        honest.clone(),
+        ReplicateConfig::new(true),
+        ReplicateConfig::new(false)
+            .max_new_feeds(2)
+            .idle_timeout(Duration::from_millis(800)),
+    )
+    .await;
+    let _ = (ra, rh);
+    let recorded = keys.iter().filter(|key| honest.core(key).is_some()).count();
+    assert_eq!(recorded, 2);
 }

@@ -38,6 +38,7 @@ pub use events::{Event, Events};
 pub use feed::Feed;
 pub use hypercore::SigningKey;
 pub use multifeed::Multifeed;
+pub use multifeed_replicate::{PeerViolation, ReplicateError};
 pub use multifeed_storage::{
     DiskFactory, Durability, FeedKey, FeedOrigin, FnFactory, IndexRecovery, MemoryFactory,
     StorageFactory,

@@ -31,6 +31,7 @@ pub struct ReplicateOptions {
     keepalive_interval: Option<std::time::Duration>,
     max_channels: Option<usize>,
     max_queued_requests: Option<usize>,
+    max_new_feeds: Option<usize>,
 }
 
 impl fmt::Debug for ReplicateOptions {
@@ -63,6 +64,7 @@ impl ReplicateOptions {
             keepalive_interval: None,
             max_channels: None,
             max_queued_requests: None,
+            max_new_feeds: None,
         }
     }
 
@@ -91,6 +93,13 @@ impl ReplicateOptions {
     /// Channels the peer may hold open at once (default 131,072).
     pub fn max_channels(mut self, max: usize) -> Self {
         self.max_channels = Some(max);
+        self
+    }
+
+    /// Feeds this replication may add to the store (default 100,000). A feed learned from the
+    /// peer is added only once a signed root of it verified.
+    pub fn max_new_feeds(mut self, max: usize) -> Self {
+        self.max_new_feeds = Some(max);
         self
     }
 
@@ -211,6 +220,9 @@ impl Multifeed {
         }
         if let Some(max) = options.max_queued_requests {
             config = config.max_queued_requests(max);
+        }
+        if let Some(max) = options.max_new_feeds {
+            config = config.max_new_feeds(max);
         }
         let inner = self.inner.clone();
         let forward = async move {

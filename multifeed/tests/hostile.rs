@@ -9,7 +9,7 @@ use hypercore_protocol::Message;
 use hypercore_schema::DataUpgrade;
 use multifeed::{Error, Multifeed, ReplicateOptions, ReplicateSummary, DEFAULT_ENCRYPTION_KEY};
 use multifeed_meta::{Action, Exchange, ExchangeConfig, FeedOffer};
-use multifeed_replicate::hostile::{message_frame, meta_frame, HostilePeer};
+use multifeed_replicate::hostile::{batch_frame, message_frame, meta_frame, HostilePeer};
 use multifeed_replicate::{PeerViolation, ReplicateError};
 
 type Socket = async_std::os::unix::net::UnixStream;
@@ -34,6 +34,8 @@ struct Session {
     offered: Vec<FeedOffer>,
     /// Keys the exchange agreed to replicate.
     agreed: Vec<[u8; 32]>,
+    /// The honest side sent SYNCED.
+    remote_synced: bool,
 }
 
 impl Session {
@@ -55,6 +57,7 @@ impl Session {
             }),
             offered: Vec::new(),
             agreed: Vec::new(),
+            remote_synced: false,
         };
         let mut actions = session.exchange.start();
         actions.extend(session.exchange.offer(offers));
@@ -86,6 +89,11 @@ impl Session {
             for (_, message) in messages {
                 match message {
                     Message::Extension(Extension { name, message }) if name == "multifeed" => {
+                        if let Ok(multifeed_meta::Message::Synced) =
+                            multifeed_meta::Message::decode(&message)
+                        {
+                            self.remote_synced = true;
+                        }
                         let actions = self.exchange.handle(&message).expect("a valid message");
                         self.apply(actions).await;
                     }
@@ -391,4 +399,50 @@ async fn errors_name_the_phase_they_happened_in() {
             _ => {}
         }
     }
+}
+
+#[async_std::test]
+async fn junk_after_both_sides_synced_does_not_undo_a_completed_sync() {
+    // Was: junk after both sides sent SYNCED turned a completed sync into
+    // ERR_UNEXPECTED_MESSAGE.
+    let honest = writer_store(1).await;
+    let result = against(
+        &honest,
+        ReplicateOptions::new(false),
+        Duration::from_secs(20),
+        |socket| async move {
+            let mut session = Session::start(socket, false, Vec::new()).await;
+            // We want nothing of the honest side's offers; it wants nothing of ours (none), so
+            // it reports SYNCED first.
+            session.until(|s| !s.offered.is_empty()).await;
+            let actions = session.exchange.request(Vec::new());
+            session.apply(actions).await;
+            session.until(|s| s.remote_synced).await;
+            let actions = session.exchange.local_synced();
+            let mut messages = Vec::new();
+            for action in actions {
+                if let Action::Send(message) = action {
+                    messages.push(Message::Extension(Extension {
+                        name: "multifeed".to_owned(),
+                        message: message.encode(),
+                    }));
+                }
+            }
+            // The same frame goes on with a message no exchange expects after SYNCED.
+            let junk = multifeed_meta::Message::Handshake {
+                client: "MULTIFEED".to_owned(),
+                version: multifeed_meta::PROTOCOL_VERSION,
+                user_data: Vec::new(),
+            };
+            messages.push(Message::Extension(Extension {
+                name: "multifeed".to_owned(),
+                message: junk.encode(),
+            }));
+            let frame = batch_frame(ROOT, &messages).expect("frame");
+            session.peer.send_frame(frame).await.expect("sent");
+            Some(session)
+        },
+    )
+    .await;
+    result.expect("the sync completed");
 }

@@ -105,13 +105,20 @@ async fn one_side_empty() -> TestResult {
     let remote = &b.feeds()[0];
     assert!(!remote.is_writable());
     assert_eq!(remote.name(), None, "writer names never leave the machine");
-    match within("a Feed event on b", events.next()).await? {
-        Some(Event::Feed {
-            key, name: None, ..
-        }) => assert_eq!(&key, remote.key()),
-        other => return Err(format!("expected a remote Feed event, got {other:?}").into()),
+    // The peer's announcement (RemoteFeeds) comes first; the feed is recorded (Feed) once a
+    // signed root of it verified.
+    loop {
+        match within("a Feed event on b", events.next()).await? {
+            Some(Event::RemoteFeeds { keys }) => assert_eq!(&keys, &[*remote.key()]),
+            Some(Event::Feed {
+                key, name: None, ..
+            }) => {
+                assert_eq!(&key, remote.key());
+                return Ok(());
+            }
+            other => return Err(format!("expected a remote Feed event, got {other:?}").into()),
+        }
     }
-    Ok(())
 }
 
 #[async_std::test]

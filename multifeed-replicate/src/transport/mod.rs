@@ -6,6 +6,7 @@ mod guard;
 mod inspect;
 mod secure;
 
+#[cfg(any(test, feature = "hostile-peer"))]
 pub(crate) use batch::put_varint;
 pub(crate) use guard::Guard;
 pub(crate) use inspect::{weight_of_message, FrameLimits};
