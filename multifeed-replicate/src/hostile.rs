@@ -52,6 +52,18 @@ impl HostilePeer {
         futures::future::poll_fn(|cx| self.channel.poll_write_retrying(cx)).await
     }
 
+    /// Sends frames until one fails (the honest side hung up); returns how many went out.
+    pub async fn send_frames(&mut self, frames: impl IntoIterator<Item = Vec<u8>>) -> usize {
+        let mut sent = 0;
+        for frame in frames {
+            if self.send_frame(frame).await.is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        sent
+    }
+
     /// The next plaintext frame from the honest side.
     pub async fn next_frame(&mut self) -> io::Result<Vec<u8>> {
         if let Some(frame) = self.early.pop_front() {

@@ -3,53 +3,24 @@
 
 mod common;
 
-use std::sync::Arc;
-
-use common::{within, TestHost};
+use common::{against, seeded_rng, TestHost};
 use hypercore_protocol::schema::{Bitfield, Data};
 use hypercore_protocol::Message;
 use hypercore_schema::{DataBlock, Node};
 use multifeed_replicate::hostile::{message_frame, put_uint, HostilePeer};
-use multifeed_replicate::{
-    replicate, FeedHost, PeerViolation, ReplicateConfig, ReplicateError, ReplicateSummary,
-};
-use rand::{Rng, RngCore, SeedableRng};
-
-type Socket = async_std::os::unix::net::UnixStream;
-
-/// Runs an honest replication against `attack`, which gets the other end of the socket.
-async fn against<F, Fut>(
-    config: ReplicateConfig,
-    attack: F,
-) -> Result<ReplicateSummary, ReplicateError>
-where
-    F: FnOnce(Socket) -> Fut,
-    Fut: std::future::Future<Output = Option<HostilePeer>>,
-{
-    let (ours, theirs) = Socket::pair().expect("socket pair");
-    let host = TestHost::new();
-    host.writer(3).await;
-    let host: Arc<dyn FeedHost> = host;
-    let (result, _peer) = within(
-        "the honest side to end",
-        futures::future::join(replicate(ours, host, config), attack(theirs)),
-    )
-    .await;
-    result
-}
+use multifeed_replicate::{PeerViolation, ReplicateConfig, ReplicateError, ReplicateSummary};
+use rand::{Rng, RngCore};
 
 /// Sends `frames` right after the Noise handshake, as the initiator.
 async fn frames_after_handshake(
     config: ReplicateConfig,
     frames: Vec<Vec<u8>>,
 ) -> Result<ReplicateSummary, ReplicateError> {
-    against(config, |socket| async move {
+    let host = TestHost::new();
+    host.writer(3).await;
+    against(host, config, |socket| async move {
         let mut peer = HostilePeer::handshake(socket, true).await.ok()?;
-        for frame in frames {
-            if peer.send_frame(frame).await.is_err() {
-                break;
-            }
-        }
+        peer.send_frames(frames).await;
         Some(peer)
     })
     .await
@@ -60,18 +31,16 @@ async fn an_open_with_a_huge_channel_id_is_refused_before_the_key_check() {
     // u64::MAX panicked in the protocol's channel table, 2^32 and 2^40 aborted the process,
     // 20,000,000 cost 474 MB.
     for id in [u64::MAX, 1 << 40, 1 << 32, 20_000_000] {
-        let (ours, theirs) = Socket::pair().expect("socket pair");
-        let host: Arc<dyn FeedHost> = TestHost::new();
-        let attack = async move {
-            let mut peer = HostilePeer::handshake(theirs, true).await.expect("noise");
-            let open = peer.open_frame(id, &[7; 32]).expect("an open");
-            assert!(open.len() <= 100, "one small message");
-            peer.send_frame(open).await.expect("sent");
-            peer
-        };
-        let (result, _peer) = within(
-            "the honest side to end",
-            futures::future::join(replicate(ours, host, ReplicateConfig::new(false)), attack),
+        let result = against(
+            TestHost::new(),
+            ReplicateConfig::new(false),
+            |socket| async move {
+                let mut peer = HostilePeer::handshake(socket, true).await.expect("noise");
+                let open = peer.open_frame(id, &[7; 32]).expect("an open");
+                assert!(open.len() <= 100, "one small message");
+                peer.send_frame(open).await.expect("sent");
+                peer
+            },
         )
         .await;
         match result {
@@ -169,12 +138,7 @@ async fn well_formed_messages_on_unopened_channels_are_harmless() {
 /// typed error or a timeout; none panics, aborts or hangs. `MULTIFEED_SEED` replays a run.
 #[async_std::test]
 async fn random_frames_after_the_handshake_end_in_typed_errors() {
-    let seed = std::env::var("MULTIFEED_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random::<u64>);
-    println!("MULTIFEED_SEED={seed}");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut rng = seeded_rng();
     let mut codes = std::collections::BTreeMap::new();
     for _ in 0..60 {
         let mut frames = Vec::new();

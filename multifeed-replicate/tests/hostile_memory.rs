@@ -9,7 +9,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{peak_rss_bytes, within, TestHost};
+use common::{against, peak_rss_bytes, within, TestHost};
 use futures::AsyncWriteExt;
 use hypercore_protocol::schema::{Request, Synchronize};
 use hypercore_protocol::Message;
@@ -56,33 +56,22 @@ fn request(id: u64, index: u64) -> Message {
 async fn requests_without_reading() -> u64 {
     let host = TestHost::new();
     let feed = host.writer_sized(200, 64 * 1024).await;
-    let host: Arc<dyn FeedHost> = host;
     let before = peak_rss_bytes();
-    let (ours, theirs) = Socket::pair().expect("socket pair");
     let config = ReplicateConfig::new(false).max_queued_requests(2_000);
-    let attack = async move {
-        let mut peer = opened(theirs, &feed).await;
-        for batch in 0..40u64 {
+    let result = against(host, config, |socket| async move {
+        let mut peer = opened(socket, &feed).await;
+        let frames = (0..40u64).map(|batch| {
             let messages: Vec<Message> = (0..500)
                 .map(|i| {
                     let id = batch * 500 + i;
                     request(id + 1, id % 200)
                 })
                 .collect();
-            if peer
-                .send_frame(batch_frame(2, &messages).expect("frame"))
-                .await
-                .is_err()
-            {
-                break;
-            }
-        }
+            batch_frame(2, &messages).expect("frame")
+        });
+        peer.send_frames(frames).await;
         peer
-    };
-    let (result, _peer) = within(
-        "the honest side to drop the peer",
-        futures::future::join(replicate(ours, host, config), attack),
-    )
+    })
     .await;
     let err = result.expect_err("the peer is dropped");
     assert!(
@@ -102,13 +91,11 @@ async fn requests_without_reading() -> u64 {
 async fn a_flood_of_small_messages() -> u64 {
     let host = TestHost::new();
     let feed = host.writer(3).await;
-    let host: Arc<dyn FeedHost> = host;
     let before = peak_rss_bytes();
-    let (ours, theirs) = Socket::pair().expect("socket pair");
     // The peer never completes the multifeed handshake: the handshake timeout ends it.
     let config = ReplicateConfig::new(false).handshake_timeout(Duration::from_secs(3));
-    let attack = async move {
-        let mut peer = opened(theirs, &feed).await;
+    let result = against(host, config, |socket| async move {
+        let mut peer = opened(socket, &feed).await;
         let sync = Message::Synchronize(Synchronize {
             fork: 0,
             length: 3,
@@ -117,22 +104,10 @@ async fn a_flood_of_small_messages() -> u64 {
             uploading: true,
             can_upgrade: false,
         });
-        let messages = vec![sync; 10_000];
-        for _ in 0..50 {
-            if peer
-                .send_frame(batch_frame(2, &messages).expect("frame"))
-                .await
-                .is_err()
-            {
-                break;
-            }
-        }
+        let frame = batch_frame(2, &vec![sync; 10_000]).expect("frame");
+        peer.send_frames(std::iter::repeat_n(frame, 50)).await;
         peer
-    };
-    let (result, _peer) = within(
-        "the honest side to time out",
-        futures::future::join(replicate(ours, host, config), attack),
-    )
+    })
     .await;
     let err = result.expect_err("no progress");
     assert!(
@@ -199,29 +174,20 @@ async fn large_frames_before_the_handshake() -> u64 {
 async fn opens_of_unknown_feeds() -> u64 {
     let host = TestHost::new();
     host.writer(1).await;
-    let host: Arc<dyn FeedHost> = host;
     let before = peak_rss_bytes();
-    let (ours, theirs) = Socket::pair().expect("socket pair");
-    let attack = async move {
-        let mut peer = HostilePeer::handshake(theirs, true).await.expect("noise");
+    let result = against(host, ReplicateConfig::new(false), |socket| async move {
+        let mut peer = HostilePeer::handshake(socket, true).await.expect("noise");
         let root = peer.open_frame(1, &DEFAULT_ENCRYPTION_KEY).expect("open");
         peer.send_frame(root).await.expect("sent");
         peer.wait_open(&DEFAULT_ENCRYPTION_KEY)
             .await
             .expect("root opened");
-        for id in 2..5_002u64 {
-            let key: [u8; 32] = rand::random();
-            let open = peer.open_frame(id, &key).expect("open");
-            if peer.send_frame(open).await.is_err() {
-                break;
-            }
-        }
+        let opens: Vec<Vec<u8>> = (2..5_002u64)
+            .map(|id| peer.open_frame(id, &rand::random()).expect("open"))
+            .collect();
+        peer.send_frames(opens).await;
         peer
-    };
-    let (result, _peer) = within(
-        "the honest side to drop the peer",
-        futures::future::join(replicate(ours, host, ReplicateConfig::new(false)), attack),
-    )
+    })
     .await;
     let err = result.expect_err("the peer is dropped");
     assert!(

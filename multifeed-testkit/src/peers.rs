@@ -48,11 +48,16 @@ pub async fn fill(
     Ok(())
 }
 
-/// Every feed's length and a hash of its stored entries (missing entries hash as absent).
+/// Every non-empty feed's length and a hash of its stored entries (missing entries hash as
+/// absent). Empty feeds are left out: a peer records a feed it learns of only once a signed
+/// root of it verified, and an empty feed has none yet.
 pub async fn digest(multi: &Multifeed) -> Result<Digest, Error> {
     let mut out = Digest::new();
     for feed in multi.feeds() {
         let len = feed.len().await?;
+        if len == 0 {
+            continue;
+        }
         let mut hasher = DefaultHasher::new();
         for i in 0..len {
             feed.get(i).await?.hash(&mut hasher);
@@ -62,7 +67,7 @@ pub async fn digest(multi: &Multifeed) -> Result<Digest, Error> {
     Ok(out)
 }
 
-/// Whether all peers hold the same feeds with the same, complete entries.
+/// Whether all peers hold the same non-empty feeds with the same, complete entries.
 pub async fn converged(peers: &[&Multifeed]) -> Result<bool, Error> {
     let mut first: Option<Digest> = None;
     for peer in peers {

@@ -24,6 +24,7 @@ pub(crate) struct Config {
     pub(crate) core_options: CoreOptions,
     pub(crate) event_capacity: usize,
     pub(crate) encryption_key: Option<[u8; 32]>,
+    pub(crate) max_remote_feeds: usize,
 }
 
 /// Builds a [`Multifeed`] with options; from [`Multifeed::builder`].
@@ -45,12 +46,21 @@ impl Default for MultifeedBuilder {
                 core_options: CoreOptions::default(),
                 event_capacity: 1024,
                 encryption_key: None,
+                max_remote_feeds: 1_000_000,
             },
         }
     }
 }
 
 impl MultifeedBuilder {
+    /// The most feeds learned from peers this store keeps (default 1,000,000), over all
+    /// replications and restarts; a replication that would add one more fails with
+    /// [`Error::TooManyFeeds`](crate::Error::TooManyFeeds). Local writers do not count.
+    pub fn max_remote_feeds(mut self, max: usize) -> Self {
+        self.config.max_remote_feeds = max;
+        self
+    }
+
     /// Keep every feed in memory (the default).
     pub fn memory(mut self) -> Self {
         self.storage = StorageChoice::Memory;

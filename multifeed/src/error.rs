@@ -64,6 +64,13 @@ pub enum Error {
     /// A value could not be encoded as JSON.
     #[error("value cannot be encoded as JSON: {0}")]
     Encode(#[source] serde_json::Error),
+    /// The store already keeps as many feeds learned from peers as it may
+    /// ([`MultifeedBuilder::max_remote_feeds`](crate::MultifeedBuilder::max_remote_feeds)).
+    #[error("the store keeps {limit} feeds learned from peers, its limit")]
+    TooManyFeeds {
+        /// The limit.
+        limit: usize,
+    },
     /// Replication failed.
     #[error(transparent)]
     Replicate(#[from] multifeed_replicate::ReplicateError),

@@ -40,11 +40,16 @@ struct FeedTable {
     list: Vec<Arc<FeedSlot>>,
     by_key: HashMap<FeedKey, usize>,
     by_name: HashMap<String, usize>,
+    /// Feeds learned from peers.
+    remote: usize,
 }
 
 impl FeedTable {
     fn insert(&mut self, slot: Arc<FeedSlot>) {
         let at = self.list.len();
+        if slot.record.origin == FeedOrigin::Remote {
+            self.remote += 1;
+        }
         self.by_key.insert(slot.record.key, at);
         if let Some(name) = &slot.record.name {
             self.by_name.entry(name.clone()).or_insert(at);
@@ -188,6 +193,10 @@ impl Multifeed {
             return Ok(feed);
         }
         let root = root.as_mut().ok_or(Error::Closed)?;
+        let limit = self.inner.config.max_remote_feeds;
+        if self.inner.table().remote >= limit {
+            return Err(Error::TooManyFeeds { limit });
+        }
         let key_pair = PartialKeypair {
             public,
             secret: None,

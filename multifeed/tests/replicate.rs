@@ -527,3 +527,27 @@ async fn sync_durability_fsyncs_replicated_batches_not_blocks() -> TestResult {
     }
     Ok(())
 }
+
+#[async_std::test]
+async fn a_store_keeps_at_most_max_remote_feeds() -> TestResult {
+    let a = Multifeed::open_memory().await?;
+    for w in 0..5 {
+        a.writer(&format!("w{w}")).await?.append(b"x").await?;
+    }
+    let b = Multifeed::builder().max_remote_feeds(2).open().await?;
+    b.writer("own").await?.append(b"mine").await?;
+    let (_, rb) = sync(
+        &a,
+        &b,
+        ReplicateOptions::new(true),
+        ReplicateOptions::new(false),
+    )
+    .await?;
+    let err = rb.expect_err("the third remote feed is refused");
+    assert!(err.to_string().contains("limit"), "{err}");
+    let remote = b.feeds().iter().filter(|f| !f.is_writable()).count();
+    assert_eq!(remote, 2, "exactly the limit is kept");
+    // Local writers do not count against it.
+    b.writer("another").await?;
+    Ok(())
+}

@@ -9,7 +9,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::stream::BoxStream;
 use hypercore::{HypercoreBuilder, PartialKeypair, Storage, VerifyingKey};
-use multifeed_replicate::{FeedHost, HostError, LocalFeed};
+use multifeed_replicate::{
+    replicate, FeedHost, HostError, LocalFeed, ReplicateConfig, ReplicateError, ReplicateSummary,
+};
 use multifeed_storage::{FeedKey, SharedCore};
 
 /// Feeds in memory; `serve_as` makes it lie: it serves another core under a key; `phantom`
@@ -152,4 +154,34 @@ pub fn peak_rss_bytes() -> u64 {
             line.split_whitespace().nth(1)?.parse::<u64>().ok()
         })
         .map_or(0, |kib| kib * 1024)
+}
+
+/// Runs an honest replication of `host` against `attack`, which gets the other end of a socket
+/// pair; whatever the attack returns (its connection) is kept until the honest side ended.
+pub async fn against<T, Fut>(
+    host: Arc<dyn FeedHost>,
+    config: ReplicateConfig,
+    attack: impl FnOnce(async_std::os::unix::net::UnixStream) -> Fut,
+) -> Result<ReplicateSummary, ReplicateError>
+where
+    Fut: std::future::Future<Output = T>,
+{
+    let (ours, theirs) = async_std::os::unix::net::UnixStream::pair().expect("socket pair");
+    let (result, _kept) = within(
+        "the honest side to end",
+        futures::future::join(replicate(ours, host, config), attack(theirs)),
+    )
+    .await;
+    result
+}
+
+/// A random generator from `MULTIFEED_SEED`, or a fresh seed, printed for replay.
+pub fn seeded_rng() -> rand::rngs::StdRng {
+    use rand::SeedableRng;
+    let seed = std::env::var("MULTIFEED_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random::<u64>);
+    println!("MULTIFEED_SEED={seed}");
+    rand::rngs::StdRng::seed_from_u64(seed)
 }
