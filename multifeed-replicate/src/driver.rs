@@ -331,30 +331,34 @@ impl Driver {
             }
             // Handle every message that is already here before writing: the answers and new
             // requests then leave together, in one frame per run of a channel's messages.
-            if self.outbox_len < MAX_OUTBOX && self.outbox_weight < MAX_OUTBOX_WEIGHT {
-                if let Some(Some((dk, messages))) = self.inbound.next().now_or_never() {
-                    if let Next::Done = self.on_messages(dk, messages).await? {
-                        break;
+            if self.outbox_len >= MAX_OUTBOX || self.outbox_weight >= MAX_OUTBOX_WEIGHT {
+                self.flush_outbox().await?;
+                continue;
+            }
+            if let Some(Some((dk, messages))) = self.inbound.next().now_or_never() {
+                if let Next::Done = self.on_messages(dk, messages).await? {
+                    break;
+                }
+                self.check_synced().await?;
+                continue;
+            }
+            if let Some(item) = events.next().now_or_never() {
+                match self.on_protocol_item(item, &mut events).await {
+                    Step::Next(Next::Continue) => {
+                        self.check_synced().await?;
+                        continue;
                     }
-                    self.check_synced().await?;
-                    continue;
+                    Step::Next(Next::Done) => break,
+                    Step::End(result) => return result,
                 }
-                if let Some(item) = events.next().now_or_never() {
-                    match self.on_protocol_item(item, &mut events).await {
-                        Step::Next(Next::Continue) => {
-                            self.check_synced().await?;
-                            continue;
-                        }
-                        Step::Next(Next::Done) => break,
-                        Step::End(result) => return result,
-                    }
-                }
-                // Every message the protocol decoded was taken: it may read more.
-                self.backlog.input_taken();
-                if !self.deferred.is_empty() && !self.outgoing_full() {
-                    self.serve_deferred().await?;
-                    continue;
-                }
+            }
+            // Every message the protocol decoded was taken: it may read more. (Only here, and
+            // always before waiting: a reader held back while the driver waits would stall
+            // both.)
+            self.backlog.input_taken();
+            if !self.deferred.is_empty() && !self.outgoing_full() {
+                self.serve_deferred().await?;
+                continue;
             }
             self.flush_outbox().await?;
             let waiting = !self.deferred.is_empty();

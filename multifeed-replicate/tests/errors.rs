@@ -153,6 +153,24 @@ async fn feeds_replicate_between_two_hosts() {
     assert_eq!(a.entries(&ka).await, b.entries(&ka).await);
 }
 
+#[async_std::test]
+async fn ten_feeds_each_way_replicate_in_both_directions() {
+    let (a, b) = (TestHost::new(), TestHost::new());
+    for _ in 0..10 {
+        a.writer(1000).await;
+        b.writer(1000).await;
+    }
+    let (ra, rb) = both(
+        a.clone(),
+        b.clone(),
+        ReplicateConfig::new(true).idle_timeout(Duration::from_secs(5)),
+        ReplicateConfig::new(false).idle_timeout(Duration::from_secs(5)),
+    )
+    .await;
+    let (sa, sb) = (ra.expect("a"), rb.expect("b"));
+    assert_eq!((sa.blocks_received, sb.blocks_received), (10_000, 10_000));
+}
+
 fn fake_keys(count: u32) -> Vec<[u8; 32]> {
     (0..count)
         .map(|i| {
