@@ -9,15 +9,18 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{against, peak_rss_bytes, within, TestHost};
+use common::{against, peak_rss_bytes, seeded_rng, within, TestHost};
 use futures::AsyncWriteExt;
-use hypercore_protocol::schema::{Request, Synchronize};
+use hypercore_protocol::schema::{
+    Bitfield, Data, Extension, NoData, Range, Request, Synchronize, Want,
+};
 use hypercore_protocol::Message;
-use hypercore_schema::RequestBlock;
+use hypercore_schema::{DataBlock, Node, RequestBlock, RequestUpgrade};
 use multifeed_replicate::hostile::{batch_frame, HostilePeer};
 use multifeed_replicate::{
     replicate, FeedHost, PeerViolation, ReplicateConfig, ReplicateError, DEFAULT_ENCRYPTION_KEY,
 };
+use rand::Rng;
 
 type Socket = async_std::os::unix::net::UnixStream;
 
@@ -203,6 +206,133 @@ async fn opens_of_unknown_feeds() -> u64 {
     peak_rss_bytes().saturating_sub(before)
 }
 
+/// One random message with random field values (the kinds the protocol decodes).
+fn random_message(rng: &mut impl Rng) -> Message {
+    let mut number = || match rng.gen_range(0..4) {
+        0 => rng.gen_range(0..4),
+        1 => rng.gen_range(0..100_000),
+        2 => u64::MAX - rng.gen_range(0..2),
+        _ => rng.gen(),
+    };
+    let (a, b, c) = (number(), number(), number());
+    let nodes = |n: usize| -> Vec<Node> {
+        (0..n)
+            .map(|i| Node::new(i as u64, vec![7; 32], 1))
+            .collect()
+    };
+    match rng.gen_range(0..8) {
+        0 => Message::Synchronize(Synchronize {
+            fork: a,
+            length: b,
+            remote_length: c,
+            downloading: true,
+            uploading: true,
+            can_upgrade: true,
+        }),
+        1 => Message::Request(Request {
+            id: a,
+            fork: 0,
+            block: Some(RequestBlock { index: b, nodes: c }),
+            hash: None,
+            seek: None,
+            upgrade: rng.gen_bool(0.5).then_some(RequestUpgrade {
+                start: c,
+                length: a,
+            }),
+            manifest: false,
+            priority: 0,
+        }),
+        2 => Message::Data(Data {
+            request: a,
+            fork: 0,
+            block: Some(DataBlock {
+                index: b,
+                value: vec![1; rng.gen_range(0..100)],
+                nodes: nodes(rng.gen_range(0..4)),
+            }),
+            hash: None,
+            seek: None,
+            upgrade: None,
+        }),
+        3 => Message::Bitfield(Bitfield {
+            start: a,
+            bitfield: vec![rng.gen(); rng.gen_range(0..8)],
+        }),
+        4 => Message::Range(Range {
+            drop: rng.gen(),
+            start: a,
+            length: b,
+        }),
+        5 => Message::Want(Want {
+            start: a,
+            length: b,
+        }),
+        6 => Message::NoData(NoData { request: a }),
+        _ => Message::Extension(Extension {
+            name: if rng.gen() { "multifeed" } else { "other" }.to_owned(),
+            message: (0..rng.gen_range(0..40)).map(|_| rng.gen()).collect(),
+        }),
+    }
+}
+
+/// 100 connections with the key, each sending random well-formed and mutated messages on its
+/// open root and feed channels (they reach the driver, the meta exchange and the feed's sync,
+/// not just the guard).
+async fn random_messages_on_an_open_channel() -> u64 {
+    let host = TestHost::new();
+    let feed = host.writer(20).await;
+    let host: Arc<dyn FeedHost> = host;
+    let before = peak_rss_bytes();
+    let mut rng = seeded_rng();
+    let mut runs = Vec::new();
+    for _ in 0..100 {
+        let frames: Vec<Vec<u8>> = (0..rng.gen_range(1..6))
+            .map(|_| {
+                let messages: Vec<Message> = (0..rng.gen_range(1..4))
+                    .map(|_| random_message(&mut rng))
+                    .collect();
+                // The root channel (the exchange) or the feed's channel (its sync).
+                let mut frame = batch_frame(rng.gen_range(1..3), &messages).expect("frame");
+                if rng.gen_bool(0.3) {
+                    let at = rng.gen_range(0..frame.len());
+                    frame[at] = rng.gen();
+                }
+                frame
+            })
+            .collect();
+        let config = ReplicateConfig::new(false)
+            .handshake_timeout(Duration::from_secs(2))
+            .idle_timeout(Duration::from_secs(2));
+        runs.push(against(host.clone(), config, |socket| async move {
+            let mut peer = opened(socket, &feed).await;
+            peer.send_frames(frames).await;
+            peer
+        }));
+    }
+    let mut codes = std::collections::BTreeMap::new();
+    for result in futures::future::join_all(runs).await {
+        let code = match &result {
+            Ok(_) => "ok",
+            Err(err) => err.code(),
+        };
+        *codes.entry(code).or_insert(0) += 1;
+        assert!(
+            matches!(
+                code,
+                "ERR_MALFORMED_MESSAGE"
+                    | "ERR_CONNECTION"
+                    | "ERR_TIMEOUT"
+                    | "ERR_INVALID_PROOF"
+                    | "ERR_UNEXPECTED_MESSAGE"
+                    | "ERR_PEER_LIMIT"
+            ),
+            "unexpected result {result:?}"
+        );
+    }
+    println!("random messages: {codes:?}");
+    peak_rss_bytes().saturating_sub(before)
+}
+
 #[async_std::test]
 async fn what_a_hostile_peer_can_make_us_hold_is_bounded() {
     let mut report = Vec::new();
@@ -218,6 +348,9 @@ async fn what_a_hostile_peer_can_make_us_hold_is_bounded() {
     let growth = opens_of_unknown_feeds().await;
     report.push(("5,000 opens of unknown feeds", growth));
     assert!(growth < 60 * MIB, "{report:?}");
+    let growth = random_messages_on_an_open_channel().await;
+    report.push(("100 connections of random messages", growth));
+    assert!(growth < 120 * MIB, "{report:?}");
     for (what, growth) in report {
         println!("{what}: peak resident memory grew {} MB", growth / MIB);
     }
