@@ -1476,9 +1476,12 @@ impl Driver {
     }
 }
 
-/// Whether a Data message answers what was asked: the block asked for (or none), and the
-/// upgrade when only an upgrade was asked for.
+/// Whether a Data message answers what was asked: the block asked for (or none), the upgrade
+/// when only an upgrade was asked for, and no upgrade we did not ask for.
 fn answers(asked: Asked, data: &Data) -> bool {
+    if asked_no_upgrade(asked) && data.upgrade.is_some() {
+        return false;
+    }
     match (asked, &data.block) {
         (Asked::Block(index) | Asked::UpgradeAndBlock(index), Some(block)) => block.index == index,
         (Asked::Block(_), None) => false,
@@ -1486,6 +1489,10 @@ fn answers(asked: Asked, data: &Data) -> bool {
         (Asked::Upgrade, Some(_)) => false,
         (Asked::Upgrade, None) => data.upgrade.is_some(),
     }
+}
+
+fn asked_no_upgrade(asked: Asked) -> bool {
+    matches!(asked, Asked::Block(_))
 }
 
 /// Whether a block below the contiguous length (so certainly held) is `index`.

@@ -129,7 +129,11 @@ where
     let (result, _session) = within(
         "the honest side to end",
         bound,
-        futures::future::join(honest.replicate(ours, options), attack(theirs)),
+        // On the heap: debug builds of these futures are large.
+        futures::future::join(
+            Box::pin(honest.replicate(ours, options)),
+            Box::pin(attack(theirs)),
+        ),
     )
     .await;
     result
@@ -445,4 +449,100 @@ async fn junk_after_both_sides_synced_does_not_undo_a_completed_sync() {
     )
     .await;
     result.expect("the sync completed");
+}
+
+#[async_std::test]
+async fn an_answer_about_another_block_is_ignored_not_an_invalid_proof() {
+    // Was: a valid proof that answered another request than the one asked was applied and
+    // reported as ERR_INVALID_PROOF ("index out of bounds").
+    use hypercore::{HypercoreBuilder, Storage};
+    let storage = Storage::new_memory().await.expect("memory storage");
+    let mut core = HypercoreBuilder::new(storage).build().await.expect("core");
+    for i in 0..5 {
+        core.append(format!("entry {i}").as_bytes())
+            .await
+            .expect("append");
+    }
+    let key = core.key_pair().public.to_bytes();
+    let honest = Multifeed::open_memory().await.expect("memory store");
+    let result = against(
+        &honest,
+        ReplicateOptions::new(false),
+        Duration::from_secs(30),
+        |socket| async move {
+            let offer = FeedOffer { key, length: 5 };
+            let mut session = Session::start(socket, false, vec![offer]).await;
+            session.until(|s| s.agreed.contains(&key)).await;
+            let actions = session.exchange.local_synced();
+            session.apply(actions).await;
+            session.peer.wait_open(&key).await.expect("feed opened");
+            let open = session.peer.open_frame(FEED, &key).expect("open");
+            session.peer.send_frame(open).await.expect("sent");
+            let sync = Message::Synchronize(Synchronize {
+                fork: 0,
+                length: 5,
+                remote_length: 0,
+                downloading: true,
+                uploading: true,
+                can_upgrade: true,
+            });
+            let frame = message_frame(FEED, &sync).expect("frame");
+            session.peer.send_frame(frame).await.expect("sent");
+            let mut misled = 0;
+            while let Ok(messages) = session.peer.next_messages().await {
+                for (_, message) in messages {
+                    let Message::Request(request) = message else {
+                        continue;
+                    };
+                    let mut block = request.block.clone();
+                    let mut upgrade = request.upgrade.clone();
+                    // The first answers are valid proofs of something not asked for: the next
+                    // block instead, or the block with an upgrade that was not asked for.
+                    if misled < 6 {
+                        if let Some(block) = block.as_mut() {
+                            if upgrade.is_none() && misled % 2 == 1 {
+                                upgrade = Some(hypercore_schema::RequestUpgrade {
+                                    start: 0,
+                                    length: 5,
+                                });
+                            } else {
+                                block.index = (block.index + 1) % 5;
+                            }
+                            misled += 1;
+                        }
+                    }
+                    let proof = core
+                        .create_proof(block, None, None, upgrade)
+                        .await
+                        .expect("a proof")
+                        .expect("we hold it");
+                    let data = Message::Data(Data {
+                        request: request.id,
+                        fork: proof.fork,
+                        block: proof.block,
+                        hash: proof.hash,
+                        seek: proof.seek,
+                        upgrade: proof.upgrade,
+                    });
+                    let frame = message_frame(FEED, &data).expect("frame");
+                    if session.peer.send_frame(frame).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            assert!(misled > 0, "the honest side asked for a block");
+            None::<Session>
+        },
+    )
+    .await;
+    result.expect("the misdirected answers were ignored and asked again");
+    let feed = honest
+        .feed(key)
+        .expect("key")
+        .expect("the feed was recorded");
+    assert_eq!(feed.len().await.expect("len"), 5);
+    for i in 0..5 {
+        let entry = feed.get(i).await.expect("get").expect("entry present");
+        assert_eq!(entry, format!("entry {i}").into_bytes());
+    }
 }
