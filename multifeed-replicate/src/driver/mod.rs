@@ -3,7 +3,6 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,18 +10,24 @@ use futures::channel::mpsc;
 use futures::select_biased;
 use futures::stream::{BoxStream, SelectAll, StreamExt};
 use futures::FutureExt;
-use hypercore_protocol::schema::{Data, NoData, Range, Request, Synchronize};
+use hypercore_protocol::schema::{Range, Request, Synchronize};
 use hypercore_protocol::{discovery_key, Channel, CommandTx, Event, Message, Protocol};
-use hypercore_schema::{RequestBlock, RequestUpgrade};
 use multifeed_meta::{Action, Exchange, ExchangeConfig, FeedOffer};
 use multifeed_storage::{FeedKey, SharedCore};
 
-use crate::backlog::{Backlog, OUTGOING_HIGH};
+use crate::backlog::Backlog;
 use crate::close::CloseSignal;
 use crate::error::PeerViolation;
-use crate::sync::{Asked, SyncState};
+use crate::sync::SyncState;
 use crate::transport::{weight_of_message, FrameLimits, Guard};
 use crate::{FeedHost, ReplicateConfig, ReplicateError, ReplicateSummary, ReplicationEvent};
+
+mod fetch;
+mod probe;
+mod serve;
+mod watchdog;
+
+use probe::{probe_core, usable_feed_key};
 
 /// Name of the extension message that carries the meta exchange on the root channel.
 pub(crate) const EXTENSION: &str = "multifeed";
@@ -40,9 +45,6 @@ pub(crate) const MAX_UNKNOWN_CHANNELS: usize = 1024;
 pub(crate) const MAX_PROBES: usize = 1024;
 /// Answers in a row for one feed that bring no block and no length before the peer is dropped.
 pub(crate) const MAX_FRUITLESS_ANSWERS: u32 = 64;
-/// How long the driver may stay stuck after the connection failed before the failure is
-/// returned anyway.
-const END_GRACE: Duration = Duration::from_secs(2);
 const LINGER: Duration = Duration::from_secs(5);
 const BARRIER: &str = "multifeed-close-barrier";
 
@@ -50,9 +52,7 @@ type DiscoveryKey = [u8; 32];
 
 /// Runs one replication over an encrypted connection until it finishes, stops or fails.
 ///
-/// Three futures share the task: the driver, the pump (which always polls the protocol, so no
-/// send of the driver can deadlock, and contains a panic of it), and a watchdog that ends the
-/// replication when a timeout passes, whatever the driver is waiting for.
+/// Three futures share the task: the driver, the pump and the watchdog (see [`watchdog`]).
 pub(crate) async fn run(
     cipher: Box<dyn hypercore_handshake::CipherTrait>,
     close: Option<CloseSignal>,
@@ -63,44 +63,11 @@ pub(crate) async fn run(
     let limits = FrameLimits {
         max_channels: config.max_channels,
     };
-    let mut protocol = Protocol::new(Box::new(Guard::new(cipher, limits, backlog.clone())));
+    let protocol = Protocol::new(Box::new(Guard::new(cipher, limits, backlog.clone())));
     let commands = protocol.commands();
     let (events_tx, events_rx) = mpsc::unbounded::<io::Result<Event>>();
-    let pump_backlog = backlog.clone();
-    let pump = async move {
-        loop {
-            let next = AssertUnwindSafe(protocol.next()).catch_unwind().await;
-            let err = match next {
-                Ok(Some(Ok(event))) => {
-                    if events_tx.unbounded_send(Ok(event)).is_err() {
-                        futures::future::pending::<()>().await;
-                    }
-                    continue;
-                }
-                Ok(Some(Err(err))) => err,
-                Ok(None) => io::ErrorKind::UnexpectedEof.into(),
-                Err(_panic) => PeerViolation::ProtocolPanic.into_io(),
-            };
-            // The driver hears of the end first; if it is stuck in a wait that only the
-            // protocol could end, the end is returned from here.
-            let kind = err.kind();
-            let text = err.to_string();
-            let violation = PeerViolation::from_io(&err).cloned();
-            let _ = events_tx.unbounded_send(Err(err));
-            async_io::Timer::after(END_GRACE).await;
-            let phase = if pump_backlog.is_noise_done() {
-                "replication"
-            } else {
-                "noise handshake"
-            };
-            let source = match violation {
-                Some(violation) => violation.into_io(),
-                None => io::Error::new(kind, text),
-            };
-            return ReplicateError::io(phase, source);
-        }
-    };
-    let watchdog = watch(backlog.clone(), Timeouts::of(&config));
+    let pump = watchdog::pump(protocol, events_tx, backlog.clone());
+    let watchdog = watchdog::watch(backlog.clone(), watchdog::Timeouts::of(&config));
     let driver = Driver::new(host, config, commands, close, backlog);
     // All live on the heap: the driver's state machine is large.
     let logic = Box::pin(driver.run(events_rx));
@@ -108,64 +75,6 @@ pub(crate) async fn run(
     match futures::future::select(logic, ended).await {
         futures::future::Either::Left((result, _)) => result,
         futures::future::Either::Right((either, _)) => Err(either.factor_first().0),
-    }
-}
-
-/// The timeouts the watchdog enforces.
-struct Timeouts {
-    handshake: Duration,
-    idle: Duration,
-    live: bool,
-    /// Live multifeed peers only: plain Hypercore peers send no keep-alive.
-    keepalive: Option<Duration>,
-}
-
-impl Timeouts {
-    fn of(config: &ReplicateConfig) -> Self {
-        Self {
-            handshake: config.handshake_timeout,
-            idle: config.idle_timeout,
-            live: config.live,
-            keepalive: (config.live && config.plain_feeds.is_none()).then_some(config.live_timeout),
-        }
-    }
-}
-
-/// Resolves with the timeout that passed first: the handshakes, a non-live replication that
-/// made no progress, or a live peer that sent nothing (not even a keep-alive).
-async fn watch(backlog: Arc<Backlog>, timeouts: Timeouts) -> ReplicateError {
-    let Timeouts {
-        handshake: handshake_timeout,
-        idle: idle_timeout,
-        live,
-        keepalive: live_timeout,
-    } = timeouts;
-    loop {
-        async_io::Timer::after(TICK).await;
-        if !backlog.is_exchange_done() {
-            if backlog.age() > handshake_timeout {
-                return ReplicateError::Timeout {
-                    phase: if backlog.is_noise_done() {
-                        "exchange handshake"
-                    } else {
-                        "noise handshake"
-                    },
-                };
-            }
-            continue;
-        }
-        if !live && backlog.since_progress() > idle_timeout {
-            return ReplicateError::Timeout {
-                phase: "replication",
-            };
-        }
-        if let Some(timeout) = live_timeout {
-            if backlog.since_received() > timeout {
-                return ReplicateError::Timeout {
-                    phase: "live keep-alive",
-                };
-            }
-        }
     }
 }
 
@@ -415,25 +324,6 @@ impl Driver {
             Some(Err(err)) => Step::End(self.on_connection_end(err)),
             None => Step::End(self.on_connection_end(io::ErrorKind::UnexpectedEof.into())),
         }
-    }
-
-    /// Whether what waits for the transport is above the high-water mark: requests then wait.
-    fn outgoing_full(&self) -> bool {
-        self.backlog.outgoing() + self.outbox_weight > OUTGOING_HIGH
-    }
-
-    /// Answers waiting requests while the transport keeps up.
-    async fn serve_deferred(&mut self) -> Result<(), ReplicateError> {
-        while !self.outgoing_full()
-            && self.outbox_len < MAX_OUTBOX
-            && self.outbox_weight < MAX_OUTBOX_WEIGHT
-        {
-            let Some((dk, request)) = self.deferred.pop_front() else {
-                break;
-            };
-            self.serve(dk, request).await?;
-        }
-        Ok(())
     }
 
     /// A live keep-alive tick: tell the peer we are here if we sent nothing else since the last.
@@ -1052,83 +942,6 @@ impl Driver {
         Ok(Next::Continue)
     }
 
-    /// Asks the peer for the upgrade and the blocks we lack, keeping many requests in flight.
-    async fn request_more(&mut self, dk: DiscoveryKey) -> Result<(), ReplicateError> {
-        let Some(feed) = self.feeds.get_mut(&dk) else {
-            return Ok(());
-        };
-        let Some(channel) = feed.channel.clone() else {
-            return Ok(());
-        };
-        let mut messages = Vec::new();
-        {
-            let mut core = feed.core.lock().await;
-            let info = core.info();
-            if let Some((id, block)) =
-                feed.sync
-                    .start_upgrade(info.fork, info.length, info.contiguous_length)
-            {
-                let block = match block {
-                    Some(index) => Some(RequestBlock {
-                        index,
-                        nodes: core
-                            .missing_nodes(index)
-                            .await
-                            .map_err(|e| ReplicateError::hypercore(&feed.key, e))?,
-                    }),
-                    None => None,
-                };
-                let upgrade = RequestUpgrade {
-                    start: info.length,
-                    length: feed.sync.remote_length() - info.length,
-                };
-                messages.push(Message::Request(request(
-                    id,
-                    info.fork,
-                    block,
-                    Some(upgrade),
-                )));
-            }
-            let blocks = feed
-                .sync
-                .next_blocks(info.contiguous_length, info.length, |i| core.has(i));
-            for (index, id) in blocks {
-                // The block before, asked for earlier, is stored by the time this answer comes.
-                let optimistic = !feed.cautious
-                    && info.fork == 0
-                    && index > info.contiguous_length
-                    && feed.sync.block_in_flight(index - 1);
-                let held_below = if optimistic {
-                    feed.optimistic.insert(id);
-                    index
-                } else {
-                    info.contiguous_length
-                };
-                let nodes =
-                    match crate::sync::nodes_to_ask(index, info.fork, held_below, info.length) {
-                        Some(nodes) => nodes,
-                        None => core
-                            .missing_nodes(index)
-                            .await
-                            .map_err(|e| ReplicateError::hypercore(&feed.key, e))?,
-                    };
-                messages.push(Message::Request(request(
-                    id,
-                    info.fork,
-                    Some(RequestBlock { index, nodes }),
-                    None,
-                )));
-            }
-        }
-        if messages.is_empty() {
-            return Ok(());
-        }
-        // A new burst: the blocks of the previous one are a batch the host may make durable.
-        self.blocks_stored().await?;
-        self.queue(dk, &channel, messages);
-        Ok(())
-    }
-
     /// Lets the host make the blocks stored so far durable.
     async fn blocks_stored(&mut self) -> Result<(), ReplicateError> {
         if std::mem::take(&mut self.unsynced_blocks) {
@@ -1136,277 +949,6 @@ impl Driver {
                 .blocks_stored()
                 .await
                 .map_err(ReplicateError::Host)?;
-        }
-        Ok(())
-    }
-
-    /// Answers a request with a proof, or NoData.
-    async fn serve(&mut self, dk: DiscoveryKey, request: Request) -> Result<(), ReplicateError> {
-        let Some(feed) = self.feeds.get(&dk) else {
-            return Ok(());
-        };
-        let Some(channel) = feed.channel.clone() else {
-            return Ok(());
-        };
-        let proof = {
-            let mut core = feed.core.lock().await;
-            if crate::sync::servable(&request, core.info().length) {
-                // Validation keeps hypercore 0.16 from panicking on hostile requests; a panic
-                // it still finds is contained and answered like a request we cannot serve.
-                AssertUnwindSafe(core.create_proof(
-                    request.block,
-                    request.hash,
-                    request.seek,
-                    request.upgrade,
-                ))
-                .catch_unwind()
-                .await
-                .unwrap_or(Ok(None))
-            } else {
-                Ok(None)
-            }
-        };
-        let message = match proof {
-            Ok(Some(proof)) => {
-                self.backlog.on_progress();
-                if let Some(block) = &proof.block {
-                    self.summary.blocks_sent += 1;
-                    self.summary.bytes_sent += block.value.len() as u64;
-                }
-                Message::Data(Data {
-                    request: request.id,
-                    fork: proof.fork,
-                    hash: proof.hash,
-                    block: proof.block,
-                    seek: proof.seek,
-                    upgrade: proof.upgrade,
-                })
-            }
-            // We lack it, or the request makes no sense for this feed: say so, keep going.
-            Ok(None) | Err(_) => Message::NoData(NoData {
-                request: request.id,
-            }),
-        };
-        self.queue(dk, &channel, vec![message]);
-        Ok(())
-    }
-
-    /// Verifies and stores a proof from the peer; a proof that fails verification ends the
-    /// connection. Data we never asked for is ignored, and so is an answer about another block
-    /// than the one asked for; a feed whose answers bring nothing [`MAX_FRUITLESS_ANSWERS`]
-    /// times in a row ends the connection ([`PeerViolation::NoProgress`]).
-    async fn on_data(&mut self, dk: DiscoveryKey, data: Data) -> Result<(), ReplicateError> {
-        let Some(feed) = self.feeds.get_mut(&dk) else {
-            return Ok(());
-        };
-        let Some(asked) = feed.sync.on_data(data.request) else {
-            return Ok(());
-        };
-        let optimistic = feed.optimistic.remove(&data.request);
-        if !answers(asked, &data) {
-            if let Asked::Block(index) | Asked::UpgradeAndBlock(index) = asked {
-                feed.sync.retry_from(index);
-            }
-            self.fruitless(dk)?;
-            return self.request_more(dk).await;
-        }
-        if !crate::sync::well_formed(&data) {
-            return Err(ReplicateError::InvalidProof {
-                key: hex::encode(feed.key),
-                reason: "a tree node hash is not 32 bytes".to_owned(),
-            });
-        }
-        let block_bytes = data.block.as_ref().map(|b| b.value.len() as u64);
-        let proof = data.into_proof();
-        let probe_proof = feed.probe.then(|| proof.clone());
-        let asked_block = match asked {
-            Asked::Block(index) | Asked::UpgradeAndBlock(index) => Some(index),
-            Asked::Upgrade => None,
-        };
-        let (applied, before, info, stored) = {
-            let mut core = feed.core.lock().await;
-            let before = core.info();
-            if let (Asked::Block(index), Some(block), true) = (asked, &proof.block, optimistic) {
-                let depth = block.nodes.len() as u64;
-                if block.index == index
-                    && before.fork == 0
-                    && !crate::sync::anchor_held(
-                        index,
-                        depth,
-                        before.contiguous_length,
-                        before.length,
-                        |i| core.has(i),
-                    )
-                {
-                    // The block before it is not here (answered out of order, or not at all):
-                    // ask again, counting on our contiguous blocks only from now on.
-                    drop(core);
-                    feed.cautious = true;
-                    feed.sync.retry_from(index);
-                    return self.request_more(dk).await;
-                }
-            }
-            let had_block = asked_block.is_some_and(|index| core.has(index));
-            let applied = AssertUnwindSafe(core.verify_and_apply_proof(&proof))
-                .catch_unwind()
-                .await;
-            let held = asked_block.map(|index| core.has(index));
-            (applied, before, core.info(), (had_block, held))
-        };
-        let (had_block, held) = stored;
-        let stored = !had_block && held == Some(true);
-        let applied = match applied {
-            Ok(applied) => applied,
-            Err(_) => {
-                return Err(ReplicateError::InvalidProof {
-                    key: hex::encode(feed.key),
-                    reason: "hypercore panicked while verifying the proof".to_owned(),
-                })
-            }
-        };
-        // Not applied (another fork), or the block asked for is still missing: the answer
-        // brought nothing. A block that arrived twice (from two peers) is not the peer's fault.
-        let useless = match applied {
-            Ok(applied) => !applied || held == Some(false),
-            Err(_) => false,
-        };
-        match applied {
-            Ok(_) => {}
-            Err(hypercore::HypercoreError::IO { context, source }) => {
-                return Err(ReplicateError::Hypercore {
-                    key: hex::encode(feed.key),
-                    source: hypercore::HypercoreError::IO { context, source },
-                })
-            }
-            Err(err) => {
-                return Err(ReplicateError::InvalidProof {
-                    key: hex::encode(feed.key),
-                    reason: err.to_string(),
-                })
-            }
-        }
-        let progressed = stored || info.length != before.length || info.fork != before.fork;
-        if progressed {
-            feed.fruitless = 0;
-            feed.core.notify_changed();
-            self.unsynced_blocks = true;
-        }
-        if let (Some(proof), true) = (probe_proof, progressed && info.length > 0) {
-            if !self.promote(dk, &proof).await? {
-                return Ok(());
-            }
-        }
-        let Some(feed) = self.feeds.get_mut(&dk) else {
-            return Ok(());
-        };
-        if progressed || !useless {
-            self.backlog.on_progress();
-        }
-        if let Some(index) = asked_block {
-            if stored {
-                self.summary.blocks_received += 1;
-                self.summary.bytes_received += block_bytes.unwrap_or(0);
-                self.progress_dirty = true;
-            } else if !info_has(&info, index) {
-                feed.sync.retry_from(index);
-            }
-        }
-        if let Some(target) = feed.target {
-            if info.contiguous_length >= target {
-                self.incomplete.remove(&dk);
-            }
-        }
-        if useless && !progressed {
-            self.fruitless(dk)?;
-        }
-        if matches!(asked, Asked::Upgrade | Asked::UpgradeAndBlock(_)) {
-            self.announce(dk).await?;
-        }
-        self.request_more(dk).await
-    }
-
-    /// A probe's first signed root verified: the host records the feed, the proof is applied
-    /// to the host's core too, and the feed goes on syncing there. Returns false when this
-    /// connection may add no more feeds (the probe is dropped).
-    async fn promote(
-        &mut self,
-        dk: DiscoveryKey,
-        proof: &hypercore_schema::Proof,
-    ) -> Result<bool, ReplicateError> {
-        self.probes = self.probes.saturating_sub(1);
-        let Some(key) = self.feeds.get(&dk).map(|feed| feed.key) else {
-            return Ok(false);
-        };
-        if self.feeds_added >= self.config.max_new_feeds {
-            self.feeds.remove(&dk);
-            self.incomplete.remove(&dk);
-            self.start_waiting().await?;
-            return Ok(false);
-        }
-        let core = self
-            .host
-            .add_remote_feed(&key)
-            .await
-            .map_err(ReplicateError::Host)?;
-        self.feeds_added += 1;
-        self.emit(ReplicationEvent::FeedAdded(key));
-        {
-            let mut real = core.lock().await;
-            // Another connection may have added it meanwhile: then it has this root already.
-            if real.info().length == 0 {
-                let applied = AssertUnwindSafe(real.verify_and_apply_proof(proof))
-                    .catch_unwind()
-                    .await;
-                match applied {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(err)) => return Err(ReplicateError::hypercore(&key, err)),
-                    Err(_) => {
-                        return Err(ReplicateError::InvalidProof {
-                            key: hex::encode(key),
-                            reason: "hypercore panicked while verifying the proof".to_owned(),
-                        })
-                    }
-                }
-            }
-        }
-        core.notify_changed();
-        if self.config.live {
-            self.changes.push(change_stream(dk, core.clone()));
-        }
-        if let Some(feed) = self.feeds.get_mut(&dk) {
-            feed.core = core;
-            feed.probe = false;
-        }
-        self.start_waiting().await?;
-        Ok(true)
-    }
-
-    /// Starts new feeds that waited for a probe slot.
-    async fn start_waiting(&mut self) -> Result<(), ReplicateError> {
-        while self.probes < MAX_PROBES {
-            let Some((key, target)) = self.waiting.pop_front() else {
-                break;
-            };
-            self.track_feed(key, target, true).await?;
-            self.open_feed_channel(key).await?;
-        }
-        Ok(())
-    }
-
-    /// Counts an answer that brought nothing; too many in a row end the connection.
-    fn fruitless(&mut self, dk: DiscoveryKey) -> Result<(), ReplicateError> {
-        let Some(feed) = self.feeds.get_mut(&dk) else {
-            return Ok(());
-        };
-        feed.fruitless += 1;
-        if feed.fruitless > MAX_FRUITLESS_ANSWERS {
-            return Err(ReplicateError::peer(
-                "replication",
-                PeerViolation::NoProgress {
-                    key: hex::encode(feed.key),
-                    answers: feed.fruitless,
-                },
-            ));
         }
         Ok(())
     }
@@ -1473,89 +1015,6 @@ impl Driver {
             self.apply(actions).await?;
         }
         Ok(())
-    }
-}
-
-/// Whether a Data message answers what was asked: the block asked for (or none), the upgrade
-/// when only an upgrade was asked for, and no upgrade we did not ask for.
-fn answers(asked: Asked, data: &Data) -> bool {
-    if asked_no_upgrade(asked) && data.upgrade.is_some() {
-        return false;
-    }
-    match (asked, &data.block) {
-        (Asked::Block(index) | Asked::UpgradeAndBlock(index), Some(block)) => block.index == index,
-        (Asked::Block(_), None) => false,
-        (Asked::UpgradeAndBlock(_), None) => data.upgrade.is_some(),
-        (Asked::Upgrade, Some(_)) => false,
-        (Asked::Upgrade, None) => data.upgrade.is_some(),
-    }
-}
-
-fn asked_no_upgrade(asked: Asked) -> bool {
-    matches!(asked, Asked::Block(_))
-}
-
-/// Whether a block below the contiguous length (so certainly held) is `index`.
-fn info_has(info: &hypercore::Info, index: u64) -> bool {
-    index < info.contiguous_length
-}
-
-/// An in-memory hypercore for a feed we do not hold yet (4 KiB pages: a probe costs little).
-async fn probe_core(key: &FeedKey) -> Result<SharedCore, ReplicateError> {
-    use futures::FutureExt;
-    use hypercore::{HypercoreBuilder, PartialKeypair, Storage, StorageTraits};
-    let create = |_| {
-        async {
-            Ok(
-                Box::new(random_access_memory::RandomAccessMemory::new(4096))
-                    as Box<dyn StorageTraits + Send>,
-            )
-        }
-        .boxed()
-    };
-    let storage = Storage::open(create, false)
-        .await
-        .map_err(|e| ReplicateError::hypercore(key, e))?;
-    let public = hypercore::VerifyingKey::from_bytes(key).map_err(|_| {
-        ReplicateError::hypercore(
-            key,
-            hypercore::HypercoreError::InvalidOperation {
-                context: "not an ed25519 public key".to_owned(),
-            },
-        )
-    })?;
-    let core = HypercoreBuilder::new(storage)
-        .key_pair(PartialKeypair {
-            public,
-            secret: None,
-        })
-        .build()
-        .await
-        .map_err(|e| ReplicateError::hypercore(key, e))?;
-    Ok(SharedCore::new(core))
-}
-
-/// Whether `key` can be a feed's public key: a valid ed25519 point that is not of small order
-/// (a signature under a small-order key proves nothing).
-pub(crate) fn usable_feed_key(key: &FeedKey) -> bool {
-    hypercore::VerifyingKey::from_bytes(key).is_ok_and(|key| !key.is_weak())
-}
-
-fn request(
-    id: u64,
-    fork: u64,
-    block: Option<RequestBlock>,
-    upgrade: Option<RequestUpgrade>,
-) -> Request {
-    Request {
-        id,
-        fork,
-        hash: None,
-        block,
-        seek: None,
-        upgrade,
-        manifest: false,
-        priority: 0,
     }
 }
 

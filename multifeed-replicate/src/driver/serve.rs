@@ -1,0 +1,88 @@
+//! Serving: answering the peer's requests with proofs, and holding them (bounded) while the
+//! transport is behind.
+
+use std::panic::AssertUnwindSafe;
+
+use futures::FutureExt;
+use hypercore_protocol::schema::{Data, NoData, Request};
+use hypercore_protocol::Message;
+
+use super::{DiscoveryKey, Driver, MAX_OUTBOX, MAX_OUTBOX_WEIGHT};
+use crate::backlog::OUTGOING_HIGH;
+use crate::ReplicateError;
+
+impl Driver {
+    /// Whether what waits for the transport is above the high-water mark: requests then wait.
+    pub(super) fn outgoing_full(&self) -> bool {
+        self.backlog.outgoing() + self.outbox_weight > OUTGOING_HIGH
+    }
+
+    /// Answers waiting requests while the transport keeps up.
+    pub(super) async fn serve_deferred(&mut self) -> Result<(), ReplicateError> {
+        while !self.outgoing_full()
+            && self.outbox_len < MAX_OUTBOX
+            && self.outbox_weight < MAX_OUTBOX_WEIGHT
+        {
+            let Some((dk, request)) = self.deferred.pop_front() else {
+                break;
+            };
+            self.serve(dk, request).await?;
+        }
+        Ok(())
+    }
+
+    /// Answers a request with a proof, or NoData.
+    pub(super) async fn serve(
+        &mut self,
+        dk: DiscoveryKey,
+        request: Request,
+    ) -> Result<(), ReplicateError> {
+        let Some(feed) = self.feeds.get(&dk) else {
+            return Ok(());
+        };
+        let Some(channel) = feed.channel.clone() else {
+            return Ok(());
+        };
+        let proof = {
+            let mut core = feed.core.lock().await;
+            if crate::sync::servable(&request, core.info().length) {
+                // Validation keeps hypercore 0.16 from panicking on hostile requests; a panic
+                // it still finds is contained and answered like a request we cannot serve.
+                AssertUnwindSafe(core.create_proof(
+                    request.block,
+                    request.hash,
+                    request.seek,
+                    request.upgrade,
+                ))
+                .catch_unwind()
+                .await
+                .unwrap_or(Ok(None))
+            } else {
+                Ok(None)
+            }
+        };
+        let message = match proof {
+            Ok(Some(proof)) => {
+                self.backlog.on_progress();
+                if let Some(block) = &proof.block {
+                    self.summary.blocks_sent += 1;
+                    self.summary.bytes_sent += block.value.len() as u64;
+                }
+                Message::Data(Data {
+                    request: request.id,
+                    fork: proof.fork,
+                    hash: proof.hash,
+                    block: proof.block,
+                    seek: proof.seek,
+                    upgrade: proof.upgrade,
+                })
+            }
+            // We lack it, or the request makes no sense for this feed: say so, keep going.
+            Ok(None) | Err(_) => Message::NoData(NoData {
+                request: request.id,
+            }),
+        };
+        self.queue(dk, &channel, vec![message]);
+        Ok(())
+    }
+}
