@@ -138,6 +138,8 @@ struct Driver {
     backlog: Arc<Backlog>,
     /// The peer's requests waiting for the transport to drain (bounded).
     deferred: VecDeque<(DiscoveryKey, Request)>,
+    /// Feeds whose new length waits for the transport to drain (at most one entry per feed).
+    unannounced: HashSet<DiscoveryKey>,
     /// Channels the peer opened for feeds we have not agreed to.
     unknown_channels: HashSet<DiscoveryKey>,
     /// Whether we sent anything since the last keep-alive tick.
@@ -199,6 +201,7 @@ impl Driver {
             peer_closed_root: false,
             backlog,
             deferred: VecDeque::new(),
+            unannounced: HashSet::new(),
             unknown_channels: HashSet::new(),
             sent_since_tick: false,
             probes: 0,
@@ -265,12 +268,12 @@ impl Driver {
             // always before waiting: a reader held back while the driver waits would stall
             // both.)
             self.backlog.input_taken();
-            if !self.deferred.is_empty() && !self.outgoing_full() {
+            let waiting = !self.deferred.is_empty() || !self.unannounced.is_empty();
+            if waiting && !self.outgoing_full() {
                 self.serve_deferred().await?;
                 continue;
             }
             self.flush_outbox().await?;
-            let waiting = !self.deferred.is_empty();
             let drained = async {
                 if !waiting {
                     futures::future::pending::<()>().await;
@@ -822,7 +825,7 @@ impl Driver {
     }
 
     /// Tells the peer our length and what we hold.
-    async fn announce(&mut self, dk: DiscoveryKey) -> Result<(), ReplicateError> {
+    pub(super) async fn announce(&mut self, dk: DiscoveryKey) -> Result<(), ReplicateError> {
         let Some(feed) = self.feeds.get(&dk) else {
             return Ok(());
         };
@@ -954,8 +957,14 @@ impl Driver {
     }
 
     /// Our copy of a feed changed (append, or blocks from another connection): tell the peer.
+    /// While the transport is behind, only the latest length matters: announcements wait
+    /// (one per feed) with the requests.
     async fn on_local_change(&mut self, dk: DiscoveryKey) -> Result<Next, ReplicateError> {
-        self.announce(dk).await?;
+        if self.outgoing_full() {
+            self.unannounced.insert(dk);
+        } else {
+            self.announce(dk).await?;
+        }
         Ok(Next::Continue)
     }
 

@@ -17,8 +17,16 @@ impl Driver {
         self.backlog.outgoing() + self.outbox_weight > OUTGOING_HIGH
     }
 
-    /// Answers waiting requests while the transport keeps up.
+    /// Sends waiting announcements, then answers waiting requests, while the transport keeps
+    /// up.
     pub(super) async fn serve_deferred(&mut self) -> Result<(), ReplicateError> {
+        while !self.outgoing_full() {
+            let Some(&dk) = self.unannounced.iter().next() else {
+                break;
+            };
+            self.unannounced.remove(&dk);
+            self.announce(dk).await?;
+        }
         while !self.outgoing_full()
             && self.outbox_len < MAX_OUTBOX
             && self.outbox_weight < MAX_OUTBOX_WEIGHT
