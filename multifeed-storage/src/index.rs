@@ -278,7 +278,7 @@ mod tests {
             key: [i; 32],
             namespace: format!("feeds/{i:02x}"),
             name: name.map(str::to_owned),
-            origin: if i % 2 == 0 {
+            origin: if i.is_multiple_of(2) {
                 FeedOrigin::Local
             } else {
                 FeedOrigin::Remote

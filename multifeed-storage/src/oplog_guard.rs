@@ -271,7 +271,7 @@ fn bit_runs(bitfield: &[u8], limit: u64) -> Vec<(u64, u64)> {
     while index < bits {
         let byte = bitfield[(index / 8) as usize];
         // Whole bytes of zeros or ones at a time.
-        if index % 8 == 0 && index + 8 <= bits && (byte == 0 || byte == 0xff) {
+        if index.is_multiple_of(8) && index + 8 <= bits && (byte == 0 || byte == 0xff) {
             match (byte, open) {
                 (0, Some(start)) => {
                     runs.push((start, index));

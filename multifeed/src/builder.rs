@@ -67,7 +67,7 @@ impl MultifeedBuilder {
         self
     }
 
-    /// Keep feeds in the directory `path` (created when first written).
+    /// Keep feeds in the directory `path` (created when the multifeed opens).
     pub fn disk(mut self, path: impl Into<PathBuf>) -> Self {
         self.storage = StorageChoice::Disk(path.into());
         self
@@ -119,12 +119,42 @@ impl MultifeedBuilder {
     }
 
     /// Opens the multifeed, reading its index.
+    ///
+    /// A disk root is locked (an advisory lock on `<dir>/LOCK`) until [`Multifeed::close`] or
+    /// the last handle is dropped: a second open, in this process or another, fails with
+    /// [`Error::Locked`] instead of putting two writers on the same files.
     pub async fn open(self) -> Result<Multifeed, Error> {
+        let mut lock = None;
         let factory: Arc<dyn StorageFactory> = match self.storage {
             StorageChoice::Memory => Arc::new(MemoryFactory::new()),
-            StorageChoice::Disk(path) => Arc::new(DiskFactory::new(path, self.max_open_files)),
+            StorageChoice::Disk(path) => {
+                lock = Some(lock_root(&path)?);
+                Arc::new(DiskFactory::new(path, self.max_open_files))
+            }
             StorageChoice::Custom(factory) => factory,
         };
-        Multifeed::from_config(factory, self.config).await
+        Multifeed::from_config(factory, self.config, lock).await
+    }
+}
+
+/// Takes the advisory lock of a disk root, creating the directory if needed.
+fn lock_root(path: &std::path::Path) -> Result<std::fs::File, Error> {
+    let io = |source| Error::LockFailed {
+        path: path.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(path).map_err(io)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path.join("LOCK"))
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::Locked {
+            path: path.to_path_buf(),
+        }),
+        Err(std::fs::TryLockError::Error(source)) => Err(io(source)),
     }
 }

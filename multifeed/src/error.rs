@@ -71,6 +71,21 @@ pub enum Error {
         /// The limit.
         limit: usize,
     },
+    /// The disk root is open already, in this process or another (its `LOCK` is held).
+    #[error("the multifeed at {} is open elsewhere", path.display())]
+    Locked {
+        /// The root directory.
+        path: std::path::PathBuf,
+    },
+    /// The disk root's directory or `LOCK` file could not be created or locked.
+    #[error("cannot lock the multifeed at {}: {source}", path.display())]
+    LockFailed {
+        /// The root directory.
+        path: std::path::PathBuf,
+        /// What the file system reported.
+        #[source]
+        source: std::io::Error,
+    },
     /// Replication failed.
     #[error(transparent)]
     Replicate(#[from] multifeed_replicate::ReplicateError),

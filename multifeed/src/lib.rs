@@ -30,6 +30,7 @@ mod events;
 mod feed;
 mod multifeed;
 mod replicate;
+mod running;
 
 pub use builder::MultifeedBuilder;
 pub use encoding::{Value, ValueEncoding};

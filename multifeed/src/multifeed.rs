@@ -33,6 +33,10 @@ pub(crate) struct Inner {
     closed: AtomicBool,
     recovery: IndexRecovery,
     pub(crate) config: Config,
+    /// Replications running on this multifeed; `close` ends them.
+    pub(crate) replications: crate::running::Running,
+    /// The advisory lock on a disk root; released by `close`.
+    lock: std::sync::Mutex<Option<std::fs::File>>,
 }
 
 #[derive(Debug, Default)]
@@ -77,6 +81,7 @@ impl Multifeed {
     pub(crate) async fn from_config(
         factory: Arc<dyn StorageFactory>,
         config: Config,
+        lock: Option<std::fs::File>,
     ) -> Result<Self, Error> {
         let (root, records, recovery) =
             RootStorage::open(factory.clone(), config.core_options, config.durability).await?;
@@ -99,6 +104,8 @@ impl Multifeed {
             closed: AtomicBool::new(false),
             recovery,
             config,
+            replications: crate::running::Running::default(),
+            lock: std::sync::Mutex::new(lock),
         };
         Ok(Self {
             inner: Arc::new(inner),
@@ -277,6 +284,8 @@ impl Multifeed {
     /// Any later use of this multifeed or its feeds fails with [`Error::Closed`].
     pub async fn close(&self) -> Result<(), Error> {
         self.inner.closed.store(true, Ordering::SeqCst);
+        // No replication writes once this returns: each is ended and waited for.
+        self.inner.replications.end_all().await;
         let root = self.inner.root.lock().await.take();
         let mut result = Ok(());
         if let Some(mut root) = root {
@@ -293,6 +302,12 @@ impl Multifeed {
         }
         self.inner.factory.release();
         self.inner.events.close();
+        // Another handle or process may open the root from here on.
+        *self
+            .inner
+            .lock
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
         result
     }
 

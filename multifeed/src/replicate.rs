@@ -167,14 +167,23 @@ impl Multifeed {
     where
         IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
+        // Registered before the check, so a `close` from now on either sees it or was seen.
+        let (_running, abort) = self.inner.replications.register();
         self.inner.ensure_open()?;
         let (config, forward) = self.config(options);
         let host: Arc<dyn FeedHost> = Arc::new(Host {
             multi: self.clone(),
         });
-        let (result, ()) =
-            futures::join!(multifeed_replicate::replicate(io, host, config), forward);
-        Ok(result?)
+        let both = async {
+            let (result, ()) =
+                futures::join!(multifeed_replicate::replicate(io, host, config), forward);
+            result
+        };
+        match futures::future::Abortable::new(both, abort).await {
+            Ok(result) => Ok(result?),
+            // `close` ended it: nothing of it runs any more.
+            Err(futures::future::Aborted) => Err(Error::Closed),
+        }
     }
 
     fn config(

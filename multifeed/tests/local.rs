@@ -455,3 +455,23 @@ async fn an_unreadable_replica_is_reset_and_reported_but_a_local_feed_never_is()
     }
     Ok(())
 }
+
+#[async_std::test]
+async fn a_disk_root_is_open_in_one_place_at_a_time() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let first = Multifeed::open_disk(dir.path()).await?;
+    first.writer("me").await?.append(b"hello").await?;
+    // Two writers on the same files would lose data: the second open is refused.
+    match Multifeed::open_disk(dir.path()).await {
+        Err(Error::Locked { path }) => assert_eq!(path, dir.path()),
+        other => return Err(format!("expected Locked, got {other:?}").into()),
+    }
+    first.close().await?;
+    let second = Multifeed::open_disk(dir.path()).await?;
+    assert_eq!(second.writer("me").await?.len().await?, 1);
+    // Dropping the last handle releases the lock too.
+    drop(second);
+    let third = Multifeed::open_disk(dir.path()).await?;
+    third.close().await?;
+    Ok(())
+}

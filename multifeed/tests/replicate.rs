@@ -551,3 +551,65 @@ async fn a_store_keeps_at_most_max_remote_feeds() -> TestResult {
     b.writer("another").await?;
     Ok(())
 }
+
+#[async_std::test]
+async fn close_ends_running_replications_and_nothing_writes_after_it() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let a = Multifeed::open_memory().await?;
+    let writer = a.writer("w").await?;
+    writer.append(b"first").await?;
+    let b = Multifeed::open_disk(dir.path()).await?;
+    let mut b_events = b.events();
+    let (left, right) = async_std::os::unix::net::UnixStream::pair()?;
+    let ra = {
+        let a = a.clone();
+        async_std::task::spawn(async move {
+            a.replicate(left, ReplicateOptions::new(true).live(true))
+                .await
+        })
+    };
+    let rb = {
+        let b = b.clone();
+        async_std::task::spawn(async move {
+            b.replicate(right, ReplicateOptions::new(false).live(true))
+                .await
+        })
+    };
+    within("b to hold a's first entry", async {
+        loop {
+            if let Some(feed) = b.feed(writer.key())? {
+                if feed.len().await? >= 1 {
+                    return Ok::<(), Error>(());
+                }
+            }
+            b_events.next().await;
+        }
+    })
+    .await??;
+    b.close().await?;
+    // Close waited for b's replication: it has ended, as closed.
+    let result = within("b's replication to end", rb).await?;
+    assert!(matches!(result, Err(Error::Closed)), "{result:?}");
+    // Its connection went with it, so a's live replication ends too.
+    within("a's replication to end", ra).await??;
+    let reopened = Multifeed::open_disk(dir.path()).await?;
+    let length = reopened
+        .feed(writer.key())?
+        .ok_or("the feed")?
+        .len()
+        .await?;
+    for i in 0..100u32 {
+        writer.append(&i.to_le_bytes()).await?;
+    }
+    assert_eq!(
+        reopened
+            .feed(writer.key())?
+            .ok_or("the feed")?
+            .len()
+            .await?,
+        length,
+        "nothing reached b's files after close"
+    );
+    reopened.close().await?;
+    Ok(())
+}

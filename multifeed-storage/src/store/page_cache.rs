@@ -131,7 +131,7 @@ impl PageCache {
         let first_gone = length.div_ceil(PAGE);
         self.pages
             .retain(|(f, page), _| *f != file || *page < first_gone);
-        if length % PAGE != 0 {
+        if !length.is_multiple_of(PAGE) {
             if let Some((bytes, _)) = self.pages.get_mut(&(file, length / PAGE)) {
                 bytes.truncate((length % PAGE) as usize);
             }
