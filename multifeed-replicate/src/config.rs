@@ -25,7 +25,9 @@ pub enum ReplicationEvent {
         /// Its application data.
         user_data: Vec<u8>,
     },
-    /// A batch of remote feeds starts replicating.
+    /// The peer's feeds are known: the ones we download from it. Once the peer's first round
+    /// of offers is settled (on both sides, with an empty list when we download nothing), then
+    /// for each later batch (live).
     RemoteFeeds(Vec<FeedKey>),
     /// A feed learned from the peer was added to the host.
     FeedAdded(FeedKey),

@@ -19,9 +19,11 @@ pub enum Event {
         /// Whether it is ours or a peer's.
         origin: FeedOrigin,
     },
-    /// A batch of remote feeds started replicating on a connection.
+    /// The peer's feeds are known on a connection: the ones we download from it. Emitted on
+    /// both sides once the peer's first round of offers is settled (with no keys when we
+    /// download nothing, as when both sides are empty), then for each later batch (live).
     RemoteFeeds {
-        /// Their keys.
+        /// Keys of the feeds we download.
         keys: Vec<FeedKey>,
     },
     /// Replication progress on a connection, for progress bars.

@@ -87,9 +87,44 @@ async fn with_writer(name: &str, entries: usize) -> Result<Multifeed, Error> {
 async fn both_empty() -> TestResult {
     let a = Multifeed::open_memory().await?;
     let b = Multifeed::open_memory().await?;
+    let (mut ea, mut eb) = (a.events(), b.events());
     let (sa, sb) = sync_ok(&a, &b).await?;
     assert_eq!(sa.blocks_received + sb.blocks_received, 0);
     assert!(a.feeds().is_empty() && b.feeds().is_empty());
+    // Apps learn that the remote set is known, and empty (as JS `remote-feeds` with []).
+    for events in [&mut ea, &mut eb] {
+        match within("a RemoteFeeds event", events.next()).await? {
+            Some(Event::RemoteFeeds { keys }) => assert!(keys.is_empty()),
+            other => return Err(format!("expected RemoteFeeds, got {other:?}").into()),
+        }
+    }
+    Ok(())
+}
+
+#[async_std::test]
+async fn remote_feeds_is_reported_on_both_sides_of_a_one_sided_sync() -> TestResult {
+    let a = with_writer("a", 3).await?;
+    let b = Multifeed::open_memory().await?;
+    let (mut ea, mut eb) = (a.events(), b.events());
+    sync_ok(&a, &b).await?;
+    let key = *a.feeds()[0].key();
+    let remote_feeds = |events: &mut multifeed::Events| {
+        let mut found = None;
+        while let Some(Some(event)) = events.next().now_or_never() {
+            if let Event::RemoteFeeds { keys } = event {
+                assert!(found.is_none(), "one report per batch");
+                found = Some(keys);
+            }
+        }
+        found
+    };
+    use futures::FutureExt;
+    assert_eq!(
+        remote_feeds(&mut ea),
+        Some(vec![]),
+        "the sending side downloads nothing"
+    );
+    assert_eq!(remote_feeds(&mut eb), Some(vec![key]));
     Ok(())
 }
 

@@ -150,6 +150,10 @@ struct Driver {
     waiting: VecDeque<(FeedKey, Option<u64>)>,
     /// Feeds this connection added to the host.
     feeds_added: usize,
+    /// Whether `RemoteFeeds` reported the peer's first round (once the exchange settled).
+    remote_set_reported: bool,
+    /// Feeds of the first round we download, until it is reported.
+    first_downloads: Vec<FeedKey>,
     /// Blocks were stored since the host last made them durable.
     unsynced_blocks: bool,
     /// Messages queued for the peer, in order; consecutive ones for one channel share a batch.
@@ -207,6 +211,8 @@ impl Driver {
             probes: 0,
             waiting: VecDeque::new(),
             feeds_added: 0,
+            remote_set_reported: false,
+            first_downloads: Vec::new(),
             unsynced_blocks: false,
             outbox: Vec::new(),
             outbox_len: 0,
@@ -674,13 +680,18 @@ impl Driver {
                         self.track_feed(key, target, target.is_some()).await?;
                         self.open_feed_channel(key).await?;
                     }
-                    if !downloads.is_empty() {
-                        self.emit(ReplicationEvent::RemoteFeeds(downloads));
+                    if self.remote_set_reported {
+                        if !downloads.is_empty() {
+                            self.emit(ReplicationEvent::RemoteFeeds(downloads));
+                        }
+                    } else {
+                        self.first_downloads.extend(downloads);
                     }
                 }
                 Action::Finished => self.finished = true,
                 _ => {}
             }
+            self.report_remote_set();
         }
         Ok(())
     }
@@ -996,8 +1007,20 @@ impl Driver {
         Ok(Next::Continue)
     }
 
+    /// Once the peer's first round of offers is settled, reports it (`RemoteFeeds` with the
+    /// feeds we download, none included): on both sides, also when a side gets nothing.
+    fn report_remote_set(&mut self) {
+        if self.remote_set_reported || !self.exchange.as_ref().is_some_and(|e| e.settled()) {
+            return;
+        }
+        self.remote_set_reported = true;
+        let keys = std::mem::take(&mut self.first_downloads);
+        self.emit(ReplicationEvent::RemoteFeeds(keys));
+    }
+
     /// Non-live: once every wanted feed reached its target, report SYNCED.
     async fn check_synced(&mut self) -> Result<(), ReplicateError> {
+        self.report_remote_set();
         if self.config.live {
             return Ok(());
         }
