@@ -31,6 +31,14 @@ pub enum ReplicationEvent {
     RemoteFeeds(Vec<FeedKey>),
     /// A feed learned from the peer was added to the host.
     FeedAdded(FeedKey),
+    /// A feed the host holds could not be opened (damaged or missing); the replication goes on
+    /// without it.
+    FeedUnavailable {
+        /// Its key.
+        key: FeedKey,
+        /// What the host reported.
+        reason: String,
+    },
     /// Blocks received so far of the blocks known to be wanted.
     Progress {
         /// Blocks received.
@@ -90,6 +98,8 @@ pub struct ReplicateSummary {
     pub bytes_sent: u64,
     /// Bytes of block data received.
     pub bytes_received: u64,
+    /// Feeds the host holds but could not open, left out of this replication.
+    pub feeds_unavailable: usize,
 }
 
 /// Options of one replication.

@@ -26,6 +26,14 @@ pub enum Event {
         /// Keys of the feeds we download.
         keys: Vec<FeedKey>,
     },
+    /// A feed of ours could not be opened for a replication (damaged or missing): the
+    /// replication went on without it.
+    FeedUnavailable {
+        /// Its key.
+        key: FeedKey,
+        /// Why.
+        reason: String,
+    },
     /// Replication progress on a connection, for progress bars.
     Progress {
         /// Blocks transferred so far.

@@ -238,6 +238,9 @@ impl Multifeed {
             while let Some(event) = receiver.next().await {
                 match event {
                     ReplicationEvent::RemoteFeeds(keys) => inner.emit(Event::RemoteFeeds { keys }),
+                    ReplicationEvent::FeedUnavailable { key, reason } => {
+                        inner.emit(Event::FeedUnavailable { key, reason })
+                    }
                     ReplicationEvent::Progress {
                         blocks_done,
                         blocks_known,

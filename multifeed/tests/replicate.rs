@@ -648,3 +648,45 @@ async fn close_ends_running_replications_and_nothing_writes_after_it() -> TestRe
     reopened.close().await?;
     Ok(())
 }
+
+#[async_std::test]
+async fn one_missing_feed_does_not_stop_the_others() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let b = Multifeed::open_memory().await?;
+    let (lost, kept) = {
+        let a = Multifeed::open_disk(dir.path()).await?;
+        let lost = a.writer("lost").await?;
+        lost.append(b"gone soon").await?;
+        let kept = a.writer("kept").await?;
+        kept.append(b"one").await?;
+        // The peer gets a copy of both.
+        sync_ok(&a, &b).await?;
+        kept.append(b"two").await?;
+        a.close().await?;
+        (*lost.key(), *kept.key())
+    };
+    // The lost feed's folder is deleted behind the store's back.
+    let hex = hex::encode(lost);
+    std::fs::remove_dir_all(dir.path().join("feeds").join(&hex[..2]).join(&hex))?;
+    let a = Multifeed::open_disk(dir.path()).await?;
+    let mut events = a.events();
+    // Was: Replicate(Host(Storage(FeedMissing))) here and ConnectionReset at the peer, when
+    // the peer offered its copy of the lost feed back.
+    let (sa, sb) = sync_ok(&a, &b).await?;
+    assert_eq!(sa.feeds_unavailable, 1, "the lost feed is reported");
+    assert_eq!(sb.blocks_received, 1, "the other feed still synced");
+    assert_eq!(
+        b.feed(kept)?.ok_or("kept")?.get(1).await?,
+        Some(b"two".to_vec())
+    );
+    let mut reported = false;
+    while let Some(Some(event)) = futures::FutureExt::now_or_never(events.next()) {
+        if let Event::FeedUnavailable { key, .. } = event {
+            assert_eq!(key, lost);
+            reported = true;
+        }
+    }
+    assert!(reported, "a FeedUnavailable event");
+    a.close().await?;
+    Ok(())
+}

@@ -150,6 +150,8 @@ struct Driver {
     waiting: VecDeque<(FeedKey, Option<u64>)>,
     /// Feeds this connection added to the host.
     feeds_added: usize,
+    /// Feeds of ours the host could not open (each reported once).
+    unavailable: HashSet<FeedKey>,
     /// Whether `RemoteFeeds` reported the peer's first round (once the exchange settled).
     remote_set_reported: bool,
     /// Feeds of the first round we download, until it is reported.
@@ -212,6 +214,7 @@ impl Driver {
             waiting: VecDeque::new(),
             feeds_added: 0,
             remote_set_reported: false,
+            unavailable: HashSet::new(),
             first_downloads: Vec::new(),
             unsynced_blocks: false,
             outbox: Vec::new(),
@@ -758,12 +761,19 @@ impl Driver {
                 feed.target = target;
             }
         } else {
-            let core = match self
-                .host
-                .open_feed(&key)
-                .await
-                .map_err(ReplicateError::Host)?
-            {
+            if self.unavailable.contains(&key) {
+                return Ok(());
+            }
+            let opened = match self.host.open_feed(&key).await {
+                Ok(opened) => opened,
+                // One unreadable feed of ours does not stop the others: it is reported and
+                // left out of this replication.
+                Err(err) => {
+                    self.feed_unavailable(key, &err);
+                    return Ok(());
+                }
+            };
+            let core = match opened {
                 Some(core) => (core, false),
                 // A feed new to us is fetched into a probe in memory first: the host records
                 // it only once a signed root of it verified (see `promote`).
@@ -989,13 +999,13 @@ impl Driver {
         {
             return Ok(Next::Continue);
         }
-        let Some(core) = self
-            .host
-            .open_feed(&key)
-            .await
-            .map_err(ReplicateError::Host)?
-        else {
-            return Ok(Next::Continue);
+        let core = match self.host.open_feed(&key).await {
+            Ok(Some(core)) => core,
+            Ok(None) => return Ok(Next::Continue),
+            Err(err) => {
+                self.feed_unavailable(key, &err);
+                return Ok(Next::Continue);
+            }
         };
         let length = core.lock().await.info().length;
         self.known.insert(discovery_key(&key), key);
@@ -1005,6 +1015,19 @@ impl Driver {
         };
         self.apply(actions).await?;
         Ok(Next::Continue)
+    }
+
+    /// Reports a feed of ours the host cannot open; the replication goes on without it.
+    fn feed_unavailable(&mut self, key: FeedKey, err: &crate::HostError) {
+        if !self.unavailable.insert(key) {
+            return;
+        }
+        self.summary.feeds_unavailable += 1;
+        self.incomplete.remove(&discovery_key(&key));
+        self.emit(ReplicationEvent::FeedUnavailable {
+            key,
+            reason: err.to_string(),
+        });
     }
 
     /// Once the peer's first round of offers is settled, reports it (`RemoteFeeds` with the
