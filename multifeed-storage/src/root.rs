@@ -217,6 +217,12 @@ async fn build_guarded(
 ) -> Result<Hypercore, StorageError> {
     match AssertUnwindSafe(builder.build()).catch_unwind().await {
         Ok(Ok(core)) => Ok(core),
+        // A failed read or write (out of descriptors, a full disk) says nothing about the
+        // files: never report it as corruption (a replica would be reset for it).
+        Ok(Err(err @ hypercore::HypercoreError::IO { .. })) => Err(StorageError::Hypercore {
+            namespace: record.namespace.clone(),
+            source: err,
+        }),
         Ok(Err(err)) => Err(StorageError::FeedCorrupt {
             key: hex::encode(record.key),
             namespace: record.namespace.clone(),

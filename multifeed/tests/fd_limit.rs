@@ -16,12 +16,11 @@ fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").map_or(0, |dir| dir.count())
 }
 
-#[test]
-fn thousands_of_disk_feeds_under_ulimit_256() {
+/// Runs the inner test `name` in a fresh process under `ulimit -n LIMIT`; its stderr.
+fn under_the_limit(name: &str) -> String {
     let exe = std::env::current_exe().expect("test binary path");
-    let script = format!(
-        "ulimit -n {LIMIT} && exec \"$0\" --exact inner_thousands_of_disk_feeds --nocapture --test-threads=1"
-    );
+    let script =
+        format!("ulimit -n {LIMIT} && exec \"$0\" --exact {name} --nocapture --test-threads=1");
     let output = Command::new("sh")
         .arg("-c")
         .arg(script)
@@ -39,6 +38,12 @@ fn thousands_of_disk_feeds_under_ulimit_256() {
         stdout.contains("1 passed"),
         "the inner test did not run:\n{stdout}\n{stderr}"
     );
+    stderr.into_owned()
+}
+
+#[test]
+fn thousands_of_disk_feeds_under_ulimit_256() {
+    let stderr = under_the_limit("inner_thousands_of_disk_feeds");
     let peak = stderr
         .lines()
         .find_map(|line| line.strip_prefix("peak open fds: "))
@@ -108,4 +113,53 @@ fn inner_thousands_of_disk_feeds() {
         multi.close().await.expect("close");
     });
     eprintln!("peak open fds: {peak}");
+}
+
+/// Two disk multifeeds in one process whose pools together allow more files than the process
+/// may open: running out of descriptors is an I/O condition the pools recover from (they give
+/// files back), never corruption (a replica was reset for it, and the sync failed).
+#[test]
+fn two_disk_multifeeds_whose_pools_exceed_ulimit_256_still_sync() {
+    under_the_limit("inner_two_disk_multifeeds_over_the_limit");
+}
+
+#[test]
+fn inner_two_disk_multifeeds_over_the_limit() {
+    if std::env::var_os(INNER_ENV).is_none() {
+        return;
+    }
+    const WRITERS: usize = 400;
+    let (da, db) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    async_std::task::block_on(async {
+        let open =
+            |dir: std::path::PathBuf| Multifeed::builder().disk(dir).max_open_files(200).open();
+        let a = open(da.path().to_path_buf()).await.expect("open a");
+        for i in 0..WRITERS {
+            let feed = a.writer(&format!("w{i}")).await.expect("writer");
+            feed.append(format!("entry {i}").as_bytes())
+                .await
+                .expect("append");
+        }
+        let b = open(db.path().to_path_buf()).await.expect("open b");
+        let (left, right) = async_std::os::unix::net::UnixStream::pair().expect("socket pair");
+        let (ra, rb) = futures::join!(
+            a.replicate(left, multifeed::ReplicateOptions::new(true)),
+            b.replicate(right, multifeed::ReplicateOptions::new(false)),
+        );
+        ra.expect("a syncs");
+        let summary = rb.expect("b syncs");
+        assert_eq!(summary.blocks_received, WRITERS as u64);
+        for feed in a.feeds() {
+            let copy = b.feed(feed.key()).expect("key").expect("b has the feed");
+            assert_eq!(
+                copy.get(0).await.expect("get"),
+                feed.get(0).await.expect("get")
+            );
+        }
+        a.close().await.expect("close a");
+        b.close().await.expect("close b");
+    });
 }

@@ -32,6 +32,12 @@ const MAX_MISSING: usize = 65_536;
 /// them, and all of them before the header write or truncation that waits for them.
 pub(crate) const FLUSH_ORDER: [&str; 4] = ["data", "oplog", "tree", "bitfield"];
 
+/// Whether an open failed because the process (EMFILE) or the system (ENFILE) has no
+/// descriptor left: an I/O condition that passes, never a sign of damage.
+pub(crate) fn out_of_descriptors(err: &io::Error) -> bool {
+    matches!(err.raw_os_error(), Some(23 | 24))
+}
+
 /// A bounded least-recently-used pool of open files, shared by every [`DiskStore`](crate::DiskStore)
 /// of a root, so thousands of feeds never hold thousands of descriptors. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -154,7 +160,16 @@ impl FdPool {
                 .truncate(false)
                 .open(path)
         };
-        let file = match open(&path) {
+        // Out of descriptors (other pools or code of the process hold them): give back half of
+        // ours, keep the pool that much smaller from now on, and try again.
+        let mut opened = open(&path);
+        for _ in 0..8 {
+            match &opened {
+                Err(err) if out_of_descriptors(err) && self.shrink() => opened = open(&path),
+                _ => break,
+            }
+        }
+        let file = match opened {
             Ok(file) => file,
             Err(err) if err.kind() == io::ErrorKind::NotFound && create => {
                 if let Some(parent) = path.parent() {
@@ -193,6 +208,33 @@ impl FdPool {
         let tick = inner.tick;
         let file = inner.open.entry(id).or_insert((file, tick)).0.clone();
         Ok(Some(file))
+    }
+
+    /// Closes the older half of the open files and lowers the pool's bound to what is left;
+    /// false when nothing was open to give back.
+    fn shrink(&self) -> bool {
+        let mut inner = self.lock();
+        if inner.open.is_empty() {
+            return false;
+        }
+        let mut by_age: Vec<(u64, u64)> = inner
+            .open
+            .iter()
+            .map(|(id, (_, used))| (*used, *id))
+            .collect();
+        by_age.sort_unstable();
+        let close = by_age.len().div_ceil(2);
+        for (_, id) in by_age.into_iter().take(close) {
+            inner.open.remove(&id);
+        }
+        inner.max_open = inner.open.len().max(1);
+        true
+    }
+
+    /// The most files this pool keeps open now (lowered when the process ran out of
+    /// descriptors).
+    pub fn max_open(&self) -> usize {
+        self.lock().max_open
     }
 
     pub(crate) fn mark_dirty(&self, id: u64) {
