@@ -39,4 +39,13 @@ pub trait FeedHost: Send + Sync + 'static {
     async fn blocks_stored(&self) -> Result<(), HostError> {
         Ok(())
     }
+
+    /// Whether `value`, about to be served as block `index` of `key`, is what the feed's tree
+    /// records for it. A host that can tell drops a damaged block (so it is fetched again) and
+    /// says false; the peer then gets NoData instead of a proof it would reject. The default
+    /// trusts every block.
+    async fn block_intact(&self, key: &FeedKey, index: u64, value: &[u8]) -> bool {
+        let _ = (key, index, value);
+        true
+    }
 }

@@ -26,6 +26,13 @@ pub trait StorageFactory: Send + Sync + fmt::Debug + 'static {
     /// Releases cached resources such as open file descriptors; stores stay usable.
     fn release(&self) {}
 
+    /// Whether opening a path again gives another handle on the same bytes (so a feed's tree
+    /// can be read beside its hypercore, to check blocks against it). False unless the factory
+    /// says so: a closure that makes a new store on every call would give an empty one.
+    fn reopens_same_store(&self) -> bool {
+        false
+    }
+
     /// Flushes every store written since the last call to stable storage (fsync on disk).
     fn sync_all(&self) -> BoxFuture<'static, Result<(), crate::StorageError>> {
         Box::pin(async { Ok(()) })
@@ -85,6 +92,10 @@ impl DiskFactory {
 }
 
 impl StorageFactory for DiskFactory {
+    fn reopens_same_store(&self) -> bool {
+        true
+    }
+
     fn open(&self, path: &str) -> BoxFuture<'static, Result<BoxedStore, RandomAccessError>> {
         let mut full = self.root.clone();
         full.extend(path.split('/').filter(|part| !part.is_empty()));
@@ -167,6 +178,10 @@ impl MemoryFactory {
 }
 
 impl StorageFactory for MemoryFactory {
+    fn reopens_same_store(&self) -> bool {
+        true
+    }
+
     fn open(&self, path: &str) -> BoxFuture<'static, Result<BoxedStore, RandomAccessError>> {
         let store = self.lock().entry(path.to_owned()).or_default().clone();
         Box::pin(async move { Ok(Box::new(store) as BoxedStore) })

@@ -86,6 +86,15 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A stored block does not match its feed's tree (its bytes were damaged on disk). It was
+    /// dropped; a sync with a peer that holds the feed fetches it again.
+    #[error("block {index} of feed {key} is damaged; it was dropped, to be fetched again")]
+    DamagedBlock {
+        /// Hex key of the feed.
+        key: String,
+        /// The block.
+        index: u64,
+    },
     /// Replication failed.
     #[error(transparent)]
     Replicate(#[from] multifeed_replicate::ReplicateError),

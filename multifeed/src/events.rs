@@ -34,6 +34,13 @@ pub enum Event {
         /// Why.
         reason: String,
     },
+    /// A block read did not match the feed's tree: it was dropped, to be fetched again.
+    BlockDamaged {
+        /// The feed.
+        key: FeedKey,
+        /// The block.
+        index: u64,
+    },
     /// Replication progress on a connection, for progress bars.
     Progress {
         /// Blocks transferred so far.

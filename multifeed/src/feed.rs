@@ -33,6 +33,8 @@ pub(crate) struct FeedSlot {
     pub(crate) record: FeedRecord,
     pub(crate) discovery_key: [u8; 32],
     pub(crate) core: async_lock::Mutex<CoreState>,
+    /// A second handle on the feed's tree store, to check blocks read against their leaves.
+    pub(crate) tree: async_lock::Mutex<Option<multifeed_storage::BoxedStore>>,
 }
 
 impl FeedSlot {
@@ -41,6 +43,7 @@ impl FeedSlot {
             discovery_key: hypercore_protocol::discovery_key(&record.key),
             record,
             core: async_lock::Mutex::new(core),
+            tree: async_lock::Mutex::new(None),
         }
     }
 }
@@ -147,9 +150,51 @@ impl Feed {
         if index >= core.info().length || !core.has(index) {
             return Ok(None);
         }
-        core.get(index)
+        let Some(value) = core
+            .get(index)
             .await
-            .map_err(|e| Error::hypercore(self.key(), e))
+            .map_err(|e| Error::hypercore(self.key(), e))?
+        else {
+            return Ok(None);
+        };
+        if !self
+            .inner
+            .block_matches_tree(&self.slot, index, &value)
+            .await
+        {
+            self.drop_damaged(&mut core, index).await;
+            return Err(Error::DamagedBlock {
+                key: hex::encode(self.key()),
+                index,
+            });
+        }
+        Ok(Some(value))
+    }
+
+    /// Never hand out wrong bytes: a damaged block is dropped, so a sync fetches it again from
+    /// a peer that holds it (a local writer's block too).
+    async fn drop_damaged(&self, core: &mut hypercore::Hypercore, index: u64) {
+        let _ = core.clear(index, index + 1).await;
+        self.inner.emit(crate::Event::BlockDamaged {
+            key: *self.key(),
+            index,
+        });
+    }
+
+    /// For the replication driver: whether `value`, read as block `index` by the driver, matches
+    /// the tree; a damaged block is dropped.
+    pub(crate) async fn block_intact(&self, index: u64, value: &[u8]) -> bool {
+        if self
+            .inner
+            .block_matches_tree(&self.slot, index, value)
+            .await
+        {
+            return true;
+        }
+        if let Ok(core) = self.core().await {
+            self.drop_damaged(&mut *core.lock().await, index).await;
+        }
+        false
     }
 
     /// Appends a value through the multifeed's value encoding; returns its index.

@@ -367,6 +367,50 @@ impl Inner {
         }
     }
 
+    /// Whether `value`, read as block `index` of the slot's feed, is what the feed's tree
+    /// records for it: its leaf node (length and BLAKE2b hash) in the tree store.
+    ///
+    /// Not checked: stores that cannot be read beside the hypercore (custom factories), and
+    /// the last few blocks written, whose tree nodes hypercore 0.16 keeps in its oplog until it
+    /// next writes its tree (their leaf is not in the tree store yet: short or all zeros).
+    pub(crate) async fn block_matches_tree(
+        &self,
+        slot: &FeedSlot,
+        index: u64,
+        value: &[u8],
+    ) -> bool {
+        if !self.factory.reopens_same_store() {
+            return true;
+        }
+        let mut tree = slot.tree.lock().await;
+        if tree.is_none() {
+            let path = format!("{}/tree", slot.record.namespace);
+            match self.factory.open(&path).await {
+                Ok(store) => *tree = Some(store),
+                // Not readable now: the block cannot be judged, and is not blamed.
+                Err(_) => return true,
+            }
+        }
+        let Some(store) = tree.as_mut() else {
+            return true;
+        };
+        // Leaf `index` is tree node 2 * index: 8 bytes of length (LE), then the 32-byte hash.
+        let Some(offset) = index.checked_mul(80) else {
+            return false;
+        };
+        let node = match store.read(offset, 40).await {
+            Ok(node) if node.len() == 40 => node,
+            _ => return true,
+        };
+        if node.iter().all(|&byte| byte == 0) {
+            return true;
+        }
+        let mut length = [0u8; 8];
+        length.copy_from_slice(&node[..8]);
+        u64::from_le_bytes(length) == value.len() as u64
+            && node[8..] == *hypercore_schema::Hash::data(value).as_bytes()
+    }
+
     fn table(&self) -> RwLockReadGuard<'_, FeedTable> {
         // Every write to the table is a single insert that cannot leave it half-done.
         self.table

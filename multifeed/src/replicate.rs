@@ -299,6 +299,13 @@ impl FeedHost for Host {
         Ok(())
     }
 
+    async fn block_intact(&self, key: &FeedKey, index: u64, value: &[u8]) -> bool {
+        match self.multi.by_key(key) {
+            Some(feed) => feed.block_intact(index, value).await,
+            None => true,
+        }
+    }
+
     fn subscribe_new_feeds(&self) -> BoxStream<'static, FeedKey> {
         let multi = self.multi.clone();
         let receiver = self.multi.inner.new_event_receiver();

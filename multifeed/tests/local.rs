@@ -475,3 +475,99 @@ async fn a_disk_root_is_open_in_one_place_at_a_time() -> TestResult {
     third.close().await?;
     Ok(())
 }
+
+#[async_std::test]
+async fn damaged_block_bytes_are_an_error_and_a_peer_restores_them() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let entry = |i: u64| format!("entry {i:03} {}", ".".repeat(88)).into_bytes();
+    let peer = Multifeed::open_memory().await?;
+    let key = {
+        let multi = Multifeed::open_disk(dir.path()).await?;
+        let writer = multi.writer("me").await?;
+        for i in 0..10 {
+            writer.append(&entry(i)).await?;
+        }
+        let (left, right) = async_std::os::unix::net::UnixStream::pair()?;
+        let (ra, rb) = futures::join!(
+            multi.replicate(left, multifeed::ReplicateOptions::new(true)),
+            peer.replicate(right, multifeed::ReplicateOptions::new(false)),
+        );
+        ra?;
+        rb?;
+        multi.close().await?;
+        *writer.key()
+    };
+    // Flip bits inside blocks 3 and 6 of the data file (every entry is 100 bytes).
+    let hex = hex::encode(key);
+    let data = dir
+        .path()
+        .join("feeds")
+        .join(&hex[..2])
+        .join(&hex)
+        .join("data");
+    let mut bytes = std::fs::read(&data)?;
+    bytes[3 * 100 + 5] ^= 0x40;
+    bytes[6 * 100 + 50] ^= 0x01;
+    std::fs::write(&data, bytes)?;
+
+    let multi = Multifeed::open_disk(dir.path()).await?;
+    let writer = multi.writer("me").await?;
+    // Was: the damaged bytes came back as valid.
+    match writer.get(3).await {
+        Err(Error::DamagedBlock { index: 3, .. }) => {}
+        other => return Err(format!("expected DamagedBlock, got {other:?}").into()),
+    }
+    assert_eq!(writer.get(3).await?, None, "the damaged block was dropped");
+    for i in [0, 2, 4, 9] {
+        assert_eq!(writer.get(i).await?, Some(entry(i)), "block {i} is fine");
+    }
+    // A new peer syncing from us: was rejected us with ERR_INVALID_PROOF for block 6; now it
+    // gets every block but the damaged ones, and we drop block 6 when we find it damaged.
+    let fresh = Multifeed::open_memory().await?;
+    let quick = |initiator| {
+        multifeed::ReplicateOptions::new(initiator).timeouts(
+            std::time::Duration::from_secs(10),
+            std::time::Duration::from_millis(800),
+        )
+    };
+    let (left, right) = async_std::os::unix::net::UnixStream::pair()?;
+    let (_, rf) = futures::join!(
+        multi.replicate(left, quick(true)),
+        fresh.replicate(right, quick(false)),
+    );
+    match rf {
+        Err(Error::Replicate(err)) => assert_eq!(err.code(), "ERR_TIMEOUT", "{err}"),
+        other => {
+            return Err(format!("expected a timeout waiting for 3 and 6, got {other:?}").into())
+        }
+    }
+    let copy = fresh.feed(key)?.ok_or("the new peer has the feed")?;
+    assert_eq!(copy.get(5).await?, Some(entry(5)));
+    assert_eq!(copy.get(6).await?, None, "no damaged bytes were served");
+    assert_eq!(
+        writer.get(6).await?,
+        None,
+        "block 6 was dropped when found damaged"
+    );
+    // A sync with the peer that holds the feed brings the blocks back.
+    let (left, right) = async_std::os::unix::net::UnixStream::pair()?;
+    let (ra, rb) = futures::join!(
+        multi.replicate(left, multifeed::ReplicateOptions::new(true)),
+        peer.replicate(right, multifeed::ReplicateOptions::new(false)),
+    );
+    ra?;
+    rb?;
+    assert_eq!(
+        writer.get(3).await?,
+        Some(entry(3)),
+        "restored from the peer"
+    );
+    assert_eq!(
+        writer.get(6).await?,
+        Some(entry(6)),
+        "restored from the peer"
+    );
+    assert_eq!(writer.append(b"still writable").await?, 10);
+    multi.close().await?;
+    Ok(())
+}

@@ -51,7 +51,8 @@ impl Driver {
         let Some(channel) = feed.channel.clone() else {
             return Ok(());
         };
-        let proof = {
+        let key = feed.key;
+        let mut proof = {
             let mut core = feed.core.lock().await;
             if crate::sync::servable(&request, core.info().length) {
                 // Validation keeps hypercore 0.16 from panicking on hostile requests; a panic
@@ -69,6 +70,18 @@ impl Driver {
                 Ok(None)
             }
         };
+        // Never serve bytes the feed's own tree contradicts (damaged on disk).
+        if let Ok(Some(found)) = &proof {
+            if let Some(block) = &found.block {
+                if !self
+                    .host
+                    .block_intact(&key, block.index, &block.value)
+                    .await
+                {
+                    proof = Ok(None);
+                }
+            }
+        }
         let message = match proof {
             Ok(Some(proof)) => {
                 self.backlog.on_progress();
