@@ -26,6 +26,12 @@ pub trait StorageFactory: Send + Sync + fmt::Debug + 'static {
     /// Releases cached resources such as open file descriptors; stores stay usable.
     fn release(&self) {}
 
+    /// The feed namespaces (`feeds/ab/ab12…`) that hold stores, for finding feeds a damaged
+    /// index no longer names. The default knows none.
+    fn feed_namespaces(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// Whether opening a path again gives another handle on the same bytes (so a feed's tree
     /// can be read beside its hypercore, to check blocks against it). False unless the factory
     /// says so: a closure that makes a new store on every call would give an empty one.
@@ -94,6 +100,27 @@ impl DiskFactory {
 impl StorageFactory for DiskFactory {
     fn reopens_same_store(&self) -> bool {
         true
+    }
+
+    fn feed_namespaces(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let Ok(prefixes) = std::fs::read_dir(self.root.join("feeds")) else {
+            return out;
+        };
+        for prefix in prefixes.flatten() {
+            let prefix_name = prefix.file_name().to_string_lossy().into_owned();
+            let Ok(feeds) = std::fs::read_dir(prefix.path()) else {
+                continue;
+            };
+            for feed in feeds.flatten() {
+                let name = feed.file_name().to_string_lossy().into_owned();
+                if is_feed_dir(&prefix_name, &name) {
+                    out.push(format!("feeds/{prefix_name}/{name}"));
+                }
+            }
+        }
+        out.sort();
+        out
     }
 
     fn open(&self, path: &str) -> BoxFuture<'static, Result<BoxedStore, RandomAccessError>> {
@@ -180,6 +207,25 @@ impl MemoryFactory {
 impl StorageFactory for MemoryFactory {
     fn reopens_same_store(&self) -> bool {
         true
+    }
+
+    fn feed_namespaces(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .lock()
+            .keys()
+            .filter_map(|path| {
+                let mut parts = path.split('/');
+                match (parts.next(), parts.next(), parts.next()) {
+                    (Some("feeds"), Some(prefix), Some(name)) if is_feed_dir(prefix, name) => {
+                        Some(format!("feeds/{prefix}/{name}"))
+                    }
+                    _ => None,
+                }
+            })
+            .collect();
+        out.sort();
+        out.dedup();
+        out
     }
 
     fn open(&self, path: &str) -> BoxFuture<'static, Result<BoxedStore, RandomAccessError>> {
@@ -314,4 +360,9 @@ impl RandomAccess for Tracked {
         self.inner.dirty.store(false, Ordering::SeqCst);
         self.inner.store.lock().await.sync_all().await
     }
+}
+
+/// Whether `prefix/name` is a feed folder: 64 hex digits under their first two.
+fn is_feed_dir(prefix: &str, name: &str) -> bool {
+    name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()) && name.starts_with(prefix)
 }

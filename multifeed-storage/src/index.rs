@@ -59,12 +59,15 @@ pub struct FeedRecord {
 pub struct IndexRecovery {
     /// Byte ranges `(start, end)` that held no valid record and were skipped.
     pub damaged: Vec<(u64, u64)>,
+    /// Feeds whose folder the index no longer named, listed again (their writer names are
+    /// lost; a local writer, whose secret key was found, stays writable).
+    pub restored: Vec<FeedRecord>,
 }
 
 impl IndexRecovery {
     /// Whether the index was read without finding any damage.
     pub fn is_clean(&self) -> bool {
-        self.damaged.is_empty()
+        self.damaged.is_empty() && self.restored.is_empty()
     }
 }
 

@@ -59,14 +59,68 @@ impl RootStorage {
             .open(INDEX_PATH)
             .await
             .map_err(|e| StorageError::io(INDEX_PATH, e))?;
-        let (index, records, recovery) = FeedIndex::load(store, INDEX_PATH).await?;
-        let root = Self {
+        let (index, mut records, mut recovery) = FeedIndex::load(store, INDEX_PATH).await?;
+        let mut root = Self {
             factory,
             index,
             options,
             durability,
         };
+        let restored = root.restore_orphans(&records).await?;
+        records.extend(restored.iter().cloned());
+        recovery.restored = restored;
         Ok((root, records, recovery))
+    }
+
+    /// Lists again every feed folder the index does not name (a damaged or lost index must not
+    /// drop feeds, least of all local writers, whose secret key is in their folder). A folder
+    /// is listed when its hypercore opens under the key its name says; a replica that holds no
+    /// block is left out (nothing of it was verified, or it is a feed never recorded).
+    async fn restore_orphans(
+        &mut self,
+        records: &[FeedRecord],
+    ) -> Result<Vec<FeedRecord>, StorageError> {
+        let named: std::collections::HashSet<&str> =
+            records.iter().map(|r| r.namespace.as_str()).collect();
+        let mut restored = Vec::new();
+        for namespace in self.factory.feed_namespaces() {
+            if named.contains(namespace.as_str()) {
+                continue;
+            }
+            let Some(key) = namespace
+                .rsplit('/')
+                .next()
+                .and_then(|hex| hex::decode(hex).ok())
+                .and_then(|bytes| FeedKey::try_from(bytes).ok())
+            else {
+                continue;
+            };
+            let mut record = FeedRecord {
+                namespace: namespace.clone(),
+                key,
+                name: None,
+                origin: FeedOrigin::Remote,
+            };
+            let Ok(core) = open_feed(&self.factory, self.options, &record).await else {
+                continue;
+            };
+            let local = core.key_pair().secret.is_some();
+            if !local && core.info().length == 0 {
+                continue;
+            }
+            record.origin = if local {
+                FeedOrigin::Local
+            } else {
+                FeedOrigin::Remote
+            };
+            drop(core);
+            self.index.append(&record).await?;
+            restored.push(record);
+        }
+        if !restored.is_empty() && self.durability == Durability::Sync {
+            self.index.sync().await?;
+        }
+        Ok(restored)
     }
 
     /// The factory behind this root.

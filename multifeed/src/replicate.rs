@@ -179,7 +179,9 @@ impl Multifeed {
                 futures::join!(multifeed_replicate::replicate(io, host, config), forward);
             result
         };
-        match futures::future::Abortable::new(both, abort).await {
+        // On the heap: the replication's state machine is large (debug builds overflowed the
+        // stack of a test thread running several replications).
+        match futures::future::Abortable::new(Box::pin(both), abort).await {
             Ok(result) => Ok(result?),
             // `close` ended it: nothing of it runs any more.
             Err(futures::future::Aborted) => Err(Error::Closed),

@@ -327,6 +327,7 @@ async fn index_survives_truncation_or_corruption_at_every_byte_of_its_last_recor
         .take(2)
         .map(|f| (*f.key(), f.name().map(str::to_owned)))
         .collect();
+    let third_key = *reference.feeds()[2].key();
     reference.close().await?;
     let index = factory.file("index").ok_or("no index file")?;
     let mut damaged_variants = Vec::new();
@@ -348,7 +349,14 @@ async fn index_survives_truncation_or_corruption_at_every_byte_of_its_last_recor
             .map(|f| (*f.key(), f.name().map(str::to_owned)))
             .collect();
         assert_eq!(got, expected, "damaged index of {} bytes", bytes.len());
-        assert_eq!(multi.feeds().len(), 2, "the damaged record is dropped");
+        // The damaged record's feed is found by its folder and listed again: still ours and
+        // writable, only its name is lost (was: dropped, its secret key orphaned).
+        assert_eq!(multi.feeds().len(), 3, "the third feed is restored");
+        assert_eq!(multi.index_recovery().restored.len(), 1);
+        let third = &multi.feeds()[2];
+        assert_eq!(third.key(), &third_key);
+        assert_eq!(third.name(), None);
+        assert!(third.is_writable());
         for (i, feed) in multi.feeds().iter().enumerate() {
             assert_eq!(feed.get(0).await?, Some(vec![b'1' + i as u8]));
         }
@@ -356,9 +364,20 @@ async fn index_survives_truncation_or_corruption_at_every_byte_of_its_last_recor
         multi.writer("after").await?;
         multi.close().await?;
         let reopened = memory_multifeed(&factory).await?;
-        assert_eq!(reopened.feeds().len(), 3);
+        assert_eq!(reopened.feeds().len(), 4);
         assert!(reopened.index_recovery().is_clean());
+        for (i, feed) in reopened.feeds().iter().take(3).enumerate() {
+            assert_eq!(feed.get(0).await?, Some(vec![b'1' + i as u8]));
+        }
+        // The "after" feed's folder goes again, for the next variant of the index.
+        let after = hex::encode(reopened.writer("after").await?.key());
         reopened.close().await?;
+        let folder = format!("feeds/{}/{}/", &after[..2], after);
+        for path in factory.paths() {
+            if path.starts_with(&folder) {
+                factory.remove(&path);
+            }
+        }
     }
     Ok(())
 }
@@ -568,6 +587,51 @@ async fn damaged_block_bytes_are_an_error_and_a_peer_restores_them() -> TestResu
         "restored from the peer"
     );
     assert_eq!(writer.append(b"still writable").await?, 10);
+    multi.close().await?;
+    Ok(())
+}
+
+#[async_std::test]
+async fn feeds_the_index_no_longer_names_are_restored_from_their_folders() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let peer = Multifeed::open_memory().await?;
+    peer.writer("theirs").await?.append(b"from a peer").await?;
+    let (mine, theirs) = {
+        let multi = Multifeed::open_disk(dir.path()).await?;
+        let mine = multi.writer("mine").await?;
+        mine.append_batch([b"a".as_slice(), b"b"]).await?;
+        let (left, right) = async_std::os::unix::net::UnixStream::pair()?;
+        let (ra, rb) = futures::join!(
+            multi.replicate(left, multifeed::ReplicateOptions::new(true)),
+            peer.replicate(right, multifeed::ReplicateOptions::new(false)),
+        );
+        ra?;
+        rb?;
+        multi.close().await?;
+        (*mine.key(), *peer.feeds()[0].key())
+    };
+    // The index is lost entirely (was: every feed dropped, the writer's secret key orphaned).
+    std::fs::remove_file(dir.path().join("index"))?;
+    let multi = Multifeed::open_disk(dir.path()).await?;
+    let restored: Vec<_> = multi
+        .index_recovery()
+        .restored
+        .iter()
+        .map(|record| record.key)
+        .collect();
+    assert_eq!(restored.len(), 2, "both feeds are reported as restored");
+    let own = multi.feed(mine)?.ok_or("our writer is back")?;
+    assert!(own.is_writable(), "its secret key was found in its folder");
+    assert_eq!(own.get(1).await?, Some(b"b".to_vec()));
+    assert_eq!(own.append(b"c").await?, 2);
+    let replica = multi.feed(theirs)?.ok_or("the replica is back")?;
+    assert!(!replica.is_writable());
+    assert_eq!(replica.get(0).await?, Some(b"from a peer".to_vec()));
+    multi.close().await?;
+    // Listed again for good: the next open is clean.
+    let multi = Multifeed::open_disk(dir.path()).await?;
+    assert!(multi.index_recovery().is_clean());
+    assert_eq!(multi.feeds().len(), 2);
     multi.close().await?;
     Ok(())
 }
