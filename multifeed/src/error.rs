@@ -95,6 +95,16 @@ pub enum Error {
         /// The block.
         index: u64,
     },
+    /// A block of a local writer, below its length, is not stored (its bitfield or data was
+    /// damaged, or the block was dropped as damaged). A sync with a peer that holds the feed
+    /// restores it.
+    #[error("block {index} of local feed {key} is missing; a sync with a peer restores it")]
+    MissingBlock {
+        /// Hex key of the feed.
+        key: String,
+        /// The block.
+        index: u64,
+    },
     /// Replication failed.
     #[error(transparent)]
     Replicate(#[from] multifeed_replicate::ReplicateError),

@@ -147,7 +147,18 @@ impl Feed {
     pub async fn get(&self, index: u64) -> Result<Option<Vec<u8>>, Error> {
         let core = self.core().await?;
         let mut core = core.lock().await;
-        if index >= core.info().length || !core.has(index) {
+        if index >= core.info().length {
+            return Ok(None);
+        }
+        if !core.has(index) {
+            // A replica may be sparse; a local writer holds every block it wrote, so a missing
+            // one is damage, never a silent `None`.
+            if self.is_writable() {
+                return Err(Error::MissingBlock {
+                    key: hex::encode(self.key()),
+                    index,
+                });
+            }
             return Ok(None);
         }
         let Some(value) = core

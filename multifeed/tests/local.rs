@@ -536,7 +536,13 @@ async fn damaged_block_bytes_are_an_error_and_a_peer_restores_them() -> TestResu
         Err(Error::DamagedBlock { index: 3, .. }) => {}
         other => return Err(format!("expected DamagedBlock, got {other:?}").into()),
     }
-    assert_eq!(writer.get(3).await?, None, "the damaged block was dropped");
+    assert!(
+        matches!(
+            writer.get(3).await,
+            Err(Error::MissingBlock { index: 3, .. })
+        ),
+        "the damaged block was dropped, and its absence is no silent None"
+    );
     for i in [0, 2, 4, 9] {
         assert_eq!(writer.get(i).await?, Some(entry(i)), "block {i} is fine");
     }
@@ -563,9 +569,11 @@ async fn damaged_block_bytes_are_an_error_and_a_peer_restores_them() -> TestResu
     let copy = fresh.feed(key)?.ok_or("the new peer has the feed")?;
     assert_eq!(copy.get(5).await?, Some(entry(5)));
     assert_eq!(copy.get(6).await?, None, "no damaged bytes were served");
-    assert_eq!(
-        writer.get(6).await?,
-        None,
+    assert!(
+        matches!(
+            writer.get(6).await,
+            Err(Error::MissingBlock { index: 6, .. })
+        ),
         "block 6 was dropped when found damaged"
     );
     // A sync with the peer that holds the feed brings the blocks back.
@@ -632,6 +640,55 @@ async fn feeds_the_index_no_longer_names_are_restored_from_their_folders() -> Te
     let multi = Multifeed::open_disk(dir.path()).await?;
     assert!(multi.index_recovery().is_clean());
     assert_eq!(multi.feeds().len(), 2);
+    multi.close().await?;
+    Ok(())
+}
+
+#[async_std::test]
+async fn a_lost_bitfield_hides_nothing_after_a_sync_with_a_peer() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let peer = Multifeed::open_memory().await?;
+    let sync = |a: Multifeed, b: Multifeed| async move {
+        let (left, right) = async_std::os::unix::net::UnixStream::pair()?;
+        let (ra, rb) = futures::join!(
+            a.replicate(left, multifeed::ReplicateOptions::new(true)),
+            b.replicate(right, multifeed::ReplicateOptions::new(false)),
+        );
+        Ok::<_, Box<dyn std::error::Error>>((ra?, rb?))
+    };
+    let key = {
+        let multi = Multifeed::open_disk(dir.path()).await?;
+        let writer = multi.writer("me").await?;
+        for i in 0..300u32 {
+            writer.append(&i.to_le_bytes()).await?;
+        }
+        sync(multi.clone(), peer.clone()).await?;
+        multi.close().await?;
+        *writer.key()
+    };
+    let hex = hex::encode(key);
+    let folder = dir.path().join("feeds").join(&hex[..2]).join(&hex);
+    std::fs::remove_file(folder.join("bitfield"))?;
+    let multi = Multifeed::open_disk(dir.path()).await?;
+    let writer = multi.writer("me").await?;
+    assert_eq!(writer.len().await?, 300);
+    // Was: `get` gave None for acknowledged entries, silently.
+    assert!(matches!(
+        writer.get(0).await,
+        Err(Error::MissingBlock { index: 0, .. })
+    ));
+    // Was: the sync reported OK and fetched nothing (hypercore still claimed 300 contiguous
+    // blocks), leaving the entries unreadable.
+    let (ours, _) = sync(multi.clone(), peer.clone()).await?;
+    assert!(ours.blocks_received > 0, "the hidden blocks were fetched");
+    for i in 0..300u32 {
+        assert_eq!(
+            writer.get(i as u64).await?,
+            Some(i.to_le_bytes().to_vec()),
+            "entry {i}"
+        );
+    }
+    assert_eq!(writer.append(b"more").await?, 300, "still writable");
     multi.close().await?;
     Ok(())
 }

@@ -25,7 +25,7 @@ impl Driver {
         let mut messages = Vec::new();
         {
             let mut core = feed.core.lock().await;
-            let info = core.info();
+            let info = checked_info(&core, &mut feed.verified);
             if let Some((id, block)) =
                 feed.sync
                     .start_upgrade(info.fork, info.length, info.contiguous_length)
@@ -129,7 +129,7 @@ impl Driver {
         };
         let (applied, before, info, stored) = {
             let mut core = feed.core.lock().await;
-            let before = core.info();
+            let before = checked_info(&core, &mut feed.verified);
             if let (Asked::Block(index), Some(block), true) = (asked, &proof.block, optimistic) {
                 let depth = block.nodes.len() as u64;
                 if block.index == index
@@ -155,7 +155,8 @@ impl Driver {
                 .catch_unwind()
                 .await;
             let held = asked_block.map(|index| core.has(index));
-            (applied, before, core.info(), (had_block, held))
+            let after = checked_info(&core, &mut feed.verified);
+            (applied, before, after, (had_block, held))
         };
         let (had_block, held) = stored;
         let stored = !had_block && held == Some(true);
@@ -265,6 +266,27 @@ fn answers(asked: Asked, data: &Data) -> bool {
 
 fn asked_no_upgrade(asked: Asked) -> bool {
     matches!(asked, Asked::Block(_))
+}
+
+/// The core's info, with a contiguous length that counts only blocks the core holds.
+///
+/// hypercore 0.16 reports the contiguous length of its header even when its bitfield lost the
+/// blocks (a damaged or deleted bitfield file): a sync then took the feed for complete and
+/// fetched nothing. `verified` is how far blocks were confirmed before, so each call checks
+/// only blocks not confirmed yet (one lookup per block over a connection).
+pub(super) fn checked_info(core: &hypercore::Hypercore, verified: &mut u64) -> hypercore::Info {
+    let mut info = core.info();
+    if *verified > info.contiguous_length {
+        // Truncated, or another fork: confirm again from the start.
+        *verified = 0;
+    }
+    let mut held = *verified;
+    while held < info.contiguous_length && core.has(held) {
+        held += 1;
+    }
+    *verified = held;
+    info.contiguous_length = held;
+    info
 }
 
 /// Whether a block below the contiguous length (so certainly held) is `index`.

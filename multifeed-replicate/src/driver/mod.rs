@@ -96,6 +96,8 @@ struct FeedState {
     fruitless: u32,
     /// `core` is a probe in memory: the host does not have the feed yet.
     probe: bool,
+    /// Blocks below this are confirmed held (see [`fetch::checked_info`]).
+    verified: u64,
 }
 
 enum Next {
@@ -809,6 +811,7 @@ impl Driver {
                     optimistic: HashSet::new(),
                     fruitless: 0,
                     probe,
+                    verified: 0,
                 },
             );
         }
@@ -825,9 +828,9 @@ impl Driver {
     }
 
     async fn feed_info(&mut self, dk: &DiscoveryKey) -> Option<hypercore::Info> {
-        let feed = self.feeds.get(dk)?;
-        let info = feed.core.lock().await.info();
-        Some(info)
+        let feed = self.feeds.get_mut(dk)?;
+        let core = feed.core.lock().await;
+        Some(fetch::checked_info(&core, &mut feed.verified))
     }
 
     async fn attach_channel(
@@ -847,13 +850,16 @@ impl Driver {
 
     /// Tells the peer our length and what we hold.
     pub(super) async fn announce(&mut self, dk: DiscoveryKey) -> Result<(), ReplicateError> {
-        let Some(feed) = self.feeds.get(&dk) else {
+        let Some(feed) = self.feeds.get_mut(&dk) else {
             return Ok(());
         };
         let Some(channel) = feed.channel.clone() else {
             return Ok(());
         };
-        let info = feed.core.lock().await.info();
+        let info = {
+            let core = feed.core.lock().await;
+            fetch::checked_info(&core, &mut feed.verified)
+        };
         let mut messages = vec![Message::Synchronize(Synchronize {
             fork: info.fork,
             length: info.length,
@@ -921,7 +927,10 @@ impl Driver {
                 if feed.target.is_none() && self.exchange.is_none() && !self.config.live {
                     // Plain mode: download up to what the peer has.
                     feed.target = Some(sync.length);
-                    let contiguous = feed.core.lock().await.info().contiguous_length;
+                    let contiguous = {
+                        let core = feed.core.lock().await;
+                        fetch::checked_info(&core, &mut feed.verified).contiguous_length
+                    };
                     if contiguous < sync.length {
                         self.blocks_known += sync.length - contiguous;
                         self.incomplete.insert(dk);

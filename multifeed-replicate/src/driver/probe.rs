@@ -62,6 +62,7 @@ impl Driver {
         if let Some(feed) = self.feeds.get_mut(&dk) {
             feed.core = core;
             feed.probe = false;
+            feed.verified = 0;
         }
         self.start_waiting().await?;
         Ok(true)
