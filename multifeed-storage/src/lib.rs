@@ -50,6 +50,7 @@ mod error;
 mod factory;
 mod index;
 mod oplog_guard;
+pub use oplog_guard::oplog_tree_nodes;
 mod root;
 mod shared;
 mod store;

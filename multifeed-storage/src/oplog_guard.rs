@@ -314,8 +314,16 @@ pub(crate) struct OplogPlan {
     pub(crate) view: Option<Vec<u8>>,
 }
 
-/// Plans the repair and the view of a stored oplog, given the stored bitfield.
-pub(crate) fn plan(content: &[u8], bitfield: &[u8]) -> OplogPlan {
+/// The stored oplog as hypercore will open it: torn header slots, the slot it opens from, and
+/// the valid, complete entries of that header (with their stored byte length).
+struct Scan<'a> {
+    torn_slots: Vec<u64>,
+    current: Option<usize>,
+    entries: Vec<&'a [u8]>,
+    entries_len: u64,
+}
+
+fn scan(content: &[u8]) -> Scan<'_> {
     let slot = |index: u64| {
         let start = (index * SLOT_SIZE) as usize;
         let end = (start + SLOT_SIZE as usize).min(content.len());
@@ -342,11 +350,11 @@ pub(crate) fn plan(content: &[u8], bitfield: &[u8]) -> OplogPlan {
         (None, Some(_)) => 1,
         // Nothing to open from: leave the file as it is for hypercore to report.
         (None, None) => {
-            return OplogPlan {
+            return Scan {
                 torn_slots,
+                current: None,
+                entries: Vec::new(),
                 entries_len: 0,
-                cut: false,
-                view: None,
             }
         }
     };
@@ -375,7 +383,31 @@ pub(crate) fn plan(content: &[u8], bitfield: &[u8]) -> OplogPlan {
         }
     }
     entries.truncate(complete.0);
-    let entries_len = complete.1;
+    Scan {
+        torn_slots,
+        current: Some(current),
+        entries,
+        entries_len: complete.1,
+    }
+}
+
+/// Plans the repair and the view of a stored oplog, given the stored bitfield.
+pub(crate) fn plan(content: &[u8], bitfield: &[u8]) -> OplogPlan {
+    let Scan {
+        torn_slots,
+        current,
+        entries,
+        entries_len,
+    } = scan(content);
+    let Some(current) = current else {
+        return OplogPlan {
+            torn_slots,
+            entries_len: 0,
+            cut: false,
+            view: None,
+        };
+    };
+    let current_bit = current == 1;
     let stored = content.len() as u64;
     let cut = stored > ENTRIES_START + entries_len && stored > ENTRIES_START;
 
@@ -393,6 +425,30 @@ pub(crate) fn plan(content: &[u8], bitfield: &[u8]) -> OplogPlan {
         cut,
         view,
     }
+}
+
+/// The tree nodes the stored oplog records (flat index, length, hash): hypercore keeps the
+/// nodes of its latest writes there until it next writes its tree file.
+pub fn oplog_tree_nodes(content: &[u8]) -> Vec<(u64, u64, [u8; 32])> {
+    let mut out = Vec::new();
+    for entry in scan(content).entries {
+        let Some(nodes) = entry_parts(entry).and_then(|parts| parts.nodes) else {
+            continue;
+        };
+        let mut r = Reader::new(nodes);
+        let Some(count) = r.var() else {
+            continue;
+        };
+        for _ in 0..count {
+            let (Some(index), Some(length), Some(hash)) = (r.var(), r.var(), r.take(32)) else {
+                break;
+            };
+            let mut bytes = [0u8; 32];
+            bytes.copy_from_slice(hash);
+            out.push((index, length, bytes));
+        }
+    }
+    out
 }
 
 /// The entries shown to hypercore: the bitfield's runs, then every stored entry re-encoded with

@@ -161,12 +161,21 @@ impl Feed {
             }
             return Ok(None);
         }
-        let Some(value) = core
-            .get(index)
-            .await
-            .map_err(|e| Error::hypercore(self.key(), e))?
-        else {
-            return Ok(None);
+        let value = match core.get(index).await {
+            Ok(Some(value)) => value,
+            Ok(None) => return Ok(None),
+            // A failed read (out of descriptors, a disk error) says nothing about the block.
+            Err(err @ hypercore::HypercoreError::IO { .. }) => {
+                return Err(Error::hypercore(self.key(), err))
+            }
+            // The block's bytes are not where its tree says (a truncated or deleted data file).
+            Err(_) => {
+                self.drop_damaged(&mut core, index).await;
+                return Err(Error::DamagedBlock {
+                    key: hex::encode(self.key()),
+                    index,
+                });
+            }
         };
         if !self
             .inner

@@ -398,17 +398,44 @@ impl Inner {
         let Some(offset) = index.checked_mul(80) else {
             return false;
         };
-        let node = match store.read(offset, 40).await {
-            Ok(node) if node.len() == 40 => node,
-            _ => return true,
+        let hash = hypercore_schema::Hash::data(value);
+        let leaf = match store.read(offset, 40).await {
+            Ok(node) if node.len() == 40 && node.iter().any(|&byte| byte != 0) => {
+                let mut length = [0u8; 8];
+                length.copy_from_slice(&node[..8]);
+                let mut digest = [0u8; 32];
+                digest.copy_from_slice(&node[8..]);
+                Some((u64::from_le_bytes(length), digest))
+            }
+            _ => None,
         };
-        if node.iter().all(|&byte| byte == 0) {
-            return true;
+        drop(tree);
+        // Not in the tree file yet: hypercore 0.16 keeps the nodes of its latest writes in its
+        // oplog until it next writes the tree.
+        let leaf = match leaf {
+            Some(leaf) => Some(leaf),
+            None => self.oplog_leaf(slot, 2 * index).await,
+        };
+        match leaf {
+            Some((length, digest)) => {
+                length == value.len() as u64 && digest[..] == *hash.as_bytes()
+            }
+            // Recorded nowhere we can read: not judged.
+            None => true,
         }
-        let mut length = [0u8; 8];
-        length.copy_from_slice(&node[..8]);
-        u64::from_le_bytes(length) == value.len() as u64
-            && node[8..] == *hypercore_schema::Hash::data(value).as_bytes()
+    }
+
+    /// The leaf node `flat` as the feed's stored oplog records it, if it does.
+    async fn oplog_leaf(&self, slot: &FeedSlot, flat: u64) -> Option<(u64, [u8; 32])> {
+        let path = format!("{}/oplog", slot.record.namespace);
+        let mut store = self.factory.open(&path).await.ok()?;
+        let len = store.len().await.ok()?;
+        let content = store.read(0, len).await.ok()?;
+        multifeed_storage::oplog_tree_nodes(&content)
+            .into_iter()
+            .rev()
+            .find(|(index, _, _)| *index == flat)
+            .map(|(_, length, hash)| (length, hash))
     }
 
     fn table(&self) -> RwLockReadGuard<'_, FeedTable> {
