@@ -80,6 +80,24 @@ impl Session {
         }
     }
 
+    /// Opens our side of the channel of `key` (once the honest side opened its) and announces
+    /// `length` blocks.
+    async fn open_feed_channel(&mut self, key: &[u8; 32], length: u64) {
+        self.peer.wait_open(key).await.expect("feed opened");
+        let open = self.peer.open_frame(FEED, key).expect("open");
+        self.peer.send_frame(open).await.expect("sent");
+        let sync = Message::Synchronize(Synchronize {
+            fork: 0,
+            length,
+            remote_length: 0,
+            downloading: true,
+            uploading: true,
+            can_upgrade: true,
+        });
+        let frame = message_frame(FEED, &sync).expect("frame");
+        self.peer.send_frame(frame).await.expect("sent");
+    }
+
     /// Reads the honest side's messages, running the exchange, until `done` says so; returns the
     /// feed-channel messages seen on the way.
     async fn until(&mut self, mut done: impl FnMut(&Self) -> bool) -> Vec<Message> {
@@ -185,19 +203,7 @@ async fn answers_for_another_fork_end_the_sync_instead_of_a_livelock() {
             let offer = FeedOffer { key, length: 5 };
             let mut session = Session::start(socket, false, vec![offer]).await;
             session.until(|s| s.agreed.contains(&key)).await;
-            session.peer.wait_open(&key).await.expect("feed opened");
-            let open = session.peer.open_frame(FEED, &key).expect("open");
-            session.peer.send_frame(open).await.expect("sent");
-            let sync = Message::Synchronize(Synchronize {
-                fork: 0,
-                length: 5,
-                remote_length: 0,
-                downloading: true,
-                uploading: true,
-                can_upgrade: true,
-            });
-            let frame = message_frame(FEED, &sync).expect("frame");
-            session.peer.send_frame(frame).await.expect("sent");
+            session.open_feed_channel(&key, 5).await;
             let mut answered = 0u32;
             while answered < 1_000 {
                 let Ok(messages) = session.peer.next_messages().await else {
@@ -475,19 +481,7 @@ async fn an_answer_about_another_block_is_ignored_not_an_invalid_proof() {
             session.until(|s| s.agreed.contains(&key)).await;
             let actions = session.exchange.local_synced();
             session.apply(actions).await;
-            session.peer.wait_open(&key).await.expect("feed opened");
-            let open = session.peer.open_frame(FEED, &key).expect("open");
-            session.peer.send_frame(open).await.expect("sent");
-            let sync = Message::Synchronize(Synchronize {
-                fork: 0,
-                length: 5,
-                remote_length: 0,
-                downloading: true,
-                uploading: true,
-                can_upgrade: true,
-            });
-            let frame = message_frame(FEED, &sync).expect("frame");
-            session.peer.send_frame(frame).await.expect("sent");
+            session.open_feed_channel(&key, 5).await;
             let mut misled = 0;
             while let Ok(messages) = session.peer.next_messages().await {
                 for (_, message) in messages {

@@ -7,6 +7,20 @@ use multifeed::{Error, Event, FeedOrigin, MemoryFactory, Multifeed, Value, Value
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
+/// One non-live replication of `a` (initiator) with `b` over a socket pair; both summaries.
+async fn sync_pair(
+    a: &Multifeed,
+    b: &Multifeed,
+) -> Result<(multifeed::ReplicateSummary, multifeed::ReplicateSummary), Box<dyn std::error::Error>>
+{
+    let (left, right) = async_std::os::unix::net::UnixStream::pair()?;
+    let (ra, rb) = futures::join!(
+        a.replicate(left, multifeed::ReplicateOptions::new(true)),
+        b.replicate(right, multifeed::ReplicateOptions::new(false)),
+    );
+    Ok((ra?, rb?))
+}
+
 async fn memory_multifeed(factory: &MemoryFactory) -> Result<Multifeed, Error> {
     Multifeed::builder().storage(factory.clone()).open().await
 }
@@ -506,13 +520,7 @@ async fn damaged_block_bytes_are_an_error_and_a_peer_restores_them() -> TestResu
         for i in 0..10 {
             writer.append(&entry(i)).await?;
         }
-        let (left, right) = async_std::os::unix::net::UnixStream::pair()?;
-        let (ra, rb) = futures::join!(
-            multi.replicate(left, multifeed::ReplicateOptions::new(true)),
-            peer.replicate(right, multifeed::ReplicateOptions::new(false)),
-        );
-        ra?;
-        rb?;
+        sync_pair(&multi, &peer).await?;
         multi.close().await?;
         *writer.key()
     };
@@ -577,13 +585,7 @@ async fn damaged_block_bytes_are_an_error_and_a_peer_restores_them() -> TestResu
         "block 6 was dropped when found damaged"
     );
     // A sync with the peer that holds the feed brings the blocks back.
-    let (left, right) = async_std::os::unix::net::UnixStream::pair()?;
-    let (ra, rb) = futures::join!(
-        multi.replicate(left, multifeed::ReplicateOptions::new(true)),
-        peer.replicate(right, multifeed::ReplicateOptions::new(false)),
-    );
-    ra?;
-    rb?;
+    sync_pair(&multi, &peer).await?;
     assert_eq!(
         writer.get(3).await?,
         Some(entry(3)),
@@ -608,13 +610,7 @@ async fn feeds_the_index_no_longer_names_are_restored_from_their_folders() -> Te
         let multi = Multifeed::open_disk(dir.path()).await?;
         let mine = multi.writer("mine").await?;
         mine.append_batch([b"a".as_slice(), b"b"]).await?;
-        let (left, right) = async_std::os::unix::net::UnixStream::pair()?;
-        let (ra, rb) = futures::join!(
-            multi.replicate(left, multifeed::ReplicateOptions::new(true)),
-            peer.replicate(right, multifeed::ReplicateOptions::new(false)),
-        );
-        ra?;
-        rb?;
+        sync_pair(&multi, &peer).await?;
         multi.close().await?;
         (*mine.key(), *peer.feeds()[0].key())
     };
@@ -648,21 +644,13 @@ async fn feeds_the_index_no_longer_names_are_restored_from_their_folders() -> Te
 async fn a_lost_bitfield_hides_nothing_after_a_sync_with_a_peer() -> TestResult {
     let dir = tempfile::tempdir()?;
     let peer = Multifeed::open_memory().await?;
-    let sync = |a: Multifeed, b: Multifeed| async move {
-        let (left, right) = async_std::os::unix::net::UnixStream::pair()?;
-        let (ra, rb) = futures::join!(
-            a.replicate(left, multifeed::ReplicateOptions::new(true)),
-            b.replicate(right, multifeed::ReplicateOptions::new(false)),
-        );
-        Ok::<_, Box<dyn std::error::Error>>((ra?, rb?))
-    };
     let key = {
         let multi = Multifeed::open_disk(dir.path()).await?;
         let writer = multi.writer("me").await?;
         for i in 0..300u32 {
             writer.append(&i.to_le_bytes()).await?;
         }
-        sync(multi.clone(), peer.clone()).await?;
+        sync_pair(&multi, &peer).await?;
         multi.close().await?;
         *writer.key()
     };
@@ -679,7 +667,7 @@ async fn a_lost_bitfield_hides_nothing_after_a_sync_with_a_peer() -> TestResult 
     ));
     // Was: the sync reported OK and fetched nothing (hypercore still claimed 300 contiguous
     // blocks), leaving the entries unreadable.
-    let (ours, _) = sync(multi.clone(), peer.clone()).await?;
+    let (ours, _) = sync_pair(&multi, &peer).await?;
     assert!(ours.blocks_received > 0, "the hidden blocks were fetched");
     for i in 0..300u32 {
         assert_eq!(
