@@ -11,6 +11,15 @@
 //! stream reported as an error, batch frames of several channels split before decoding, and a
 //! graceful close that flushes before it shuts the write side.
 //!
+//! Every peer is treated as hostile. Each plaintext frame is checked before `hypercore-protocol`
+//! decodes it (channel ids, vector counts, channels held), what a connection queues is bounded in
+//! both directions, every wait ends with the connection or a timeout (handshakes, progress, a
+//! live keep-alive), and a feed learned from a peer is recorded only once a signed root of it
+//! verified. A peer that breaks a rule ends its connection with
+//! [`ReplicateError::Peer`] and a [`PeerViolation`]; the bounds are listed in the workspace
+//! README ("Reliability"). Panics of the protocol and the cipher are contained with
+//! `catch_unwind`, which a build with `panic = "abort"` gives up.
+//!
 //! ```
 //! # async_std::task::block_on(async {
 //! use std::sync::Arc;

@@ -5,6 +5,11 @@
 //! remote ones learned from peers. Replication swaps the feeds both sides know, so each ends with
 //! the union: every author writes their own feed, and everyone gets every feed.
 //!
+//! Nothing is served or returned that the feed's own tree contradicts: a damaged block is an
+//! error ([`Error::DamagedBlock`], [`Error::MissingBlock`]), not wrong bytes or a silent gap, and
+//! the next sync with a peer that holds it restores it. Peers are never trusted with memory or
+//! time (see [`ReplicateOptions`] and the README's "Reliability" section).
+//!
 //! ```
 //! # async_std::task::block_on(async {
 //! use multifeed::{Multifeed, ValueEncoding};

@@ -557,16 +557,19 @@ async fn damaged_block_bytes_are_an_error_and_a_peer_restores_them() -> TestResu
     // A new peer syncing from us: was rejected us with ERR_INVALID_PROOF for block 6; now it
     // gets every block but the damaged ones, and we drop block 6 when we find it damaged.
     let fresh = Multifeed::open_memory().await?;
-    let quick = |initiator| {
-        multifeed::ReplicateOptions::new(initiator).timeouts(
-            std::time::Duration::from_secs(10),
-            std::time::Duration::from_millis(800),
-        )
-    };
+    // The new peer gives up waiting first (the serving side waits longer), so its error is its
+    // own timeout, not the other side hanging up.
+    let idle = |millis| std::time::Duration::from_millis(millis);
     let (left, right) = async_std::os::unix::net::UnixStream::pair()?;
     let (_, rf) = futures::join!(
-        multi.replicate(left, quick(true)),
-        fresh.replicate(right, quick(false)),
+        multi.replicate(
+            left,
+            multifeed::ReplicateOptions::new(true).timeouts(idle(10_000), idle(5_000))
+        ),
+        fresh.replicate(
+            right,
+            multifeed::ReplicateOptions::new(false).timeouts(idle(10_000), idle(800))
+        ),
     );
     match rf {
         Err(Error::Replicate(err)) => assert_eq!(err.code(), "ERR_TIMEOUT", "{err}"),
