@@ -335,14 +335,14 @@ async fn idle_live_peers_keep_each_other_alive() {
     let options = |initiator| {
         ReplicateOptions::new(initiator)
             .live(true)
-            .live_timeout(Duration::from_millis(400))
-            .keepalive_interval(Duration::from_millis(50))
+            .live_timeout(Duration::from_millis(1_000))
+            .keepalive_interval(Duration::from_millis(100))
     };
     let (oa, ob) = (options(true), options(false));
     let (stop_a, stop_b) = (oa.stop_handle(), ob.stop_handle());
     let stopper = async {
         // Several live timeouts of silence from the application: only keep-alives flow.
-        async_std::task::sleep(Duration::from_millis(2_000)).await;
+        async_std::task::sleep(Duration::from_millis(3_000)).await;
         stop_a.stop();
         stop_b.stop();
     };
