@@ -32,6 +32,7 @@ pub struct ReplicateOptions {
     max_channels: Option<usize>,
     max_queued_requests: Option<usize>,
     max_new_feeds: Option<usize>,
+    max_in_flight: Option<usize>,
 }
 
 impl fmt::Debug for ReplicateOptions {
@@ -65,6 +66,7 @@ impl ReplicateOptions {
             max_channels: None,
             max_queued_requests: None,
             max_new_feeds: None,
+            max_in_flight: None,
         }
     }
 
@@ -100,6 +102,12 @@ impl ReplicateOptions {
     /// peer is added only once a signed root of it verified.
     pub fn max_new_feeds(mut self, max: usize) -> Self {
         self.max_new_feeds = Some(max);
+        self
+    }
+
+    /// Block requests in flight per feed (default 256).
+    pub fn max_in_flight(mut self, max: usize) -> Self {
+        self.max_in_flight = Some(max);
         self
     }
 
@@ -234,6 +242,9 @@ impl Multifeed {
         }
         if let Some(max) = options.max_new_feeds {
             config = config.max_new_feeds(max);
+        }
+        if let Some(max) = options.max_in_flight {
+            config = config.max_in_flight(max);
         }
         let inner = self.inner.clone();
         let forward = async move {

@@ -690,3 +690,19 @@ async fn one_missing_feed_does_not_stop_the_others() -> TestResult {
     a.close().await?;
     Ok(())
 }
+
+#[async_std::test]
+async fn one_request_in_flight_still_replicates_everything() -> TestResult {
+    let a = with_writer("a", 50).await?;
+    let b = Multifeed::open_memory().await?;
+    let (_, sb) = sync(
+        &a,
+        &b,
+        ReplicateOptions::new(true),
+        ReplicateOptions::new(false).max_in_flight(1),
+    )
+    .await?;
+    assert_eq!(sb?.blocks_received, 50);
+    assert_converged(&a, &b).await?;
+    Ok(())
+}
