@@ -179,7 +179,7 @@ impl Feed {
         };
         if !self
             .inner
-            .block_matches_tree(&self.slot, index, &value)
+            .block_matches_tree(&self.slot, &mut core, index, &value)
             .await
         {
             self.drop_damaged(&mut core, index).await;
@@ -204,16 +204,18 @@ impl Feed {
     /// For the replication driver: whether `value`, read as block `index` by the driver, matches
     /// the tree; a damaged block is dropped.
     pub(crate) async fn block_intact(&self, index: u64, value: &[u8]) -> bool {
+        let Ok(core) = self.core().await else {
+            return true;
+        };
+        let mut core = core.lock().await;
         if self
             .inner
-            .block_matches_tree(&self.slot, index, value)
+            .block_matches_tree(&self.slot, &mut core, index, value)
             .await
         {
             return true;
         }
-        if let Ok(core) = self.core().await {
-            self.drop_damaged(&mut *core.lock().await, index).await;
-        }
+        self.drop_damaged(&mut core, index).await;
         false
     }
 

@@ -376,6 +376,7 @@ impl Inner {
     pub(crate) async fn block_matches_tree(
         &self,
         slot: &FeedSlot,
+        core: &mut hypercore::Hypercore,
         index: u64,
         value: &[u8],
     ) -> bool {
@@ -399,6 +400,8 @@ impl Inner {
             return false;
         };
         let hash = hypercore_schema::Hash::data(value);
+        // Past the end of the tree file, or zeros (hypercore writes nodes out of order, so a
+        // leaf not written yet can sit before others): look elsewhere.
         let leaf = match store.read(offset, 40).await {
             Ok(node) if node.len() == 40 && node.iter().any(|&byte| byte != 0) => {
                 let mut length = [0u8; 8];
@@ -414,7 +417,12 @@ impl Inner {
         // oplog until it next writes the tree.
         let leaf = match leaf {
             Some(leaf) => Some(leaf),
-            None => self.oplog_leaf(slot, 2 * index).await,
+            None => match self.oplog_leaf(slot, 2 * index).await {
+                Some(leaf) => Some(leaf),
+                // Or only in hypercore's memory (after it rewrote its oplog at open): the proof
+                // of the block's sibling carries this block's leaf as its first node.
+                None => sibling_leaf(core, index).await,
+            },
         };
         match leaf {
             Some((length, digest)) => {
@@ -426,6 +434,8 @@ impl Inner {
     }
 
     /// The leaf node `flat` as the feed's stored oplog records it, if it does.
+    ///
+    /// (See also [`sibling_leaf`], for leaves only hypercore's memory holds.)
     async fn oplog_leaf(&self, slot: &FeedSlot, flat: u64) -> Option<(u64, [u8; 32])> {
         let path = format!("{}/oplog", slot.record.namespace);
         let mut store = self.factory.open(&path).await.ok()?;
@@ -495,5 +505,60 @@ pub(crate) fn parse_key(input: &[u8]) -> Result<FeedKey, Error> {
             input: shown(),
             reason: "expected 32 bytes or 64 hex characters",
         }),
+    }
+}
+
+/// The leaf of block `index` as the core itself knows it: the first node of a proof for the
+/// block next to it in the tree (whose sibling it is). `None` when that block is not held.
+async fn sibling_leaf(core: &mut hypercore::Hypercore, index: u64) -> Option<(u64, [u8; 32])> {
+    use futures::FutureExt;
+    let sibling = index ^ 1;
+    if sibling >= core.info().length || !core.has(sibling) {
+        return None;
+    }
+    let request = hypercore_schema::RequestBlock {
+        index: sibling,
+        nodes: 1,
+    };
+    let proof = std::panic::AssertUnwindSafe(core.create_proof(Some(request), None, None, None))
+        .catch_unwind()
+        .await
+        .ok()?
+        .ok()??;
+    let node = proof.block?.nodes.into_iter().next()?;
+    if node.index != 2 * index || node.hash.len() != 32 {
+        return None;
+    }
+    let mut hash = [0u8; 32];
+    hash.copy_from_slice(&node.hash);
+    Some((node.length, hash))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sibling_leaf;
+
+    #[test]
+    fn a_sibling_proof_carries_the_leaf_of_the_block() {
+        async_std::task::block_on(async {
+            let storage = hypercore::Storage::new_memory().await.expect("storage");
+            let mut core = hypercore::HypercoreBuilder::new(storage)
+                .build()
+                .await
+                .expect("core");
+            let blocks: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 10 + i as usize]).collect();
+            for block in &blocks {
+                core.append(block).await.expect("append");
+            }
+            for (index, block) in blocks.iter().enumerate().take(4) {
+                let (length, hash) = sibling_leaf(&mut core, index as u64)
+                    .await
+                    .unwrap_or_else(|| panic!("a leaf for block {index}"));
+                assert_eq!(length, block.len() as u64);
+                assert_eq!(&hash[..], hypercore_schema::Hash::data(block).as_bytes());
+            }
+            // The last block, with no sibling yet, cannot be judged this way.
+            assert!(sibling_leaf(&mut core, 4).await.is_none());
+        });
     }
 }
