@@ -67,6 +67,7 @@ pub use config::{
 };
 pub use error::{PeerViolation, ReplicateError};
 pub use host::{FeedHost, HostError, LocalFeed};
+pub use multifeed_meta::MetaError;
 
 /// Replicates the host's feeds with a peer over `io` (see the [crate docs](crate)).
 pub async fn replicate<IO>(

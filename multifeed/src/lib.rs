@@ -44,9 +44,10 @@ pub use events::{Event, Events};
 pub use feed::Feed;
 pub use hypercore::SigningKey;
 pub use multifeed::Multifeed;
-pub use multifeed_replicate::{PeerViolation, ReplicateError};
+pub use multifeed_replicate::{MetaError, PeerViolation, ReplicateError};
 pub use multifeed_storage::{
-    DiskFactory, Durability, FeedKey, FeedOrigin, FnFactory, IndexRecovery, MemoryFactory,
-    StorageFactory,
+    BoxedStore, DiskFactory, Durability, FeedKey, FeedOrigin, FeedRecord, FnFactory, IndexRecovery,
+    MemoryFactory, MemoryStore, SharedCore, StorageError, StorageFactory,
 };
+pub use random_access_storage::RandomAccessError;
 pub use replicate::{ReplicateOptions, ReplicateSummary, StopHandle, DEFAULT_ENCRYPTION_KEY};

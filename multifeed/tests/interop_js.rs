@@ -79,6 +79,10 @@ async fn we_download_a_feed_from_a_js_hypercore() {
     .await
     .expect("replication with the JS peer");
     assert_eq!(summary.blocks_received, ENTRIES);
+    assert_eq!(
+        summary.feeds_received, 1,
+        "plain mode counts the feed it fetched"
+    );
 
     let feed = multi
         .feed(key)

@@ -927,6 +927,14 @@ impl Driver {
                 if feed.target.is_none() && self.exchange.is_none() && !self.config.live {
                     // Plain mode: download up to what the peer has.
                     feed.target = Some(sync.length);
+                    if self
+                        .config
+                        .plain_feeds
+                        .as_ref()
+                        .is_some_and(|keys| keys.contains(&feed.key))
+                    {
+                        self.summary.feeds_received += 1;
+                    }
                     let contiguous = {
                         let core = feed.core.lock().await;
                         fetch::checked_info(&core, &mut feed.verified).contiguous_length
