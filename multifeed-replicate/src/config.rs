@@ -39,6 +39,16 @@ pub enum ReplicationEvent {
         /// What the host reported.
         reason: String,
     },
+    /// Blocks of a feed stored from the peer since the last such event (one per feed per burst
+    /// of answers, never one per block).
+    Downloaded {
+        /// The feed.
+        key: FeedKey,
+        /// From the lowest to past the highest index stored (sparse when `blocks` is smaller).
+        range: std::ops::Range<u64>,
+        /// How many blocks were stored.
+        blocks: u64,
+    },
     /// Blocks received so far of the blocks known to be wanted.
     Progress {
         /// Blocks received.

@@ -41,6 +41,23 @@ pub enum Event {
         /// The block.
         index: u64,
     },
+    /// Entries were appended to a local writer (one event per append or batch).
+    Appended {
+        /// The feed.
+        key: FeedKey,
+        /// Their indexes.
+        range: std::ops::Range<u64>,
+    },
+    /// Entries of a feed arrived from a peer (one event per feed per burst of blocks, never
+    /// per block).
+    Downloaded {
+        /// The feed.
+        key: FeedKey,
+        /// From the lowest to past the highest index stored (sparse when `blocks` is smaller).
+        range: std::ops::Range<u64>,
+        /// How many entries were stored.
+        blocks: u64,
+    },
     /// Replication progress on a connection, for progress bars.
     Progress {
         /// Blocks transferred so far.

@@ -140,6 +140,12 @@ impl Feed {
         drop(guard);
         core.notify_changed();
         self.inner.sync_after_batch().await?;
+        if outcome.length > start {
+            self.inner.emit(crate::Event::Appended {
+                key: *self.key(),
+                range: start..outcome.length,
+            });
+        }
         Ok(start..outcome.length)
     }
 

@@ -209,7 +209,8 @@ impl Multifeed {
                 );
                 DEFAULT_ENCRYPTION_KEY
             });
-        let (sender, mut receiver) = futures::channel::mpsc::channel(64);
+        // Events are dropped when this is full (see `Event::Lagged` for the subscribers' side).
+        let (sender, mut receiver) = futures::channel::mpsc::channel(1024);
         let mut config = ReplicateConfig::new(options.initiator)
             .live(options.live)
             .encryption_key(key)
@@ -253,6 +254,9 @@ impl Multifeed {
                     ReplicationEvent::RemoteFeeds(keys) => inner.emit(Event::RemoteFeeds { keys }),
                     ReplicationEvent::FeedUnavailable { key, reason } => {
                         inner.emit(Event::FeedUnavailable { key, reason })
+                    }
+                    ReplicationEvent::Downloaded { key, range, blocks } => {
+                        inner.emit(Event::Downloaded { key, range, blocks })
                     }
                     ReplicationEvent::Progress {
                         blocks_done,

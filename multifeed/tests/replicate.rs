@@ -706,3 +706,39 @@ async fn one_request_in_flight_still_replicates_everything() -> TestResult {
     assert_converged(&a, &b).await?;
     Ok(())
 }
+
+#[async_std::test]
+async fn appends_and_downloads_are_reported_per_batch_not_per_block() -> TestResult {
+    let a = Multifeed::open_memory().await?;
+    let mut ea = a.events();
+    let writer = a.writer("w").await?;
+    writer
+        .append_batch((0..300u32).map(|i| i.to_le_bytes()))
+        .await?;
+    writer.append(b"one more").await?;
+    let mut appended = Vec::new();
+    while let Some(Some(event)) = futures::FutureExt::now_or_never(ea.next()) {
+        if let Event::Appended { key, range } = event {
+            assert_eq!(&key, writer.key());
+            appended.push(range);
+        }
+    }
+    assert_eq!(appended, vec![0..300, 300..301]);
+
+    let b = Multifeed::open_memory().await?;
+    let mut eb = b.events();
+    sync_ok(&a, &b).await?;
+    let mut downloaded = 0;
+    let mut events = 0;
+    while let Some(Some(event)) = futures::FutureExt::now_or_never(eb.next()) {
+        if let Event::Downloaded { key, range, blocks } = event {
+            assert_eq!(&key, writer.key());
+            assert!(range.end <= 301 && blocks <= range.end - range.start);
+            downloaded += blocks;
+            events += 1;
+        }
+    }
+    assert_eq!(downloaded, 301, "every entry is reported once");
+    assert!(events < 30, "{events} events: one per burst, not per block");
+    Ok(())
+}

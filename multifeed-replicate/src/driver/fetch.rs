@@ -209,6 +209,13 @@ impl Driver {
         }
         if let Some(index) = asked_block {
             if stored {
+                let entry = self
+                    .downloaded
+                    .entry(dk)
+                    .or_insert((feed.key, index..index + 1, 0));
+                entry.1.start = entry.1.start.min(index);
+                entry.1.end = entry.1.end.max(index + 1);
+                entry.2 += 1;
                 self.summary.blocks_received += 1;
                 self.summary.bytes_received += block_bytes.unwrap_or(0);
                 self.progress_dirty = true;

@@ -152,6 +152,8 @@ struct Driver {
     waiting: VecDeque<(FeedKey, Option<u64>)>,
     /// Feeds this connection added to the host.
     feeds_added: usize,
+    /// Blocks stored per feed since the last `Downloaded` events: key, index range, count.
+    downloaded: HashMap<DiscoveryKey, (FeedKey, std::ops::Range<u64>, u64)>,
     /// Feeds of ours the host could not open (each reported once).
     unavailable: HashSet<FeedKey>,
     /// Whether `RemoteFeeds` reported the peer's first round (once the exchange settled).
@@ -217,6 +219,7 @@ impl Driver {
             feeds_added: 0,
             remote_set_reported: false,
             unavailable: HashSet::new(),
+            downloaded: HashMap::new(),
             first_downloads: Vec::new(),
             unsynced_blocks: false,
             outbox: Vec::new(),
@@ -990,6 +993,9 @@ impl Driver {
                 .blocks_stored()
                 .await
                 .map_err(ReplicateError::Host)?;
+        }
+        for (_, (key, range, blocks)) in std::mem::take(&mut self.downloaded) {
+            self.emit(ReplicationEvent::Downloaded { key, range, blocks });
         }
         Ok(())
     }
