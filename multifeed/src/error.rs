@@ -105,6 +105,17 @@ pub enum Error {
         /// The block.
         index: u64,
     },
+    /// What [`Feed::wait_for_len`](crate::Feed::wait_for_len) or
+    /// [`Feed::get_or_wait`](crate::Feed::get_or_wait) waited for did not happen in time.
+    #[error("feed {key}: {waited_for} did not arrive within {timeout:?}")]
+    WaitTimedOut {
+        /// Hex key of the feed.
+        key: String,
+        /// What was waited for.
+        waited_for: String,
+        /// How long.
+        timeout: std::time::Duration,
+    },
     /// Replication failed.
     #[error(transparent)]
     Replicate(#[from] multifeed_replicate::ReplicateError),

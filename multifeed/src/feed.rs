@@ -3,6 +3,7 @@
 use std::fmt;
 use std::ops::Range;
 use std::sync::Arc;
+use std::time::Duration;
 
 use multifeed_storage::{FeedKey, FeedOrigin, FeedRecord, SharedCore};
 use serde::{de::DeserializeOwned, Serialize};
@@ -147,6 +148,59 @@ impl Feed {
             });
         }
         Ok(start..outcome.length)
+    }
+
+    /// Waits until the feed has at least `length` entries (appended here or learned from a
+    /// peer); returns its length then, or [`Error::WaitTimedOut`] after `timeout`.
+    pub async fn wait_for_len(&self, length: u64, timeout: Duration) -> Result<u64, Error> {
+        let core = self.core().await?;
+        let wait = async {
+            loop {
+                let seen = core.version();
+                let now = core.lock().await.info().length;
+                if now >= length {
+                    return now;
+                }
+                core.changed(seen).await;
+            }
+        };
+        self.within(timeout, wait, || format!("length {length}"))
+            .await
+    }
+
+    /// The entry at `index`, waiting up to `timeout` for it to be appended or downloaded (a
+    /// live replication fetches it); [`Error::WaitTimedOut`] if it did not arrive.
+    pub async fn get_or_wait(&self, index: u64, timeout: Duration) -> Result<Vec<u8>, Error> {
+        let core = self.core().await?;
+        let wait = async {
+            loop {
+                let seen = core.version();
+                if let Some(value) = self.get(index).await? {
+                    return Ok(value);
+                }
+                core.changed(seen).await;
+            }
+        };
+        self.within(timeout, wait, || format!("entry {index}"))
+            .await?
+    }
+
+    async fn within<T>(
+        &self,
+        timeout: Duration,
+        wait: impl std::future::Future<Output = T>,
+        what: impl FnOnce() -> String,
+    ) -> Result<T, Error> {
+        let wait = std::pin::pin!(wait);
+        let timer = std::pin::pin!(async_io::Timer::after(timeout));
+        match futures::future::select(wait, timer).await {
+            futures::future::Either::Left((value, _)) => Ok(value),
+            futures::future::Either::Right(_) => Err(Error::WaitTimedOut {
+                key: self.key_hex(),
+                waited_for: what(),
+                timeout,
+            }),
+        }
     }
 
     /// The entry at `index`, or `None` if it is not stored here (yet).

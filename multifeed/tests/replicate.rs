@@ -742,3 +742,38 @@ async fn appends_and_downloads_are_reported_per_batch_not_per_block() -> TestRes
     assert!(events < 30, "{events} events: one per burst, not per block");
     Ok(())
 }
+
+#[async_std::test]
+async fn waiting_for_entries_ends_when_they_arrive_or_times_out() -> TestResult {
+    let a = with_writer("a", 5).await?;
+    let key = *a.feeds()[0].key();
+    let b = Multifeed::open_memory().await?;
+    let mut events = b.events();
+    let link = connect_live(&a, &b);
+    let remote = within("b to learn a's feed", async {
+        loop {
+            if let Some(feed) = b.feed(key)? {
+                return Ok::<_, Error>(feed);
+            }
+            events.next().await;
+        }
+    })
+    .await??;
+    // Entry 7 does not exist yet: the wait ends when a live append brings it here.
+    let waiting = remote.get_or_wait(7, Duration::from_secs(30));
+    let writer = a.feeds()[0].clone();
+    let appending = writer.append_batch([b"x".as_slice(), b"y", b"z"]);
+    let (got, appended) = futures::join!(waiting, appending);
+    assert_eq!(appended?, 5..8);
+    assert_eq!(got?, b"z".to_vec());
+    assert_eq!(remote.wait_for_len(8, Duration::from_secs(30)).await?, 8);
+    // An entry that never comes: a typed timeout, not a hang.
+    match remote.get_or_wait(100, Duration::from_millis(200)).await {
+        Err(Error::WaitTimedOut { .. }) => {}
+        other => return Err(format!("expected WaitTimedOut, got {other:?}").into()),
+    }
+    for result in link.stop().await {
+        result?;
+    }
+    Ok(())
+}
