@@ -67,6 +67,7 @@ pub use config::{
 };
 pub use error::{PeerViolation, ReplicateError};
 pub use host::{FeedHost, HostError, LocalFeed};
+pub use hypercore_handshake::CipherTrait;
 pub use multifeed_meta::MetaError;
 
 /// Replicates the host's feeds with a peer over `io` (see the [crate docs](crate)).
@@ -84,8 +85,22 @@ where
     Box::pin(driver::run(Box::new(channel), Some(close), host, config)).await
 }
 
+/// An encrypted connection over `io`: the Noise XX handshake and secret-stream encryption of
+/// Hypercore 10 on this crate's framing, as [`replicate`] uses, for [`replicate_cipher`] (to
+/// set up the connection apart from the replication, or wrap it).
+pub fn secure_channel<IO>(io: IO, initiator: bool) -> Result<Box<dyn CipherTrait>, ReplicateError>
+where
+    IO: futures::AsyncRead + futures::AsyncWrite + Send + Unpin + 'static,
+{
+    let channel =
+        transport::SecureChannel::new(Box::new(io), initiator, close::CloseSignal::default())
+            .map_err(|e| ReplicateError::io("noise handshake", e))?;
+    Ok(Box::new(channel))
+}
+
 /// Replicates over an already established encrypted connection (the Rust form of handing an
-/// existing protocol stream to JS multifeed).
+/// existing protocol stream to JS multifeed). Every frame from it is checked as on
+/// [`replicate`]'s own connections.
 pub async fn replicate_cipher(
     cipher: Box<dyn hypercore_handshake::CipherTrait>,
     host: Arc<dyn FeedHost>,

@@ -44,7 +44,9 @@ pub use events::{Event, Events};
 pub use feed::Feed;
 pub use hypercore::SigningKey;
 pub use multifeed::Multifeed;
-pub use multifeed_replicate::{MetaError, PeerViolation, ReplicateError};
+pub use multifeed_replicate::{
+    secure_channel, CipherTrait, MetaError, PeerViolation, ReplicateError,
+};
 pub use multifeed_storage::{
     BoxedStore, DiskFactory, Durability, FeedKey, FeedOrigin, FeedRecord, FnFactory, IndexRecovery,
     MemoryFactory, MemoryStore, SharedCore, StorageError, StorageFactory,

@@ -175,6 +175,37 @@ impl Multifeed {
     where
         IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
+        self.run_replication(options, |host, config| {
+            multifeed_replicate::replicate(io, host, config)
+        })
+        .await
+    }
+
+    /// Replicates over an already established encrypted connection: one from
+    /// [`multifeed_replicate::secure_channel`], or any other `CipherTrait` (a transport with its
+    /// own encryption). Otherwise as [`replicate`](Self::replicate).
+    pub async fn replicate_cipher(
+        &self,
+        cipher: Box<dyn multifeed_replicate::CipherTrait>,
+        options: ReplicateOptions,
+    ) -> Result<ReplicateSummary, Error> {
+        self.run_replication(options, |host, config| {
+            multifeed_replicate::replicate_cipher(cipher, host, config)
+        })
+        .await
+    }
+
+    async fn run_replication<F, Fut>(
+        &self,
+        options: ReplicateOptions,
+        start: F,
+    ) -> Result<ReplicateSummary, Error>
+    where
+        F: FnOnce(Arc<dyn FeedHost>, ReplicateConfig) -> Fut,
+        Fut: std::future::Future<
+            Output = Result<ReplicateSummary, multifeed_replicate::ReplicateError>,
+        >,
+    {
         // Registered before the check, so a `close` from now on either sees it or was seen.
         let (_running, abort) = self.inner.replications.register();
         self.inner.ensure_open()?;
@@ -182,9 +213,9 @@ impl Multifeed {
         let host: Arc<dyn FeedHost> = Arc::new(Host {
             multi: self.clone(),
         });
+        let replication = start(host, config);
         let both = async {
-            let (result, ()) =
-                futures::join!(multifeed_replicate::replicate(io, host, config), forward);
+            let (result, ()) = futures::join!(replication, forward);
             result
         };
         // On the heap: the replication's state machine is large (debug builds overflowed the

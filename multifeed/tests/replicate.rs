@@ -777,3 +777,25 @@ async fn waiting_for_entries_ends_when_they_arrive_or_times_out() -> TestResult 
     }
     Ok(())
 }
+
+#[async_std::test]
+async fn replication_over_an_established_encrypted_connection() -> TestResult {
+    let a = with_writer("a", 20).await?;
+    let b = Multifeed::open_memory().await?;
+    let (left, right) = async_std::os::unix::net::UnixStream::pair()?;
+    // The connection is set up apart from the replication, as a transport with its own
+    // encryption would hand it over.
+    let ca = multifeed::secure_channel(left, true)?;
+    let cb = multifeed::secure_channel(right, false)?;
+    let (ra, rb) = within("a replication over given ciphers", async {
+        futures::join!(
+            a.replicate_cipher(ca, ReplicateOptions::new(true)),
+            b.replicate_cipher(cb, ReplicateOptions::new(false)),
+        )
+    })
+    .await?;
+    ra?;
+    assert_eq!(rb?.blocks_received, 20);
+    assert_converged(&a, &b).await?;
+    Ok(())
+}
