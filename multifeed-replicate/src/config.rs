@@ -24,6 +24,8 @@ pub enum ReplicationEvent {
     RemoteHandshake {
         /// Its application data.
         user_data: Vec<u8>,
+        /// Its Noise static public key (who it is on this connection).
+        remote_key: [u8; 32],
     },
     /// The peer's feeds are known: the ones we download from it. Once the peer's first round
     /// of offers is settled (on both sides, with an empty list when we download nothing), then

@@ -58,6 +58,22 @@ pub enum Event {
         /// How many entries were stored.
         blocks: u64,
     },
+    /// A peer completed the multifeed handshake on a replication.
+    PeerConnected {
+        /// This multifeed's number for the replication (the same in its `PeerDisconnected`).
+        connection: u64,
+        /// The peer's handshake data (`ReplicateOptions::user_data` on its side).
+        user_data: Vec<u8>,
+        /// The peer's Noise static public key.
+        remote_key: [u8; 32],
+    },
+    /// A replication that reported `PeerConnected` ended.
+    PeerDisconnected {
+        /// The replication's number.
+        connection: u64,
+        /// Why, if it failed (the error's text); `None` when it finished or was stopped.
+        error: Option<String>,
+    },
     /// Replication progress on a connection, for progress bars.
     Progress {
         /// Blocks transferred so far.

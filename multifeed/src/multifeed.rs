@@ -35,6 +35,8 @@ pub(crate) struct Inner {
     pub(crate) config: Config,
     /// Replications running on this multifeed; `close` ends them.
     pub(crate) replications: crate::running::Running,
+    /// The number the next replication gets in its peer events.
+    pub(crate) next_connection: std::sync::atomic::AtomicU64,
     /// The advisory lock on a disk root; released by `close`.
     lock: std::sync::Mutex<Option<std::fs::File>>,
 }
@@ -105,6 +107,7 @@ impl Multifeed {
             recovery,
             config,
             replications: crate::running::Running::default(),
+            next_connection: std::sync::atomic::AtomicU64::new(0),
             lock: std::sync::Mutex::new(lock),
         };
         Ok(Self {

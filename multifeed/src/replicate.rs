@@ -1,6 +1,7 @@
 //! Replication of a multifeed with a peer over any byte stream.
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -209,7 +210,9 @@ impl Multifeed {
         // Registered before the check, so a `close` from now on either sees it or was seen.
         let (_running, abort) = self.inner.replications.register();
         self.inner.ensure_open()?;
-        let (config, forward) = self.config(options);
+        let connection = self.inner.next_connection.fetch_add(1, Ordering::Relaxed);
+        let connected = Arc::new(AtomicBool::new(false));
+        let (config, forward) = self.config(options, connection, connected.clone());
         let host: Arc<dyn FeedHost> = Arc::new(Host {
             multi: self.clone(),
         });
@@ -220,16 +223,25 @@ impl Multifeed {
         };
         // On the heap: the replication's state machine is large (debug builds overflowed the
         // stack of a test thread running several replications).
-        match futures::future::Abortable::new(Box::pin(both), abort).await {
-            Ok(result) => Ok(result?),
+        let result = match futures::future::Abortable::new(Box::pin(both), abort).await {
+            Ok(result) => result.map_err(Error::from),
             // `close` ended it: nothing of it runs any more.
             Err(futures::future::Aborted) => Err(Error::Closed),
+        };
+        if connected.load(Ordering::Relaxed) {
+            self.inner.emit(Event::PeerDisconnected {
+                connection,
+                error: result.as_ref().err().map(ToString::to_string),
+            });
         }
+        result
     }
 
     fn config(
         &self,
         options: ReplicateOptions,
+        connection: u64,
+        connected: Arc<AtomicBool>,
     ) -> (ReplicateConfig, impl std::future::Future<Output = ()>) {
         let key = options
             .encryption_key
@@ -288,6 +300,17 @@ impl Multifeed {
                     }
                     ReplicationEvent::Downloaded { key, range, blocks } => {
                         inner.emit(Event::Downloaded { key, range, blocks })
+                    }
+                    ReplicationEvent::RemoteHandshake {
+                        user_data,
+                        remote_key,
+                    } => {
+                        connected.store(true, Ordering::Relaxed);
+                        inner.emit(Event::PeerConnected {
+                            connection,
+                            user_data,
+                            remote_key,
+                        })
                     }
                     ReplicationEvent::Progress {
                         blocks_done,

@@ -93,9 +93,15 @@ async fn both_empty() -> TestResult {
     assert!(a.feeds().is_empty() && b.feeds().is_empty());
     // Apps learn that the remote set is known, and empty (as JS `remote-feeds` with []).
     for events in [&mut ea, &mut eb] {
-        match within("a RemoteFeeds event", events.next()).await? {
-            Some(Event::RemoteFeeds { keys }) => assert!(keys.is_empty()),
-            other => return Err(format!("expected RemoteFeeds, got {other:?}").into()),
+        loop {
+            match within("a RemoteFeeds event", events.next()).await? {
+                Some(Event::RemoteFeeds { keys }) => {
+                    assert!(keys.is_empty());
+                    break;
+                }
+                Some(Event::PeerConnected { .. }) => {}
+                other => return Err(format!("expected RemoteFeeds, got {other:?}").into()),
+            }
         }
     }
     Ok(())
@@ -145,6 +151,7 @@ async fn one_side_empty() -> TestResult {
     loop {
         match within("a Feed event on b", events.next()).await? {
             Some(Event::RemoteFeeds { keys }) => assert_eq!(&keys, &[*remote.key()]),
+            Some(Event::PeerConnected { .. }) => {}
             Some(Event::Feed {
                 key, name: None, ..
             }) => {
@@ -797,5 +804,51 @@ async fn replication_over_an_established_encrypted_connection() -> TestResult {
     ra?;
     assert_eq!(rb?.blocks_received, 20);
     assert_converged(&a, &b).await?;
+    Ok(())
+}
+
+#[async_std::test]
+async fn peers_are_reported_as_they_connect_and_go() -> TestResult {
+    let a = with_writer("a", 3).await?;
+    let b = Multifeed::open_memory().await?;
+    let (mut ea, mut eb) = (a.events(), b.events());
+    let (ra, rb) = sync(
+        &a,
+        &b,
+        ReplicateOptions::new(true).user_data(b"I am a".to_vec()),
+        ReplicateOptions::new(false).user_data(b"I am b".to_vec()),
+    )
+    .await?;
+    ra?;
+    rb?;
+    let peers = |events: &mut multifeed::Events| {
+        let mut seen = Vec::new();
+        while let Some(Some(event)) = futures::FutureExt::now_or_never(events.next()) {
+            match event {
+                Event::PeerConnected {
+                    connection,
+                    user_data,
+                    remote_key,
+                } => seen.push(format!(
+                    "connected {connection} {} {}",
+                    String::from_utf8_lossy(&user_data),
+                    remote_key != [0; 32]
+                )),
+                Event::PeerDisconnected { connection, error } => {
+                    seen.push(format!("disconnected {connection} {error:?}"))
+                }
+                _ => {}
+            }
+        }
+        seen
+    };
+    assert_eq!(
+        peers(&mut ea),
+        vec!["connected 0 I am b true", "disconnected 0 None"]
+    );
+    assert_eq!(
+        peers(&mut eb),
+        vec!["connected 0 I am a true", "disconnected 0 None"]
+    );
     Ok(())
 }

@@ -154,6 +154,8 @@ struct Driver {
     feeds_added: usize,
     /// Blocks stored per feed since the last `Downloaded` events: key, index range, count.
     downloaded: HashMap<DiscoveryKey, (FeedKey, std::ops::Range<u64>, u64)>,
+    /// The peer's Noise static public key, once the Noise handshake completed.
+    remote_key: [u8; 32],
     /// Feeds of ours the host could not open (each reported once).
     unavailable: HashSet<FeedKey>,
     /// Whether `RemoteFeeds` reported the peer's first round (once the exchange settled).
@@ -219,6 +221,7 @@ impl Driver {
             feeds_added: 0,
             remote_set_reported: false,
             unavailable: HashSet::new(),
+            remote_key: [0; 32],
             downloaded: HashMap::new(),
             first_downloads: Vec::new(),
             unsynced_blocks: false,
@@ -469,7 +472,8 @@ impl Driver {
 
     async fn on_event(&mut self, event: Event) -> Result<Next, ReplicateError> {
         match event {
-            Event::Handshake(_) => {
+            Event::Handshake(remote_key) => {
+                self.remote_key = remote_key;
                 self.handshake_done = true;
                 self.backlog.noise_done();
                 if self.exchange.is_none() {
@@ -656,7 +660,11 @@ impl Driver {
                 Action::Send(message) => self.send_meta(message.encode()).await?,
                 Action::RemoteHandshake { user_data, .. } => {
                     self.backlog.exchange_done();
-                    self.emit(ReplicationEvent::RemoteHandshake { user_data });
+                    let remote_key = self.remote_key;
+                    self.emit(ReplicationEvent::RemoteHandshake {
+                        user_data,
+                        remote_key,
+                    });
                 }
                 Action::RemoteOffered(offers) => {
                     // Keys that are not ed25519 public keys, or are of small order (anyone can
