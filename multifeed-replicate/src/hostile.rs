@@ -82,7 +82,12 @@ impl HostilePeer {
     /// The messages of the next frame, with their channel ids (Open and Close are skipped).
     pub async fn next_messages(&mut self) -> io::Result<Vec<(u64, Message)>> {
         let frame = self.next_frame().await?;
-        decode_frame(&frame)
+        // Batches of several channels are split as the guard splits them.
+        let mut out = Vec::new();
+        for part in crate::transport::split_channels(frame, usize::MAX) {
+            out.extend(decode_frame(&part)?);
+        }
+        Ok(out)
     }
 
     /// Reads frames until the honest side opens the channel of `key`.

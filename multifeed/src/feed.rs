@@ -229,36 +229,30 @@ impl Feed {
                 return Err(Error::hypercore(self.key(), err))
             }
             // The block's bytes are not where its tree says (a truncated or deleted data file).
-            Err(_) => {
-                self.drop_damaged(&mut core, index).await;
-                return Err(Error::DamagedBlock {
-                    key: hex::encode(self.key()),
-                    index,
-                });
-            }
+            Err(_) => return Err(self.drop_damaged(&mut core, index).await),
         };
         if !self
             .inner
             .block_matches_tree(&self.slot, &mut core, index, &value)
             .await
         {
-            self.drop_damaged(&mut core, index).await;
-            return Err(Error::DamagedBlock {
-                key: hex::encode(self.key()),
-                index,
-            });
+            return Err(self.drop_damaged(&mut core, index).await);
         }
         Ok(Some(value))
     }
 
     /// Never hand out wrong bytes: a damaged block is dropped, so a sync fetches it again from
-    /// a peer that holds it (a local writer's block too).
-    async fn drop_damaged(&self, core: &mut hypercore::Hypercore, index: u64) {
+    /// a peer that holds it (a local writer's block too). Returns the error to report.
+    async fn drop_damaged(&self, core: &mut hypercore::Hypercore, index: u64) -> Error {
         let _ = core.clear(index, index + 1).await;
         self.inner.emit(crate::Event::BlockDamaged {
             key: *self.key(),
             index,
         });
+        Error::DamagedBlock {
+            key: hex::encode(self.key()),
+            index,
+        }
     }
 
     /// For the replication driver: whether `value`, read as block `index` by the driver, matches
@@ -275,7 +269,7 @@ impl Feed {
         {
             return true;
         }
-        self.drop_damaged(&mut core, index).await;
+        let _ = self.drop_damaged(&mut core, index).await;
         false
     }
 

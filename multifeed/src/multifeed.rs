@@ -371,11 +371,11 @@ impl Inner {
     }
 
     /// Whether `value`, read as block `index` of the slot's feed, is what the feed's tree
-    /// records for it: its leaf node (length and BLAKE2b hash) in the tree store.
+    /// records for it: its leaf node (length and BLAKE2b hash), from the tree store, else the
+    /// stored oplog, else the proof of the block's sibling (hypercore's memory).
     ///
-    /// Not checked: stores that cannot be read beside the hypercore (custom factories), and
-    /// the last few blocks written, whose tree nodes hypercore 0.16 keeps in its oplog until it
-    /// next writes its tree (their leaf is not in the tree store yet: short or all zeros).
+    /// Not checked (true): stores that cannot be read beside the hypercore (custom factories),
+    /// and a leaf none of the three shows (a last-written block whose sibling is gone too).
     pub(crate) async fn block_matches_tree(
         &self,
         slot: &FeedSlot,

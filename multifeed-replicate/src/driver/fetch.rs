@@ -259,7 +259,7 @@ impl Driver {
 /// Whether a Data message answers what was asked: the block asked for (or none), the upgrade
 /// when only an upgrade was asked for, and no upgrade we did not ask for.
 fn answers(asked: Asked, data: &Data) -> bool {
-    if asked_no_upgrade(asked) && data.upgrade.is_some() {
+    if matches!(asked, Asked::Block(_)) && data.upgrade.is_some() {
         return false;
     }
     match (asked, &data.block) {
@@ -269,10 +269,6 @@ fn answers(asked: Asked, data: &Data) -> bool {
         (Asked::Upgrade, Some(_)) => false,
         (Asked::Upgrade, None) => data.upgrade.is_some(),
     }
-}
-
-fn asked_no_upgrade(asked: Asked) -> bool {
-    matches!(asked, Asked::Block(_))
 }
 
 /// The core's info, with a contiguous length that counts only blocks the core holds.

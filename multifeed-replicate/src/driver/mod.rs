@@ -133,7 +133,6 @@ struct Driver {
     summary: ReplicateSummary,
     blocks_known: u64,
     progress_dirty: bool,
-    handshake_done: bool,
     finished: bool,
     /// The peer closed the root channel.
     peer_closed_root: bool,
@@ -208,7 +207,6 @@ impl Driver {
             summary: ReplicateSummary::default(),
             blocks_known: 0,
             progress_dirty: false,
-            handshake_done: false,
             finished: false,
             peer_closed_root: false,
             backlog,
@@ -241,14 +239,18 @@ impl Driver {
         } else {
             futures::stream::pending().boxed().fuse()
         };
-        let keepalive_every = if self.config.live && self.exchange.is_some() {
-            self.config.keepalive_interval
+        // Plain peers have no keep-alive; non-live replications end by themselves or by the
+        // idle timeout.
+        let mut keepalive = if self.config.live && self.exchange.is_some() {
+            StreamExt::map(
+                async_io::Timer::interval(self.config.keepalive_interval),
+                |_| (),
+            )
+            .boxed()
+            .fuse()
         } else {
-            // Never fires: plain peers have no keep-alive, non-live replications end by
-            // themselves or by the idle timeout.
-            Duration::from_secs(365 * 24 * 3600)
+            futures::stream::pending().boxed().fuse()
         };
-        let mut keepalive = StreamExt::fuse(async_io::Timer::interval(keepalive_every));
         let stop = self.config.stop.clone();
         let stopped = futures::FutureExt::fuse(stop.stopped());
         futures::pin_mut!(stopped);
@@ -439,11 +441,11 @@ impl Driver {
             .is_some_and(|keys| keys.is_empty());
         if self.finished
             || (self.config.live && self.root.is_some())
-            || (serving_only && self.handshake_done)
+            || (serving_only && self.backlog.is_noise_done())
         {
             return Ok(self.summary);
         }
-        let phase = if !self.handshake_done && !self.backlog.is_noise_done() {
+        let phase = if !self.backlog.is_noise_done() {
             "noise handshake"
         } else if self.root.is_none() && self.exchange.is_some() {
             "root channel"
@@ -474,7 +476,6 @@ impl Driver {
         match event {
             Event::Handshake(remote_key) => {
                 self.remote_key = remote_key;
-                self.handshake_done = true;
                 self.backlog.noise_done();
                 if self.exchange.is_none() {
                     self.backlog.exchange_done();
