@@ -112,6 +112,10 @@ pub struct ReplicateSummary {
     pub bytes_received: u64,
     /// Feeds the host holds but could not open, left out of this replication.
     pub feeds_unavailable: usize,
+    /// Downloads that ended short of the length the peer offered because the peer lacks the
+    /// blocks we lack (a writer that lost a signed tail in a crash, a sparse replica). What the
+    /// peer held was fetched; another peer may have the rest.
+    pub feeds_incomplete: usize,
 }
 
 /// Options of one replication.

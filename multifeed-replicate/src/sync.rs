@@ -22,9 +22,21 @@ pub(crate) struct SyncState {
     blocks_in_flight: HashSet<u64>,
     upgrade_in_flight: bool,
     next_id: u64,
+    /// Blocks below the cursor were asked for once since the peer's last news; a block the
+    /// peer lacked (NoData) is asked again only after news.
     cursor: u64,
-    /// The peer said it lacks some block we asked for: wait for news before asking again.
-    stalled: bool,
+    /// The peer could not give the upgrade we asked for: wait for news before asking again.
+    upgrade_refused: bool,
+    /// The peer lacked the block we asked for with the upgrade: ask for the upgrade alone.
+    bare_upgrade: bool,
+    /// We sent the peer an upgrade: its new length (and with it, proofs it could not make
+    /// before) comes in its next Synchronize.
+    upgrade_served: bool,
+    /// Since the scan started: the peer lacked a block we asked for, and answered another
+    /// with data. The blocks that came tell us more tree nodes, so a block the peer could not
+    /// prove before may be provable now: then the scan runs once more.
+    lacked: bool,
+    gained: bool,
     max_in_flight: usize,
 }
 
@@ -37,7 +49,11 @@ impl SyncState {
             upgrade_in_flight: false,
             next_id: 1,
             cursor: 0,
-            stalled: false,
+            upgrade_refused: false,
+            bare_upgrade: false,
+            upgrade_served: false,
+            lacked: false,
+            gained: false,
             max_in_flight: max_in_flight.max(1),
         }
     }
@@ -46,13 +62,41 @@ impl SyncState {
     pub(crate) fn on_remote_sync(&mut self, fork: u64, length: u64) -> bool {
         let first = self.remote.is_none();
         self.remote = Some((fork, length));
-        self.stalled = false;
+        self.upgrade_served = false;
+        self.on_remote_has();
         first
     }
 
     /// The peer announced data it has (Range, Bitfield): ask again for what it lacked before.
     pub(crate) fn on_remote_has(&mut self) {
-        self.stalled = false;
+        self.upgrade_refused = false;
+        self.bare_upgrade = false;
+        self.rescan();
+    }
+
+    fn rescan(&mut self) {
+        self.cursor = 0;
+        self.lacked = false;
+        self.gained = false;
+    }
+
+    /// Whether this peer can give us nothing more for now: its length is known, nothing is in
+    /// flight, every block we lack below both lengths was asked for since its last news (the
+    /// ones still missing, it lacks), we are as long as the peer or it refused the upgrade,
+    /// and no upgrade we sent it is still to be announced back (it may let the peer serve
+    /// blocks it could not prove before).
+    ///
+    /// A non-live sync ends a feed's download here even short of its target: a writer that
+    /// lost its signed tail in a crash, or a sparse replica, cannot give blocks it lacks, and
+    /// waiting for them only ended in the idle timeout.
+    pub(crate) fn exhausted(&self, local_length: u64) -> bool {
+        let Some((_, remote_length)) = self.remote else {
+            return false;
+        };
+        self.in_flight.is_empty()
+            && !self.upgrade_served
+            && self.cursor >= local_length.min(remote_length)
+            && (remote_length <= local_length || self.upgrade_refused)
     }
 
     /// The peer's length, if known.
@@ -70,10 +114,13 @@ impl SyncState {
     ) -> Option<(u64, Option<u64>)> {
         match self.remote {
             Some((fork, length))
-                if fork == local_fork && length > local_length && !self.upgrade_in_flight =>
+                if fork == local_fork
+                    && length > local_length
+                    && !self.upgrade_in_flight
+                    && !self.upgrade_refused =>
             {
                 self.upgrade_in_flight = true;
-                let block = (!self.stalled
+                let block = (!self.bare_upgrade
                     && contiguous < length
                     // Only the block right after our tree: hypercore 0.16 computes the offset of
                     // a block further on from the wrong roots (and may panic).
@@ -102,10 +149,13 @@ impl SyncState {
         has: impl Fn(u64) -> bool,
     ) -> Vec<(u64, u64)> {
         // Refill in bursts: wait until half the window is free, so requests share frames.
-        if self.stalled || self.in_flight.len() > self.max_in_flight / 2 {
+        if self.in_flight.len() > self.max_in_flight / 2 {
             return Vec::new();
         }
         let end = local_length.min(self.remote_length());
+        if self.in_flight.is_empty() && self.cursor >= end && self.lacked && self.gained {
+            self.rescan();
+        }
         self.cursor = self.cursor.max(contiguous);
         let mut out = Vec::new();
         let mut index = self.cursor;
@@ -137,17 +187,30 @@ impl SyncState {
     pub(crate) fn on_data(&mut self, id: u64) -> Option<Asked> {
         let asked = self.in_flight.remove(&id)?;
         self.settle(asked);
+        if let Asked::Block(_) | Asked::UpgradeAndBlock(_) = asked {
+            self.gained = true;
+        }
         Some(asked)
     }
 
-    /// A NoData answer: the peer lacks it; stop asking until it announces more.
+    /// We answered the peer with an upgrade of this feed.
+    pub(crate) fn upgrade_served(&mut self) {
+        self.upgrade_served = true;
+    }
+
+    /// A NoData answer: the peer lacks it. A block is asked for again only after the peer's
+    /// next news (the cursor has passed it); the others are still asked for.
     pub(crate) fn on_no_data(&mut self, id: u64) {
         if let Some(asked) = self.in_flight.remove(&id) {
             self.settle(asked);
-            if let Asked::Block(index) | Asked::UpgradeAndBlock(index) = asked {
-                self.cursor = self.cursor.min(index);
+            match asked {
+                Asked::Upgrade => self.upgrade_refused = true,
+                Asked::UpgradeAndBlock(_) => self.bare_upgrade = true,
+                Asked::Block(_) => {}
             }
-            self.stalled = true;
+            if let Asked::Block(_) | Asked::UpgradeAndBlock(_) = asked {
+                self.lacked = true;
+            }
         }
     }
 
@@ -575,15 +638,77 @@ mod tests {
     }
 
     #[test]
-    fn no_data_stalls_until_news() {
-        let mut s = SyncState::new(8);
-        s.on_remote_sync(0, 3);
-        let blocks = s.next_blocks(0, 3, |_| false);
+    fn a_block_the_peer_lacks_is_asked_again_only_after_news_and_the_rest_still_are() {
+        let mut s = SyncState::new(4);
+        s.on_remote_sync(0, 10);
+        let blocks = s.next_blocks(0, 10, |_| false);
+        assert_eq!(blocks.len(), 4);
         s.on_no_data(blocks[0].1);
-        assert!(s.next_blocks(0, 3, |_| false).is_empty(), "stalled");
+        assert!(!s.exhausted(10), "three answers and six blocks to go");
+        for (_, id) in &blocks[1..] {
+            s.on_data(*id);
+        }
+        let rest = s.next_blocks(0, 10, |i| (1..4).contains(&i));
+        assert_eq!(
+            rest.iter().map(|b| b.0).collect::<Vec<_>>(),
+            vec![4, 5, 6, 7]
+        );
+        for (_, id) in &rest {
+            s.on_no_data(*id);
+        }
+        let last = s.next_blocks(0, 10, |i| (1..4).contains(&i));
+        assert_eq!(last.iter().map(|b| b.0).collect::<Vec<_>>(), vec![8, 9]);
+        for (_, id) in &last {
+            s.on_data(*id);
+        }
+        let held = |i| (1..4).contains(&i) || i >= 8;
+        // Blocks came since the scan began: they tell more tree nodes, so the ones the peer
+        // could not prove are asked once more.
+        let second = s.next_blocks(0, 10, held);
+        assert_eq!(
+            second.iter().map(|b| b.0).collect::<Vec<_>>(),
+            vec![0, 4, 5, 6]
+        );
+        for (_, id) in &second {
+            s.on_no_data(*id);
+        }
+        let seven = s.next_blocks(0, 10, held);
+        assert_eq!(seven.iter().map(|b| b.0).collect::<Vec<_>>(), vec![7]);
+        s.on_no_data(seven[0].1);
+        assert!(
+            s.next_blocks(0, 10, held).is_empty(),
+            "nothing came: no third scan"
+        );
+        assert!(s.exhausted(10), "the peer lacks 0 and 4..8");
         s.on_remote_has();
-        let again = s.next_blocks(0, 3, |_| false);
-        assert_eq!(again.iter().map(|b| b.0).collect::<Vec<_>>(), vec![0]);
+        assert!(!s.exhausted(10), "news: ask again");
+        let again = s.next_blocks(0, 10, held);
+        assert_eq!(
+            again.iter().map(|b| b.0).collect::<Vec<_>>(),
+            vec![0, 4, 5, 6]
+        );
+    }
+
+    #[test]
+    fn a_refused_upgrade_is_asked_again_only_after_news() {
+        let mut s = SyncState::new(4);
+        assert!(!s.exhausted(0), "the peer's length is not known yet");
+        s.on_remote_sync(0, 5);
+        let (id, block) = s.start_upgrade(0, 2, 2).expect("an upgrade");
+        assert_eq!(block, Some(2));
+        assert!(!s.exhausted(2));
+        s.on_no_data(id);
+        let (id, block) = s.start_upgrade(0, 2, 2).expect("the upgrade alone");
+        assert_eq!(block, None, "the peer lacked block 2");
+        assert!(!s.exhausted(2));
+        s.on_no_data(id);
+        assert_eq!(s.start_upgrade(0, 2, 2), None, "refused");
+        assert!(s.next_blocks(2, 2, |_| true).is_empty());
+        assert!(s.exhausted(2));
+        s.upgrade_served();
+        assert!(!s.exhausted(2), "the peer's new length is still to come");
+        s.on_remote_sync(0, 5);
+        assert!(s.start_upgrade(0, 2, 2).is_some(), "news: ask again");
     }
 
     #[test]

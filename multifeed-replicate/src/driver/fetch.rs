@@ -23,7 +23,7 @@ impl Driver {
             return Ok(());
         };
         let mut messages = Vec::new();
-        {
+        let exhausted = {
             let mut core = feed.core.lock().await;
             let info = checked_info(&core, &mut feed.verified);
             if let Some((id, block)) =
@@ -81,6 +81,11 @@ impl Driver {
                     None,
                 )));
             }
+            feed.target.is_some() && feed.sync.exhausted(info.length)
+        };
+        if exhausted && self.incomplete.remove(&dk) {
+            // The peer lacks blocks we lack: this download is as complete as it can get here.
+            self.summary.feeds_incomplete += 1;
         }
         if messages.is_empty() {
             return Ok(());

@@ -989,6 +989,7 @@ impl Driver {
                     feed.sync.on_no_data(no_data.request);
                     feed.optimistic.remove(&no_data.request);
                 }
+                self.request_more(dk).await?;
             }
             _ => {}
         }

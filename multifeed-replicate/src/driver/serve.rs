@@ -85,6 +85,11 @@ impl Driver {
         let message = match proof {
             Ok(Some(proof)) => {
                 self.backlog.on_progress();
+                if proof.upgrade.is_some() {
+                    if let Some(feed) = self.feeds.get_mut(&dk) {
+                        feed.sync.upgrade_served();
+                    }
+                }
                 if let Some(block) = &proof.block {
                     self.summary.blocks_sent += 1;
                     self.summary.bytes_sent += block.value.len() as u64;

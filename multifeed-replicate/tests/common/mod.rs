@@ -50,6 +50,38 @@ impl TestHost {
         key
     }
 
+    /// A writer of `key` (held by `original`, with its secret key) restarted with only its first
+    /// `kept` entries, as after a crash that lost a signed tail, then `extra` entries of its own.
+    pub async fn restarted_writer(
+        &self,
+        original: &TestHost,
+        key: &FeedKey,
+        kept: u64,
+        extra: u64,
+    ) {
+        let source = original.core(key).expect("the original writer");
+        let key_pair = source.lock().await.key_pair().clone();
+        let entries = original.entries(key).await;
+        let storage = Storage::new_memory().await.expect("memory storage");
+        let mut core = HypercoreBuilder::new(storage)
+            .key_pair(key_pair)
+            .build()
+            .await
+            .expect("core");
+        for entry in &entries[..kept as usize] {
+            core.append(entry).await.expect("append");
+        }
+        for i in 0..extra {
+            core.append(format!("after the restart {i}").as_bytes())
+                .await
+                .expect("append");
+        }
+        self.feeds
+            .lock()
+            .unwrap()
+            .push((*key, SharedCore::new(core)));
+    }
+
     /// Claims to hold `key`, but serves `impostor`'s core (signed by another key).
     pub async fn lie_about(&self, key: FeedKey, impostor_entries: u64) {
         let storage = Storage::new_memory().await.expect("memory storage");
