@@ -32,6 +32,13 @@ pub trait StorageFactory: Send + Sync + fmt::Debug + 'static {
         Vec::new()
     }
 
+    /// Whether a store at `path` holds bytes, without creating it: for rare markers such as a
+    /// restored feed's copy of its damaged files. The default knows none (false).
+    fn holds(&self, path: &str) -> bool {
+        let _ = path;
+        false
+    }
+
     /// Whether opening a path again gives another handle on the same bytes (so a feed's tree
     /// can be read beside its hypercore, to check blocks against it). False unless the factory
     /// says so: a closure that makes a new store on every call would give an empty one.
@@ -100,6 +107,10 @@ impl DiskFactory {
 impl StorageFactory for DiskFactory {
     fn reopens_same_store(&self) -> bool {
         true
+    }
+
+    fn holds(&self, path: &str) -> bool {
+        std::fs::metadata(self.root.join(path)).is_ok_and(|meta| meta.len() > 0)
     }
 
     fn feed_namespaces(&self) -> Vec<String> {
@@ -207,6 +218,12 @@ impl MemoryFactory {
 impl StorageFactory for MemoryFactory {
     fn reopens_same_store(&self) -> bool {
         true
+    }
+
+    fn holds(&self, path: &str) -> bool {
+        self.lock()
+            .get(path)
+            .is_some_and(|store| !store.snapshot().is_empty())
     }
 
     fn feed_namespaces(&self) -> Vec<String> {

@@ -58,7 +58,9 @@ mod store;
 pub use error::StorageError;
 pub use factory::{BoxedStore, DiskFactory, FnFactory, MemoryFactory, StorageFactory};
 pub use index::{FeedOrigin, FeedRecord, IndexRecovery, MAX_NAME_LEN};
-pub use root::{namespace_for, CoreOptions, Durability, FeedOpener, RootStorage, INDEX_PATH};
+pub use root::{
+    namespace_for, CoreOptions, Durability, FeedOpener, RestoredFeed, RootStorage, INDEX_PATH,
+};
 pub use shared::SharedCore;
 pub use store::{DiskStore, FdPool, MemoryStore};
 

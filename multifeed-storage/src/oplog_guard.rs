@@ -208,6 +208,59 @@ fn header_tree(header: &[u8]) -> Option<TreeState> {
     })
 }
 
+/// What a stored oplog header says about its feed: its key pair and its signed length.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct HeaderFacts {
+    pub(crate) public: [u8; 32],
+    /// The ed25519 secret key (the first half of the 64 bytes hypercore stores), if any.
+    pub(crate) secret: Option<[u8; 32]>,
+    pub(crate) length: u64,
+}
+
+/// Decodes one header (hypercore 0.16's layout) into its facts.
+fn header_facts(header: &[u8]) -> Option<HeaderFacts> {
+    let mut r = Reader::new(header);
+    r.take(2)?; // version, flags
+    r.take(32)?; // key
+    r.take(3 + 1 + 32 + 32)?; // manifest: version, hash, type, one ed25519 signer
+    let public: [u8; 32] = r.buffer()?.try_into().ok()?;
+    let secret = match r.buffer()? {
+        [] | [0] => None,
+        full if full.len() == 64 => Some(full[..32].try_into().ok()?),
+        _ => return None,
+    };
+    let tree = header_tree(header)?;
+    Some(HeaderFacts {
+        public,
+        secret,
+        length: tree.length,
+    })
+}
+
+/// The facts of the header hypercore would open from, else of the other slot, if either is
+/// intact: a feed's key pair survives damage to the rest of its files, and to one slot. The
+/// length counts the upgrades of the entries logged after the current header too (the last
+/// appends before hypercore next writes a header).
+pub(crate) fn oplog_header_facts(content: &[u8]) -> Option<HeaderFacts> {
+    let scanned = scan(content);
+    let current = scanned.current.unwrap_or(0);
+    let mut facts = [current, 1 - current].into_iter().find_map(|slot| {
+        let start = slot * SLOT_SIZE as usize;
+        let bytes = content.get(start..(start + SLOT_SIZE as usize).min(content.len()))?;
+        match leader(bytes) {
+            Leader::Valid { len, .. } => header_facts(&bytes[LEADER_SIZE..LEADER_SIZE + len]),
+            _ => None,
+        }
+    })?;
+    let logged = scanned
+        .entries
+        .iter()
+        .filter_map(|entry| Some(entry_parts(entry)?.upgrade?.1.length))
+        .max();
+    facts.length = facts.length.max(logged.unwrap_or(0));
+    Some(facts)
+}
+
 /// The parts of one entry, as stored byte ranges.
 #[derive(Debug, Default)]
 struct EntryParts<'a> {

@@ -236,6 +236,146 @@ impl FeedOpener {
     }
 }
 
+/// The files of a feed's namespace, in the order hypercore's storage takes them.
+const FEED_FILES: [&str; 4] = ["tree", "data", "bitfield", "oplog"];
+/// Where a restored local feed keeps the files it was restored from.
+const DAMAGED_DIR: &str = "damaged";
+
+/// A local feed started again under its key after its files could not be opened
+/// ([`FeedOpener::restore_local_feed`]).
+#[derive(Debug)]
+pub struct RestoredFeed {
+    /// The new, empty hypercore; replication fills it from peers that hold the feed.
+    pub core: Hypercore,
+    /// Whether its secret key was found (in its oplog header, intact in one of two slots): it
+    /// can append again once it holds its old signed length.
+    pub writable: bool,
+    /// The length the feed had signed before (from the same header), if it could be read:
+    /// appends must wait until the feed holds that many entries again, or they would sign a
+    /// second history of the same feed.
+    pub signed_length: Option<u64>,
+}
+
+impl FeedOpener {
+    /// Starts again, empty and under the same key, a local feed whose files cannot be opened
+    /// (a lost or damaged oplog or tree): its entries can then come back from any peer holding
+    /// them, which a feed that fails to open never could.
+    ///
+    /// Nothing is deleted: the four files are first copied to `<namespace>/damaged/` (once; a
+    /// later restore keeps the first copy). The secret key and the signed length are read from
+    /// the oplog's header slots, the copy's when the live one has none.
+    pub async fn restore_local_feed(
+        &self,
+        record: &FeedRecord,
+    ) -> Result<RestoredFeed, StorageError> {
+        let keep_copy = !self
+            .factory
+            .holds(&format!("{}/{DAMAGED_DIR}/oplog", record.namespace));
+        let mut oplog = Vec::new();
+        for file in FEED_FILES {
+            let path = format!("{}/{file}", record.namespace);
+            let mut store = self.open_store(&path).await?;
+            let bytes = read_all(&mut store, &path).await?;
+            if keep_copy && !bytes.is_empty() {
+                let copy_path = format!("{}/{DAMAGED_DIR}/{file}", record.namespace);
+                let mut copy = self.open_store(&copy_path).await?;
+                copy.truncate(0)
+                    .await
+                    .map_err(|e| StorageError::io(&copy_path, e))?;
+                copy.write(0, &bytes)
+                    .await
+                    .map_err(|e| StorageError::io(&copy_path, e))?;
+                copy.sync_all()
+                    .await
+                    .map_err(|e| StorageError::io(&copy_path, e))?;
+            }
+            if file == "oplog" {
+                oplog = bytes;
+            }
+        }
+        let copied = self.restored_header(record).await?;
+        let facts = oplog_guard::oplog_header_facts(&oplog)
+            .filter(|facts| facts.public == record.key)
+            .into_iter()
+            .chain(copied)
+            .collect::<Vec<_>>();
+        let secret = facts
+            .iter()
+            .filter_map(|facts| facts.secret)
+            .map(|bytes| hypercore::SigningKey::from_bytes(&bytes))
+            .find(|secret| secret.verifying_key().to_bytes() == record.key);
+        let signed_length = facts.iter().map(|facts| facts.length).max();
+        for file in FEED_FILES {
+            let path = format!("{}/{file}", record.namespace);
+            self.open_store(&path)
+                .await?
+                .truncate(0)
+                .await
+                .map_err(|e| StorageError::io(&path, e))?;
+        }
+        let public =
+            hypercore::VerifyingKey::from_bytes(&record.key).map_err(|e| corrupt(record, e))?;
+        let writable = secret.is_some();
+        let storage = core_storage(&self.factory, record, false).await?;
+        let key_pair = PartialKeypair { public, secret };
+        let core = build_guarded(builder(storage, self.options).key_pair(key_pair), record).await?;
+        Ok(RestoredFeed {
+            core,
+            writable,
+            signed_length,
+        })
+    }
+
+    /// The length a restored local feed had signed before its restore (see
+    /// [`restore_local_feed`](Self::restore_local_feed)), or `None` for a feed never restored
+    /// (or whose old header is unreadable). Costs one lookup that creates nothing.
+    pub async fn restored_length(&self, record: &FeedRecord) -> Result<Option<u64>, StorageError> {
+        Ok(self
+            .restored_header(record)
+            .await?
+            .map(|facts| facts.length))
+    }
+
+    async fn restored_header(
+        &self,
+        record: &FeedRecord,
+    ) -> Result<Option<oplog_guard::HeaderFacts>, StorageError> {
+        let path = format!("{}/{DAMAGED_DIR}/oplog", record.namespace);
+        if !self.factory.holds(&path) {
+            return Ok(None);
+        }
+        let mut store = self.open_store(&path).await?;
+        let bytes = read_all(&mut store, &path).await?;
+        Ok(oplog_guard::oplog_header_facts(&bytes).filter(|facts| facts.public == record.key))
+    }
+
+    async fn open_store(&self, path: &str) -> Result<BoxedStore, StorageError> {
+        self.factory
+            .open(path)
+            .await
+            .map_err(|e| StorageError::io(path, e))
+    }
+}
+
+async fn read_all(store: &mut BoxedStore, path: &str) -> Result<Vec<u8>, StorageError> {
+    let len = store.len().await.map_err(|e| StorageError::io(path, e))?;
+    if len == 0 {
+        return Ok(Vec::new());
+    }
+    store
+        .read(0, len)
+        .await
+        .map_err(|e| StorageError::io(path, e))
+}
+
+fn corrupt(record: &FeedRecord, err: impl std::fmt::Display) -> StorageError {
+    StorageError::FeedCorrupt {
+        key: hex::encode(record.key),
+        namespace: record.namespace.clone(),
+        reason: err.to_string(),
+    }
+}
+
 async fn open_feed(
     factory: &Arc<dyn StorageFactory>,
     options: CoreOptions,

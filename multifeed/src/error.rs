@@ -27,6 +27,21 @@ pub enum Error {
         /// Hex key of the feed.
         key: String,
     },
+    /// An append to a local feed restored after its files were lost, before it holds its old
+    /// signed length again: appending now would sign a second history of the feed, which its
+    /// peers refuse. A sync with a peer that holds the feed brings the entries back.
+    #[error(
+        "local feed {key} was restored with {length} of its {signed_length} signed entries; \
+         sync it with a peer that holds them before appending"
+    )]
+    Restoring {
+        /// Hex key of the feed.
+        key: String,
+        /// The entries it holds now.
+        length: u64,
+        /// The length it had signed before it was restored.
+        signed_length: u64,
+    },
     /// A key given by the caller is not 32 bytes nor 64 hex characters.
     #[error("invalid feed key `{input}`: {reason}")]
     InvalidKey {

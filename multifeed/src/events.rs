@@ -82,12 +82,28 @@ pub enum Event {
         blocks_known: u64,
     },
     /// A feed learned from a peer could not be read after a crash and was started again empty;
-    /// replication fetches its entries anew. Local feeds are never reset.
+    /// replication fetches its entries anew. Local feeds are restored instead
+    /// ([`FeedRestored`](Event::FeedRestored)).
     FeedReset {
         /// The feed's key.
         key: FeedKey,
         /// What was wrong with its files.
         reason: String,
+    },
+    /// A local feed whose files could not be opened (a lost or damaged oplog or tree) was
+    /// started again, empty, under its key; its old files are kept in its folder's `damaged/`.
+    /// Replication brings its entries back from peers that hold them. It can append again
+    /// (if its secret key was found) once it holds its old signed length
+    /// ([`Error::Restoring`](crate::Error::Restoring) until then).
+    FeedRestored {
+        /// The feed's key.
+        key: FeedKey,
+        /// What was wrong with its files.
+        reason: String,
+        /// Whether its secret key was found: false leaves it read-only.
+        writable: bool,
+        /// The length it had signed, if its header said.
+        signed_length: Option<u64>,
     },
     /// The subscriber fell behind and `missed` events were dropped; re-read [`feeds`](crate::Multifeed::feeds).
     Lagged {

@@ -36,6 +36,11 @@ pub(crate) struct FeedSlot {
     pub(crate) core: async_lock::Mutex<CoreState>,
     /// A second handle on the feed's tree store, to check blocks read against their leaves.
     pub(crate) tree: async_lock::Mutex<Option<multifeed_storage::BoxedStore>>,
+    /// A restored local feed's old signed length (`Some(None)`: not restored), read when its
+    /// core is opened.
+    pub(crate) restored_length: std::sync::OnceLock<Option<u64>>,
+    /// A local feed whose core has no secret key (restored after its oplog was lost).
+    pub(crate) read_only: std::sync::atomic::AtomicBool,
 }
 
 impl FeedSlot {
@@ -45,6 +50,8 @@ impl FeedSlot {
             record,
             core: async_lock::Mutex::new(core),
             tree: async_lock::Mutex::new(None),
+            restored_length: std::sync::OnceLock::new(),
+            read_only: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -98,9 +105,15 @@ impl Feed {
         self.slot.record.origin
     }
 
-    /// Whether this multifeed holds the secret key and can append.
+    /// Whether this multifeed holds the secret key and can append: a local feed, unless it
+    /// was restored without its secret key (known once its hypercore was opened, by any read,
+    /// sync or [`Event::FeedRestored`](crate::Event::FeedRestored)).
     pub fn is_writable(&self) -> bool {
         self.slot.record.origin == FeedOrigin::Local
+            && !self
+                .slot
+                .read_only
+                .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The number of entries the feed has (some may not be downloaded yet).
@@ -134,6 +147,20 @@ impl Feed {
         let core = self.core().await?;
         let mut guard = core.lock().await;
         let start = guard.info().length;
+        if guard.key_pair().secret.is_none() {
+            return Err(Error::NotWritable {
+                key: self.key_hex(),
+            });
+        }
+        if let Some(&Some(signed_length)) = self.slot.restored_length.get() {
+            if start < signed_length {
+                return Err(Error::Restoring {
+                    key: self.key_hex(),
+                    length: start,
+                    signed_length,
+                });
+            }
+        }
         let outcome = guard
             .append_batch(&batch)
             .await
@@ -207,12 +234,16 @@ impl Feed {
     pub async fn get(&self, index: u64) -> Result<Option<Vec<u8>>, Error> {
         let core = self.core().await?;
         let mut core = core.lock().await;
-        if index >= core.info().length {
+        let restored_below = match self.slot.restored_length.get() {
+            Some(&Some(signed_length)) => index < signed_length,
+            _ => false,
+        };
+        if index >= core.info().length && !restored_below {
             return Ok(None);
         }
         if !core.has(index) {
-            // A replica may be sparse; a local writer holds every block it wrote, so a missing
-            // one is damage, never a silent `None`.
+            // A replica may be sparse; a local writer holds every block it wrote (or signed,
+            // before it was restored), so a missing one is damage, never a silent `None`.
             if self.is_writable() {
                 return Err(Error::MissingBlock {
                     key: hex::encode(self.key()),

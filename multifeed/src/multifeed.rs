@@ -361,8 +361,34 @@ impl Inner {
                         });
                         core
                     }
+                    // A local feed cannot be fetched anew under a new key: it starts again
+                    // under its own, its old files kept, and peers holding it fill it.
+                    Err(
+                        err @ (multifeed_storage::StorageError::FeedCorrupt { .. }
+                        | multifeed_storage::StorageError::FeedMissing { .. }),
+                    ) => {
+                        let restored = self.opener.restore_local_feed(&slot.record).await?;
+                        let _ = slot.restored_length.set(restored.signed_length);
+                        self.emit(Event::FeedRestored {
+                            key: slot.record.key,
+                            reason: err.to_string(),
+                            writable: restored.writable,
+                            signed_length: restored.signed_length,
+                        });
+                        restored.core
+                    }
                     Err(err) => return Err(err.into()),
                 };
+                if slot.record.origin == FeedOrigin::Local {
+                    slot.read_only.store(
+                        core.key_pair().secret.is_none(),
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
+                }
+                if slot.record.origin == FeedOrigin::Local && slot.restored_length.get().is_none() {
+                    let restored = self.opener.restored_length(&slot.record).await?;
+                    let _ = slot.restored_length.set(restored);
+                }
                 let core = SharedCore::new(core);
                 *state = CoreState::Open(core.clone());
                 Ok(core)

@@ -419,20 +419,32 @@ async fn a_missing_or_corrupt_namespace_names_the_feed_and_hides_no_other() -> T
     oplog_b.replace(vec![0xAB; oplog_b.snapshot().len()]);
 
     let multi = memory_multifeed(&factory).await?;
+    let mut events = multi.events();
     assert_eq!(multi.feeds().len(), 3, "every listed feed is still listed");
+    // Was: FeedMissing and FeedCorrupt errors on every use. Now each is started again under
+    // its key (read-only: the secret key was in the lost oplog), to be filled by peers.
     let a = multi.feed(keys[0])?.ok_or("a not listed")?;
-    match a.len().await {
-        Err(Error::Storage(multifeed_storage::StorageError::FeedMissing { key, .. })) => {
-            assert_eq!(key, hex::encode(keys[0]))
-        }
-        other => return Err(format!("expected FeedMissing, got {other:?}").into()),
-    }
+    assert_eq!(a.len().await?, 0);
     let b = multi.feed(keys[1])?.ok_or("b not listed")?;
-    match b.get(0).await {
-        Err(Error::Storage(multifeed_storage::StorageError::FeedCorrupt { key, .. })) => {
-            assert_eq!(key, hex::encode(keys[1]))
+    assert_eq!(b.get(0).await?, None);
+    for (feed, why) in [(&a, "is missing"), (&b, "corrupt")] {
+        match events.next().await {
+            Some(Event::FeedRestored {
+                key,
+                reason,
+                writable: false,
+                signed_length: None,
+            }) => {
+                assert_eq!(&key, feed.key());
+                assert!(reason.contains(why), "{reason}");
+                assert!(
+                    reason.contains(&feed.key_hex()),
+                    "the reason names the feed"
+                );
+            }
+            other => return Err(format!("expected FeedRestored, got {other:?}").into()),
         }
-        other => return Err(format!("expected FeedCorrupt, got {other:?}").into()),
+        assert!(!feed.is_writable());
     }
     let c = multi.feed(keys[2])?.ok_or("c not listed")?;
     assert_eq!(c.get(0).await?, Some(b"c".to_vec()));

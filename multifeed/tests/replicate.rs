@@ -656,44 +656,205 @@ async fn close_ends_running_replications_and_nothing_writes_after_it() -> TestRe
     Ok(())
 }
 
+/// Events already delivered, without waiting.
+fn ready_events(events: &mut (impl futures::Stream<Item = Event> + Unpin)) -> Vec<Event> {
+    let mut out = Vec::new();
+    while let Some(Some(event)) = futures::FutureExt::now_or_never(events.next()) {
+        out.push(event);
+    }
+    out
+}
+
 #[async_std::test]
-async fn one_missing_feed_does_not_stop_the_others() -> TestResult {
+async fn one_unreadable_feed_does_not_stop_the_others() -> TestResult {
+    // Memory stores behind a factory that fails every open under `failing` (an I/O error, as
+    // out of descriptors or a failing disk: nothing to restore, only to report).
+    let memory = multifeed::MemoryFactory::new();
+    let failing = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
+    let factory = || {
+        let (memory, failing) = (memory.clone(), failing.clone());
+        multifeed::FnFactory::new(move |path: &str| {
+            let fail = failing
+                .lock()
+                .unwrap()
+                .as_ref()
+                .is_some_and(|prefix| path.starts_with(prefix.as_str()));
+            let open = multifeed_storage::StorageFactory::open(&memory, path);
+            Box::pin(async move {
+                if fail {
+                    return Err(multifeed::RandomAccessError::IO {
+                        return_code: Some(5),
+                        context: Some("a failing disk".to_owned()),
+                        source: std::io::Error::other("EIO"),
+                    });
+                }
+                open.await
+            })
+        })
+    };
+    let b = Multifeed::open_memory().await?;
+    let a = Multifeed::builder().storage(factory()).open().await?;
+    let lost = a.writer("lost").await?;
+    lost.append(b"unreadable soon").await?;
+    let kept = a.writer("kept").await?;
+    kept.append(b"one").await?;
+    sync_ok(&a, &b).await?;
+    kept.append(b"two").await?;
+    a.close().await?;
+    *failing.lock().unwrap() = Some(multifeed_storage::namespace_for(lost.key()));
+    let a = Multifeed::builder().storage(factory()).open().await?;
+    let mut events = a.events();
+    // Was: Replicate(Host(Storage(..))) here and ConnectionReset at the peer.
+    let (sa, sb) = sync_ok(&a, &b).await?;
+    assert_eq!(sa.feeds_unavailable, 1, "the unreadable feed is reported");
+    assert_eq!(sb.blocks_received, 1, "the other feed still synced");
+    assert_eq!(
+        b.feed(*kept.key())?.ok_or("kept")?.get(1).await?,
+        Some(b"two".to_vec())
+    );
+    assert!(
+        ready_events(&mut events)
+            .iter()
+            .any(|event| matches!(event, Event::FeedUnavailable { key, .. } if key == lost.key())),
+        "a FeedUnavailable event"
+    );
+    a.close().await?;
+    Ok(())
+}
+
+/// The folder of a local feed of `root`.
+fn feed_dir(root: &std::path::Path, key: &multifeed::FeedKey) -> std::path::PathBuf {
+    root.join(multifeed_storage::namespace_for(key))
+}
+
+#[async_std::test]
+async fn a_lost_local_feed_is_restored_from_a_peer_read_only_without_its_secret_key() -> TestResult
+{
     let dir = tempfile::tempdir()?;
     let b = Multifeed::open_memory().await?;
     let (lost, kept) = {
         let a = Multifeed::open_disk(dir.path()).await?;
         let lost = a.writer("lost").await?;
-        lost.append(b"gone soon").await?;
+        lost.append_batch([b"gone".as_slice(), b"soon"]).await?;
         let kept = a.writer("kept").await?;
         kept.append(b"one").await?;
-        // The peer gets a copy of both.
         sync_ok(&a, &b).await?;
         kept.append(b"two").await?;
         a.close().await?;
         (*lost.key(), *kept.key())
     };
-    // The lost feed's folder is deleted behind the store's back.
-    let hex = hex::encode(lost);
-    std::fs::remove_dir_all(dir.path().join("feeds").join(&hex[..2]).join(&hex))?;
+    // Every file of the feed, secret key included, is deleted behind the store's back.
+    for file in ["tree", "data", "bitfield", "oplog"] {
+        std::fs::remove_file(feed_dir(dir.path(), &lost).join(file))?;
+    }
     let a = Multifeed::open_disk(dir.path()).await?;
     let mut events = a.events();
-    // Was: Replicate(Host(Storage(FeedMissing))) here and ConnectionReset at the peer, when
-    // the peer offered its copy of the lost feed back.
+    // Was: the feed was left out of every sync (FeedUnavailable), its entries never back.
     let (sa, sb) = sync_ok(&a, &b).await?;
-    assert_eq!(sa.feeds_unavailable, 1, "the lost feed is reported");
-    assert_eq!(sb.blocks_received, 1, "the other feed still synced");
+    assert_eq!(sa.feeds_unavailable, 0);
+    assert_eq!(sb.blocks_received, 1, "the other feed synced");
     assert_eq!(
-        b.feed(kept)?.ok_or("kept")?.get(1).await?,
-        Some(b"two".to_vec())
+        sa.blocks_received, 2,
+        "the lost feed came back from the peer"
     );
-    let mut reported = false;
-    while let Some(Some(event)) = futures::FutureExt::now_or_never(events.next()) {
-        if let Event::FeedUnavailable { key, .. } = event {
-            assert_eq!(key, lost);
-            reported = true;
+    let feed = a.writer("lost").await?;
+    assert_eq!(feed.get(1).await?, Some(b"soon".to_vec()));
+    assert!(
+        ready_events(&mut events).iter().any(|event| matches!(
+            event,
+            Event::FeedRestored { key, writable: false, signed_length: None, .. } if *key == lost
+        )),
+        "a FeedRestored event"
+    );
+    assert!(
+        matches!(feed.append(b"more").await, Err(Error::NotWritable { .. })),
+        "without its secret key the restored feed is read-only"
+    );
+    assert!(!feed.is_writable());
+    assert_eq!(a.feed(kept)?.ok_or("kept")?.len().await?, 2);
+    a.close().await?;
+    Ok(())
+}
+
+#[async_std::test]
+async fn a_local_feed_with_a_lost_tree_is_restored_writable_and_appends_only_once_caught_up(
+) -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let b = Multifeed::open_memory().await?;
+    let key = {
+        let a = Multifeed::open_disk(dir.path()).await?;
+        let writer = a.writer("me").await?;
+        for i in 0..5u8 {
+            writer.append(&[i]).await?;
         }
+        sync_ok(&a, &b).await?;
+        a.close().await?;
+        *writer.key()
+    };
+    std::fs::remove_file(feed_dir(dir.path(), &key).join("tree"))?;
+    std::fs::write(feed_dir(dir.path(), &key).join("data"), b"")?;
+    let restoring = |result: Result<u64, Error>| {
+        matches!(
+            result,
+            Err(Error::Restoring {
+                length: 0,
+                signed_length: 5,
+                ..
+            })
+        )
+    };
+    {
+        let a = Multifeed::open_disk(dir.path()).await?;
+        let mut events = a.events();
+        let writer = a.writer("me").await?;
+        assert!(
+            restoring(writer.append(b"a second history").await),
+            "appending before the entries are back would fork the feed"
+        );
+        assert!(
+            matches!(
+                writer.get(2).await,
+                Err(Error::MissingBlock { index: 2, .. })
+            ),
+            "a signed entry not back yet is missing, not a silent None"
+        );
+        assert_eq!(writer.get(5).await?, None, "past the signed length");
+        assert!(ready_events(&mut events).iter().any(|event| matches!(
+            event,
+            Event::FeedRestored {
+                writable: true,
+                signed_length: Some(5),
+                ..
+            }
+        )));
+        a.close().await?;
     }
-    assert!(reported, "a FeedUnavailable event");
+    assert!(
+        feed_dir(dir.path(), &key)
+            .join("damaged")
+            .join("oplog")
+            .exists(),
+        "the damaged files are kept"
+    );
+    // Still refused after a restart, then the peer brings the entries back.
+    let a = Multifeed::open_disk(dir.path()).await?;
+    let writer = a.writer("me").await?;
+    assert!(restoring(writer.append(b"a second history").await));
+    let (sa, _) = sync_ok(&a, &b).await?;
+    assert_eq!(sa.blocks_received, 5);
+    for i in 0..5u8 {
+        assert_eq!(writer.get(u64::from(i)).await?, Some(vec![i]));
+    }
+    assert_eq!(writer.append(b"six").await?, 5, "writable again");
+    let (_, sb) = sync_ok(&a, &b).await?;
+    assert_eq!(
+        sb.blocks_received, 1,
+        "the peer takes the new entry: one history"
+    );
+    assert_eq!(
+        b.feed(key)?.ok_or("b's copy")?.get(5).await?,
+        Some(b"six".to_vec())
+    );
     a.close().await?;
     Ok(())
 }
