@@ -431,16 +431,19 @@ impl Inner {
         let hash = hypercore_schema::Hash::data(value);
         // Past the end of the tree file, or zeros (hypercore writes nodes out of order, so a
         // leaf not written yet can sit before others): look elsewhere.
-        let leaf = match store.read(offset, 40).await {
-            Ok(node) if node.len() == 40 && node.iter().any(|&byte| byte != 0) => {
-                let mut length = [0u8; 8];
-                length.copy_from_slice(&node[..8]);
-                let mut digest = [0u8; 32];
-                digest.copy_from_slice(&node[8..]);
-                Some((u64::from_le_bytes(length), digest))
+        let leaf = read_node(store, 2 * index).await;
+        if let Some((length, digest)) = leaf {
+            if (length != value.len() as u64 || digest[..] != *hash.as_bytes())
+                && leaf_damaged(store, index, value, &hash).await
+            {
+                // The block is right and its stored leaf is not: write the leaf again, so
+                // the block is served and read as what it is (was: dropped as damaged, and
+                // found damaged again after every fetch, since its leaf stayed wrong).
+                let mut node = (value.len() as u64).to_le_bytes().to_vec();
+                node.extend_from_slice(hash.as_bytes());
+                return store.write(offset, &node).await.is_ok();
             }
-            _ => None,
-        };
+        }
         drop(tree);
         // Not in the tree file yet: hypercore 0.16 keeps the nodes of its latest writes in its
         // oplog until it next writes the tree.
@@ -539,6 +542,46 @@ pub(crate) fn parse_key(input: &[u8]) -> Result<FeedKey, Error> {
 
 /// The leaf of block `index` as the core itself knows it: the first node of a proof for the
 /// block next to it in the tree (whose sibling it is). `None` when that block is not held.
+/// Tree node `flat` as the tree file stores it (length, hash); `None` past its end or zeros.
+async fn read_node(
+    store: &mut multifeed_storage::BoxedStore,
+    flat: u64,
+) -> Option<(u64, [u8; 32])> {
+    let node = store.read(flat.checked_mul(40)?, 40).await.ok()?;
+    if node.len() != 40 || node.iter().all(|&byte| byte == 0) {
+        return None;
+    }
+    let length = u64::from_le_bytes(node[..8].try_into().ok()?);
+    Some((length, node[8..].try_into().ok()?))
+}
+
+/// Whether block `index` (`value`, hashing to `hash`) is proven right by its stored sibling and
+/// parent: its stored leaf, which disagrees, is then the damaged part. Random damage cannot
+/// make the recomputed parent match; an unreadable sibling or parent proves nothing (false).
+async fn leaf_damaged(
+    store: &mut multifeed_storage::BoxedStore,
+    index: u64,
+    value: &[u8],
+    hash: &hypercore_schema::Hash,
+) -> bool {
+    let leaf = 2 * index;
+    let (sibling, parent) = if index % 2 == 0 {
+        (leaf + 2, leaf + 1)
+    } else {
+        (leaf - 2, leaf - 1)
+    };
+    let (Some((sibling_length, sibling_hash)), Some((parent_length, parent_hash))) = (
+        read_node(store, sibling).await,
+        read_node(store, parent).await,
+    ) else {
+        return false;
+    };
+    let ours = hypercore_schema::Node::new(leaf, hash.as_bytes().to_vec(), value.len() as u64);
+    let theirs = hypercore_schema::Node::new(sibling, sibling_hash.to_vec(), sibling_length);
+    parent_length == value.len() as u64 + sibling_length
+        && hypercore_schema::Hash::parent(&ours, &theirs).as_bytes() == parent_hash
+}
+
 async fn sibling_leaf(core: &mut hypercore::Hypercore, index: u64) -> Option<(u64, [u8; 32])> {
     use futures::FutureExt;
     let sibling = index ^ 1;

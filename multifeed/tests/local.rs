@@ -602,6 +602,37 @@ async fn damaged_block_bytes_are_an_error_and_a_peer_restores_them() -> TestResu
 }
 
 #[async_std::test]
+async fn a_damaged_leaf_of_a_right_block_is_repaired_from_its_sibling_and_parent() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let entry = |i: u64| format!("entry {i:03}").into_bytes();
+    let key = {
+        let multi = Multifeed::open_disk(dir.path()).await?;
+        let writer = multi.writer("me").await?;
+        for i in 0..8 {
+            writer.append(&entry(i)).await?;
+        }
+        multi.close().await?;
+        *writer.key()
+    };
+    // Flip a bit in the hash of leaf 3 (tree node 6: 40 bytes each, the hash after 8 bytes).
+    let tree = dir
+        .path()
+        .join(multifeed_storage::namespace_for(&key))
+        .join("tree");
+    let mut bytes = std::fs::read(&tree)?;
+    let healthy = bytes.clone();
+    bytes[6 * 40 + 8 + 17] ^= 0x10;
+    std::fs::write(&tree, &bytes)?;
+    let multi = Multifeed::open_disk(dir.path()).await?;
+    let writer = multi.writer("me").await?;
+    // Was: DamagedBlock, the right block dropped, and after a refetch damaged again.
+    assert_eq!(writer.get(3).await?, Some(entry(3)));
+    multi.close().await?;
+    assert_eq!(std::fs::read(&tree)?, healthy, "the leaf was written again");
+    Ok(())
+}
+
+#[async_std::test]
 async fn feeds_the_index_no_longer_names_are_restored_from_their_folders() -> TestResult {
     let dir = tempfile::tempdir()?;
     let peer = Multifeed::open_memory().await?;
