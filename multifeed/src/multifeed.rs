@@ -565,7 +565,7 @@ async fn leaf_damaged(
     hash: &hypercore_schema::Hash,
 ) -> bool {
     let leaf = 2 * index;
-    let (sibling, parent) = if index % 2 == 0 {
+    let (sibling, parent) = if index.is_multiple_of(2) {
         (leaf + 2, leaf + 1)
     } else {
         (leaf - 2, leaf - 1)
