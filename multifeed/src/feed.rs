@@ -126,6 +126,43 @@ impl Feed {
         Ok(self.len().await? == 0)
     }
 
+    /// A stream of the entries in `range` as `(index, bytes)`, in order.
+    ///
+    /// [`ReadMode::Snapshot`] yields what is held now and ends at the feed's length;
+    /// [`ReadMode::Live`] waits for each entry still to come (appended here or downloaded by a
+    /// replication) and, with an open range, goes on until the multifeed closes.
+    ///
+    /// ```
+    /// # async_std::task::block_on(async {
+    /// use futures::StreamExt;
+    /// use multifeed::{Multifeed, ReadMode};
+    ///
+    /// let multi = Multifeed::open_memory().await?;
+    /// let feed = multi.writer("me").await?;
+    /// let mut live = feed.read_stream(1.., ReadMode::Live);
+    /// feed.append(b"first").await?;
+    /// feed.append(b"second").await?;
+    /// assert_eq!(live.next().await.transpose()?, Some((1, b"second".to_vec())));
+    /// # Ok::<_, multifeed::Error>(()) }).unwrap();
+    /// ```
+    pub fn read_stream(
+        &self,
+        range: impl std::ops::RangeBounds<u64>,
+        mode: crate::ReadMode,
+    ) -> crate::EntryStream {
+        crate::stream::entries(self.clone(), range, mode)
+    }
+
+    /// [`read_stream`](Self::read_stream), each entry decoded with the multifeed's value
+    /// encoding.
+    pub fn value_stream(
+        &self,
+        range: impl std::ops::RangeBounds<u64>,
+        mode: crate::ReadMode,
+    ) -> crate::ValueStream {
+        crate::stream::values(self.clone(), range, mode)
+    }
+
     /// Appends one entry; returns its index.
     pub async fn append(&self, entry: &[u8]) -> Result<u64, Error> {
         let range = self.append_batch([entry]).await?;
@@ -184,15 +221,16 @@ impl Feed {
         let wait = async {
             loop {
                 let seen = core.version();
+                self.inner.ensure_open()?;
                 let now = core.lock().await.info().length;
                 if now >= length {
-                    return now;
+                    return Ok(now);
                 }
                 core.changed(seen).await;
             }
         };
         self.within(timeout, wait, || format!("length {length}"))
-            .await
+            .await?
     }
 
     /// The entry at `index`, waiting up to `timeout` for it to be appended or downloaded (a
@@ -308,6 +346,10 @@ impl Feed {
     pub async fn append_value(&self, value: impl Into<Value>) -> Result<u64, Error> {
         let bytes = self.inner.config.encoding.encode(&value.into())?;
         self.append(&bytes).await
+    }
+
+    pub(crate) fn decode(&self, bytes: Vec<u8>, index: u64) -> Result<Value, Error> {
+        self.inner.config.encoding.decode(bytes, self.key(), index)
     }
 
     /// The entry at `index`, decoded with the multifeed's value encoding.

@@ -27,6 +27,26 @@
 //! # Ok::<(), multifeed::Error>(())
 //! # }).unwrap();
 //! ```
+//!
+//! Apps index feeds as entries arrive: [`Feed::read_stream`] and [`Feed::value_stream`] yield a
+//! feed's entries in order and, in [`ReadMode::Live`], go on with each entry appended here or
+//! downloaded by a replication, without polling.
+//!
+//! ```
+//! # async_std::task::block_on(async {
+//! use futures::StreamExt;
+//! use multifeed::{Multifeed, ReadMode};
+//!
+//! let multi = Multifeed::open_memory().await?;
+//! let chat = multi.writer("chat").await?;
+//! let mut live = chat.read_stream(0.., ReadMode::Live);
+//! chat.append(b"hello").await?;
+//! assert_eq!(live.next().await.transpose()?, Some((0, b"hello".to_vec())));
+//! multi.close().await?;
+//! assert!(matches!(live.next().await, Some(Err(multifeed::Error::Closed))));
+//! # Ok::<(), multifeed::Error>(())
+//! # }).unwrap();
+//! ```
 
 mod builder;
 mod encoding;
@@ -36,6 +56,7 @@ mod feed;
 mod multifeed;
 mod replicate;
 mod running;
+mod stream;
 
 pub use builder::MultifeedBuilder;
 pub use encoding::{Value, ValueEncoding};
@@ -53,3 +74,9 @@ pub use multifeed_storage::{
 };
 pub use random_access_storage::RandomAccessError;
 pub use replicate::{ReplicateOptions, ReplicateSummary, StopHandle, DEFAULT_ENCRYPTION_KEY};
+pub use stream::{EntryStream, ReadMode, ValueStream};
+
+/// The README's Rust examples, compiled as doctests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;

@@ -301,7 +301,11 @@ impl Multifeed {
         }
         let slots: Vec<Arc<FeedSlot>> = self.inner.table().list.clone();
         for slot in slots {
-            *slot.core.lock().await = CoreState::Closed;
+            let state = std::mem::replace(&mut *slot.core.lock().await, CoreState::Closed);
+            // Wakes whoever waits for entries (live streams, wait_for_len): they see Closed.
+            if let CoreState::Open(core) = state {
+                core.notify_changed();
+            }
         }
         self.inner.factory.release();
         self.inner.events.close();
