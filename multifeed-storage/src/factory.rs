@@ -32,6 +32,35 @@ pub trait StorageFactory: Send + Sync + fmt::Debug + 'static {
         Vec::new()
     }
 
+    /// Deletes the stores of a removed feed's namespace (`feeds/ab/ab12…`), its `damaged/`
+    /// copy included. The default empties the ones it knows (the feed's four files and their
+    /// copies); the disk and memory factories delete them.
+    fn remove_namespace(
+        &self,
+        namespace: &str,
+    ) -> BoxFuture<'static, Result<(), crate::StorageError>> {
+        let paths: Vec<String> = ["", "damaged/"]
+            .iter()
+            .flat_map(|dir| {
+                ["tree", "data", "bitfield", "oplog"].map(|file| format!("{namespace}/{dir}{file}"))
+            })
+            .collect();
+        let opens: Vec<_> = paths
+            .iter()
+            .map(|path| (path.clone(), self.open(path)))
+            .collect();
+        Box::pin(async move {
+            for (path, open) in opens {
+                let mut store = open.await.map_err(|e| crate::StorageError::io(&path, e))?;
+                store
+                    .truncate(0)
+                    .await
+                    .map_err(|e| crate::StorageError::io(&path, e))?;
+            }
+            Ok(())
+        })
+    }
+
     /// Whether a store at `path` holds bytes, without creating it: for rare markers such as a
     /// restored feed's copy of its damaged files. The default knows none (false).
     fn holds(&self, path: &str) -> bool {
@@ -111,6 +140,28 @@ impl StorageFactory for DiskFactory {
 
     fn holds(&self, path: &str) -> bool {
         std::fs::metadata(self.root.join(path)).is_ok_and(|meta| meta.len() > 0)
+    }
+
+    fn remove_namespace(
+        &self,
+        namespace: &str,
+    ) -> BoxFuture<'static, Result<(), crate::StorageError>> {
+        let mut dir = self.root.clone();
+        dir.extend(namespace.split('/').filter(|part| !part.is_empty()));
+        // Held writes, open files, cached pages and lengths of its files go first, so nothing
+        // of it is written after the directory is gone or read if the feed comes back.
+        self.pool.forget_dir(&dir);
+        let namespace = namespace.to_owned();
+        Box::pin(async move {
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => Ok(()),
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(err) => Err(crate::StorageError::io(
+                    &namespace,
+                    RandomAccessError::from(err),
+                )),
+            }
+        })
     }
 
     fn feed_namespaces(&self) -> Vec<String> {
@@ -218,6 +269,15 @@ impl MemoryFactory {
 impl StorageFactory for MemoryFactory {
     fn reopens_same_store(&self) -> bool {
         true
+    }
+
+    fn remove_namespace(
+        &self,
+        namespace: &str,
+    ) -> BoxFuture<'static, Result<(), crate::StorageError>> {
+        let prefix = format!("{namespace}/");
+        self.lock().retain(|path, _| !path.starts_with(&prefix));
+        Box::pin(async { Ok(()) })
     }
 
     fn holds(&self, path: &str) -> bool {

@@ -12,7 +12,15 @@
 //!   key     [u8; 32]
 //!   ns_len  u16, namespace bytes (UTF-8)
 //!   has_name u8 (0/1), then name_len u16 and name bytes (UTF-8)
+//! or, for a mark on a key (removal, deny, allow):
+//!   version u8   2
+//!   mark    u8   0 = removed (a tombstone), 1 = denied, 2 = allowed again
+//!   key     [u8; 32]
 //! ```
+//!
+//! Records apply in order: a mark after a feed's record overrides it, a record after a mark
+//! (the feed added again once allowed) overrides the mark. Readers of version 1 only skip
+//! marks as damaged records.
 //!
 //! A torn or corrupt record is detected by its length or checksum; loading skips it and resumes at
 //! the next valid record, so damage hides nothing after it. The next append first cuts off a
@@ -26,6 +34,7 @@ use crate::{FeedKey, StorageError};
 const MAGIC: [u8; 2] = [0x4D, 0x46];
 const HEADER_LEN: usize = 10;
 const RECORD_VERSION: u8 = 1;
+const MARK_VERSION: u8 = 2;
 /// The longest record payload accepted.
 const MAX_RECORD_LEN: usize = 4 * 1024;
 /// The longest writer name accepted, in bytes.
@@ -52,6 +61,26 @@ pub struct FeedRecord {
     pub name: Option<String>,
     /// Whether it was created here or learned from a peer.
     pub origin: FeedOrigin,
+}
+
+/// A mark the index records on a key, for [`RootStorage::mark`](crate::RootStorage::mark).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum KeyMark {
+    /// The feed was removed: its record no longer counts, and it is never added again until
+    /// allowed.
+    Removed,
+    /// Never exchanged with peers (nor added from them) until allowed.
+    Denied,
+    /// Lifts an earlier `Removed` or `Denied`.
+    Allowed,
+}
+
+/// One record of the index, in the order written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Entry {
+    Feed(FeedRecord),
+    Mark(FeedKey, KeyMark),
 }
 
 /// What loading the index found besides the records.
@@ -87,7 +116,7 @@ impl FeedIndex {
     pub(crate) async fn load(
         mut store: BoxedStore,
         path: &str,
-    ) -> Result<(Self, Vec<FeedRecord>, IndexRecovery), StorageError> {
+    ) -> Result<(Self, Vec<Entry>, IndexRecovery), StorageError> {
         let len = store.len().await.map_err(|e| StorageError::io(path, e))?;
         let bytes = if len == 0 {
             Vec::new()
@@ -110,6 +139,28 @@ impl FeedIndex {
     /// Appends one record; it is durable against a killed process once this returns.
     pub(crate) async fn append(&mut self, record: &FeedRecord) -> Result<(), StorageError> {
         let bytes = encode(record)?;
+        self.write_record(bytes).await
+    }
+
+    /// Appends a mark on `key`, as durable as [`append`](Self::append).
+    pub(crate) async fn append_mark(
+        &mut self,
+        key: &FeedKey,
+        mark: KeyMark,
+    ) -> Result<(), StorageError> {
+        let mut payload = vec![
+            MARK_VERSION,
+            match mark {
+                KeyMark::Removed => 0,
+                KeyMark::Denied => 1,
+                KeyMark::Allowed => 2,
+            },
+        ];
+        payload.extend_from_slice(key);
+        self.write_record(frame(&payload)).await
+    }
+
+    async fn write_record(&mut self, bytes: Vec<u8>) -> Result<(), StorageError> {
         if self.dirty_tail {
             self.store
                 .truncate(self.end)
@@ -163,12 +214,17 @@ fn encode(record: &FeedRecord) -> Result<Vec<u8>, StorageError> {
         }
         None => payload.push(0),
     }
+    Ok(frame(&payload))
+}
+
+/// A payload with its header (magic, length, checksum).
+fn frame(payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-    out.extend_from_slice(&payload);
-    Ok(out)
+    out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    out.extend_from_slice(payload);
+    out
 }
 
 fn push_str(out: &mut Vec<u8>, bytes: &[u8]) {
@@ -178,7 +234,7 @@ fn push_str(out: &mut Vec<u8>, bytes: &[u8]) {
 }
 
 /// Parses all valid records; returns them, the damaged ranges, and the end of the last valid one.
-fn parse(bytes: &[u8]) -> (Vec<FeedRecord>, IndexRecovery, u64) {
+fn parse(bytes: &[u8]) -> (Vec<Entry>, IndexRecovery, u64) {
     let mut records = Vec::new();
     let mut recovery = IndexRecovery::default();
     let mut pos = 0usize;
@@ -206,7 +262,7 @@ fn parse(bytes: &[u8]) -> (Vec<FeedRecord>, IndexRecovery, u64) {
     (records, recovery, end as u64)
 }
 
-fn parse_record(bytes: &[u8]) -> Option<(FeedRecord, usize)> {
+fn parse_record(bytes: &[u8]) -> Option<(Entry, usize)> {
     let header = bytes.get(..HEADER_LEN)?;
     if header[..2] != MAGIC {
         return None;
@@ -224,10 +280,21 @@ fn parse_record(bytes: &[u8]) -> Option<(FeedRecord, usize)> {
     Some((record, HEADER_LEN + len))
 }
 
-fn decode_payload(payload: &[u8]) -> Option<FeedRecord> {
+fn decode_payload(payload: &[u8]) -> Option<Entry> {
     let mut reader = Reader(payload);
-    if reader.u8()? != RECORD_VERSION {
-        return None;
+    match reader.u8()? {
+        RECORD_VERSION => {}
+        MARK_VERSION => {
+            let mark = match reader.u8()? {
+                0 => KeyMark::Removed,
+                1 => KeyMark::Denied,
+                2 => KeyMark::Allowed,
+                _ => return None,
+            };
+            let key: FeedKey = reader.take(32)?.try_into().ok()?;
+            return reader.0.is_empty().then_some(Entry::Mark(key, mark));
+        }
+        _ => return None,
     }
     let origin = match reader.u8()? {
         0 => FeedOrigin::Local,
@@ -244,12 +311,12 @@ fn decode_payload(payload: &[u8]) -> Option<FeedRecord> {
     if !reader.0.is_empty() {
         return None;
     }
-    Some(FeedRecord {
+    Some(Entry::Feed(FeedRecord {
         key,
         namespace,
         name,
         origin,
-    })
+    }))
 }
 
 struct Reader<'a>(&'a [u8]);
@@ -293,6 +360,45 @@ mod tests {
         records.iter().flat_map(|r| encode(r).unwrap()).collect()
     }
 
+    fn feeds(entries: Vec<Entry>) -> Vec<FeedRecord> {
+        entries
+            .into_iter()
+            .filter_map(|entry| match entry {
+                Entry::Feed(record) => Some(record),
+                Entry::Mark(..) => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn marks_round_trip_between_records() {
+        let mark = |key: u8, mark| {
+            let mut payload = vec![MARK_VERSION, mark];
+            payload.extend_from_slice(&[key; 32]);
+            frame(&payload)
+        };
+        let mut bytes = log(&[record(0, Some("a"))]);
+        bytes.extend(mark(0, 0));
+        bytes.extend(mark(1, 1));
+        bytes.extend(log(&[record(2, None)]));
+        bytes.extend(mark(1, 2));
+        let (entries, recovery, _) = parse(&bytes);
+        assert!(recovery.is_clean());
+        assert_eq!(
+            entries,
+            vec![
+                Entry::Feed(record(0, Some("a"))),
+                Entry::Mark([0; 32], KeyMark::Removed),
+                Entry::Mark([1; 32], KeyMark::Denied),
+                Entry::Feed(record(2, None)),
+                Entry::Mark([1; 32], KeyMark::Allowed),
+            ]
+        );
+        let mut unknown = bytes.clone();
+        unknown.extend(mark(3, 9));
+        assert!(!parse(&unknown).1.is_clean(), "an unknown mark is damage");
+    }
+
     #[test]
     fn round_trips_records_in_order() {
         let records = vec![
@@ -301,6 +407,7 @@ mod tests {
             record(2, Some("ünï")),
         ];
         let (parsed, recovery, end) = parse(&log(&records));
+        let parsed = feeds(parsed);
         assert_eq!(parsed, records);
         assert!(recovery.is_clean());
         assert_eq!(end as usize, log(&records).len());
@@ -317,6 +424,7 @@ mod tests {
         let last_start = log(&records[..2]).len();
         for cut in last_start..full.len() {
             let (parsed, _, end) = parse(&full[..cut]);
+            let parsed = feeds(parsed);
             assert_eq!(parsed, records[..2], "truncated at {cut}");
             assert_eq!(end as usize, last_start);
         }
@@ -325,7 +433,7 @@ mod tests {
                 let mut bytes = full.clone();
                 bytes[at] ^= bit;
                 let (parsed, recovery, _) = parse(&bytes);
-                assert_eq!(parsed, records[..2], "flipped bit {bit:#x} at {at}");
+                assert_eq!(feeds(parsed), records[..2], "flipped bit {bit:#x} at {at}");
                 assert!(!recovery.is_clean());
             }
         }
@@ -342,7 +450,7 @@ mod tests {
         let second = encode(&records[0]).unwrap().len();
         bytes[second + 12] ^= 0xff;
         let (parsed, recovery, _) = parse(&bytes);
-        assert_eq!(parsed, vec![records[0].clone(), records[2].clone()]);
+        assert_eq!(feeds(parsed), vec![records[0].clone(), records[2].clone()]);
         assert_eq!(recovery.damaged.len(), 1);
     }
 

@@ -57,9 +57,10 @@ mod store;
 
 pub use error::StorageError;
 pub use factory::{BoxedStore, DiskFactory, FnFactory, MemoryFactory, StorageFactory};
-pub use index::{FeedOrigin, FeedRecord, IndexRecovery, MAX_NAME_LEN};
+pub use index::{FeedOrigin, FeedRecord, IndexRecovery, KeyMark, MAX_NAME_LEN};
 pub use root::{
-    namespace_for, CoreOptions, Durability, FeedOpener, RestoredFeed, RootStorage, INDEX_PATH,
+    namespace_for, CoreOptions, Durability, FeedOpener, KeyMarks, RestoredFeed, RootStorage,
+    INDEX_PATH,
 };
 pub use shared::SharedCore;
 pub use store::{DiskStore, FdPool, MemoryStore};

@@ -8,7 +8,7 @@ use hypercore::{CacheOptionsBuilder, Hypercore, HypercoreBuilder, PartialKeypair
 use random_access_storage::RandomAccessError;
 
 use crate::factory::{BoxedStore, StorageFactory};
-use crate::index::{FeedIndex, FeedOrigin, FeedRecord, IndexRecovery};
+use crate::index::{Entry, FeedIndex, FeedOrigin, FeedRecord, IndexRecovery, KeyMark};
 use crate::oplog_guard;
 use crate::{FeedKey, StorageError};
 
@@ -46,6 +46,38 @@ pub struct RootStorage {
     index: FeedIndex,
     options: CoreOptions,
     durability: Durability,
+    marks: KeyMarks,
+}
+
+/// The keys the index marks: removed feeds (tombstones) and denied keys.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyMarks {
+    /// Feeds removed and not allowed since: never added again.
+    pub removed: std::collections::HashSet<FeedKey>,
+    /// Keys never exchanged with peers until allowed.
+    pub denied: std::collections::HashSet<FeedKey>,
+}
+
+impl KeyMarks {
+    /// Whether `key` is removed or denied.
+    pub fn blocks(&self, key: &FeedKey) -> bool {
+        self.removed.contains(key) || self.denied.contains(key)
+    }
+
+    fn apply(&mut self, key: FeedKey, mark: KeyMark) {
+        match mark {
+            KeyMark::Removed => {
+                self.removed.insert(key);
+            }
+            KeyMark::Denied => {
+                self.denied.insert(key);
+            }
+            KeyMark::Allowed => {
+                self.removed.remove(&key);
+                self.denied.remove(&key);
+            }
+        }
+    }
 }
 
 impl RootStorage {
@@ -59,12 +91,31 @@ impl RootStorage {
             .open(INDEX_PATH)
             .await
             .map_err(|e| StorageError::io(INDEX_PATH, e))?;
-        let (index, mut records, mut recovery) = FeedIndex::load(store, INDEX_PATH).await?;
+        let (index, entries, mut recovery) = FeedIndex::load(store, INDEX_PATH).await?;
+        // Entries apply in order: a removal drops the records before it, a record after it
+        // (added again once allowed) counts.
+        let mut records: Vec<FeedRecord> = Vec::new();
+        let mut marks = KeyMarks::default();
+        for entry in entries {
+            match entry {
+                Entry::Feed(record) => {
+                    marks.removed.remove(&record.key);
+                    records.push(record);
+                }
+                Entry::Mark(key, mark) => {
+                    if mark == KeyMark::Removed {
+                        records.retain(|record| record.key != key);
+                    }
+                    marks.apply(key, mark);
+                }
+            }
+        }
         let mut root = Self {
             factory,
             index,
             options,
             durability,
+            marks,
         };
         let restored = root.restore_orphans(&records).await?;
         records.extend(restored.iter().cloned());
@@ -95,6 +146,12 @@ impl RootStorage {
             else {
                 continue;
             };
+            if self.marks.removed.contains(&key) {
+                // Removed, but its files outlived the removal (a kill in between, or a
+                // replication still writing then): finish it.
+                self.factory.remove_namespace(&namespace).await?;
+                continue;
+            }
             let mut record = FeedRecord {
                 namespace: namespace.clone(),
                 key,
@@ -121,6 +178,28 @@ impl RootStorage {
             self.index.sync().await?;
         }
         Ok(restored)
+    }
+
+    /// The keys the index marks removed or denied.
+    pub fn marks(&self) -> &KeyMarks {
+        &self.marks
+    }
+
+    /// Records `mark` on `key` in the index (crash-safe, as feed records are).
+    pub async fn mark(&mut self, key: &FeedKey, mark: KeyMark) -> Result<(), StorageError> {
+        self.index.append_mark(key, mark).await?;
+        if self.durability == Durability::Sync {
+            self.index.sync().await?;
+        }
+        self.marks.apply(*key, mark);
+        Ok(())
+    }
+
+    /// Removes a feed: first a tombstone in the index (so a crash after it never brings the
+    /// feed back), then its files. Its hypercore must no longer be in use.
+    pub async fn remove_feed(&mut self, record: &FeedRecord) -> Result<(), StorageError> {
+        self.mark(&record.key, KeyMark::Removed).await?;
+        self.factory.remove_namespace(&record.namespace).await
     }
 
     /// The factory behind this root.
@@ -158,6 +237,7 @@ impl RootStorage {
         let builder = builder(storage, self.options).key_pair(key_pair);
         let core = build_guarded(builder, &record).await?;
         self.index.append(&record).await?;
+        self.marks.removed.remove(&key);
         if self.durability == Durability::Sync {
             self.index.sync().await?;
         }

@@ -42,6 +42,21 @@ pub enum Error {
         /// The length it had signed before it was restored.
         signed_length: u64,
     },
+    /// [`Multifeed::remove_feed`](crate::Multifeed::remove_feed) of a local writer: removing
+    /// one's own feed deletes its secret key, so it takes
+    /// [`remove_writer`](crate::Multifeed::remove_writer).
+    #[error("feed {key} is a local writer; remove it with remove_writer")]
+    LocalWriter {
+        /// Hex key of the feed.
+        key: String,
+    },
+    /// A feed under a denied or removed key was to be added
+    /// ([`Multifeed::deny`](crate::Multifeed::deny), [`allow`](crate::Multifeed::allow) lifts it).
+    #[error("feed {key} is denied or removed here")]
+    Denied {
+        /// Hex key of the feed.
+        key: String,
+    },
     /// A key given by the caller is not 32 bytes nor 64 hex characters.
     #[error("invalid feed key `{input}`: {reason}")]
     InvalidKey {

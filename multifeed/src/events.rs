@@ -105,6 +105,11 @@ pub enum Event {
         /// The length it had signed, if its header said.
         signed_length: Option<u64>,
     },
+    /// A feed was removed ([`Multifeed::remove_feed`](crate::Multifeed::remove_feed)).
+    FeedRemoved {
+        /// The feed's key.
+        key: FeedKey,
+    },
     /// The subscriber fell behind and `missed` events were dropped; re-read [`feeds`](crate::Multifeed::feeds).
     Lagged {
         /// How many events were dropped.

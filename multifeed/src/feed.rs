@@ -80,6 +80,10 @@ impl Feed {
         Self { slot, inner }
     }
 
+    pub(crate) fn slot(&self) -> &Arc<FeedSlot> {
+        &self.slot
+    }
+
     /// The feed's public key.
     pub fn key(&self) -> &FeedKey {
         &self.slot.record.key

@@ -24,8 +24,11 @@ pub struct Multifeed {
 #[derive(Debug)]
 pub(crate) struct Inner {
     /// The index writer; `None` once closed. Its lock also serializes feed creation.
-    root: async_lock::Mutex<Option<RootStorage>>,
+    pub(crate) root: async_lock::Mutex<Option<RootStorage>>,
     opener: FeedOpener,
+    /// The index's removed and denied keys, for the replication filters (kept in step with
+    /// the root's).
+    pub(crate) marks: RwLock<multifeed_storage::KeyMarks>,
     pub(crate) factory: Arc<dyn StorageFactory>,
     table: RwLock<FeedTable>,
     events: async_broadcast::Sender<Event>,
@@ -42,7 +45,7 @@ pub(crate) struct Inner {
 }
 
 #[derive(Debug, Default)]
-struct FeedTable {
+pub(crate) struct FeedTable {
     list: Vec<Arc<FeedSlot>>,
     by_key: HashMap<FeedKey, usize>,
     by_name: HashMap<String, usize>,
@@ -51,6 +54,21 @@ struct FeedTable {
 }
 
 impl FeedTable {
+    /// Takes the feed `key` out of the table (its slot stays with whoever holds it).
+    pub(crate) fn remove(&mut self, key: &FeedKey) -> Option<Arc<FeedSlot>> {
+        let at = self.by_key.remove(key)?;
+        let slot = self.list.remove(at);
+        if slot.record.origin == FeedOrigin::Remote {
+            self.remote -= 1;
+        }
+        let list = std::mem::take(&mut self.list);
+        *self = Self::default();
+        for kept in list {
+            self.insert(kept);
+        }
+        Some(slot)
+    }
+
     fn insert(&mut self, slot: Arc<FeedSlot>) {
         let at = self.list.len();
         if slot.record.origin == FeedOrigin::Remote {
@@ -97,6 +115,7 @@ impl Multifeed {
         events.set_overflow(true);
         events.set_await_active(false);
         let inner = Inner {
+            marks: RwLock::new(root.marks().clone()),
             opener: root.opener(),
             root: async_lock::Mutex::new(Some(root)),
             factory,
@@ -194,6 +213,11 @@ impl Multifeed {
         if let Some(feed) = self.by_key(key) {
             return Ok(feed);
         }
+        if self.inner.marks().blocks(key) {
+            return Err(Error::Denied {
+                key: hex::encode(key),
+            });
+        }
         let public = VerifyingKey::from_bytes(key).map_err(|_| Error::InvalidKey {
             input: hex::encode(key),
             reason: "not a valid ed25519 public key",
@@ -222,6 +246,7 @@ impl Multifeed {
         origin: FeedOrigin,
     ) -> Result<Feed, Error> {
         let (record, core) = root.create_feed(key_pair, name, origin).await?;
+        self.inner.marks_mut().removed.remove(&record.key);
         let core = SharedCore::new(core);
         let slot = Arc::new(FeedSlot::new(record.clone(), CoreState::Open(core)));
         self.inner.table_mut().insert(slot.clone());
@@ -484,14 +509,27 @@ impl Inner {
             .map(|(_, length, hash)| (length, hash))
     }
 
-    fn table(&self) -> RwLockReadGuard<'_, FeedTable> {
+    pub(crate) fn marks(&self) -> RwLockReadGuard<'_, multifeed_storage::KeyMarks> {
+        // Every write is a single insert or removal.
+        self.marks
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub(crate) fn marks_mut(&self) -> std::sync::RwLockWriteGuard<'_, multifeed_storage::KeyMarks> {
+        self.marks
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub(crate) fn table(&self) -> RwLockReadGuard<'_, FeedTable> {
         // Every write to the table is a single insert that cannot leave it half-done.
         self.table
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn table_mut(&self) -> RwLockWriteGuard<'_, FeedTable> {
+    pub(crate) fn table_mut(&self) -> RwLockWriteGuard<'_, FeedTable> {
         self.table
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner())

@@ -260,12 +260,17 @@ impl Multifeed {
             .user_data(options.user_data)
             .stop(options.stop)
             .events(sender);
-        if let Some(offer) = options.offer {
-            config = config.offer(offer);
-        }
-        if let Some(accept) = options.accept {
-            config = config.accept(accept);
-        }
+        // Denied and removed keys are never offered nor requested, whatever the caller's
+        // filters say (checked at each use: a deny during a live replication counts).
+        let wrap = |filter: Option<KeyFilter>| -> KeyFilter {
+            let inner = self.inner.clone();
+            Arc::new(move |key: &FeedKey| {
+                !inner.marks().blocks(key) && filter.as_ref().is_none_or(|filter| filter(key))
+            })
+        };
+        config = config
+            .offer(wrap(options.offer))
+            .accept(wrap(options.accept));
         if let Some((handshake, idle)) = options.timeouts {
             config = config.handshake_timeout(handshake).idle_timeout(idle);
         }

@@ -135,6 +135,29 @@ impl FdPool {
         inner.cache.clear();
     }
 
+    /// Forgets every file under `dir` (a removed feed's folder, about to be deleted): their
+    /// held writes are dropped, open descriptors closed, cached pages and lengths forgotten,
+    /// and they count as missing.
+    pub(crate) fn forget_dir(&self, dir: &Path) {
+        let mut inner = self.lock();
+        let ids: Vec<u64> = inner
+            .ids
+            .iter()
+            .filter(|(path, _)| path.starts_with(dir))
+            .map(|(_, &id)| id)
+            .collect();
+        for id in ids {
+            inner.open.remove(&id);
+            inner.dirty.remove(&id);
+            inner.pending.remove(&id);
+            inner.lens.remove(&id);
+            inner.missing.insert(id);
+        }
+        inner.replicas.remove(dir);
+        // The page cache keeps no per-file index: dropping it all is cheap next to a removal.
+        inner.cache.clear();
+    }
+
     /// The open file `id`; `None` if it does not exist and `create` is false.
     pub(crate) fn file(&self, id: u64, create: bool) -> io::Result<Option<Arc<File>>> {
         let path = {
