@@ -1013,3 +1013,89 @@ async fn peers_are_reported_as_they_connect_and_go() -> TestResult {
     );
     Ok(())
 }
+
+/// A custom transport: one direction of an in-memory pipe that hands the reader at most 7
+/// bytes at a time (any `AsyncRead + AsyncWrite` carries a replication).
+struct Trickle {
+    out: futures::channel::mpsc::UnboundedSender<Vec<u8>>,
+    incoming: futures::channel::mpsc::UnboundedReceiver<Vec<u8>>,
+    pending: std::collections::VecDeque<u8>,
+}
+
+fn trickle_pair() -> (Trickle, Trickle) {
+    let (ta, rb) = futures::channel::mpsc::unbounded();
+    let (tb, ra) = futures::channel::mpsc::unbounded();
+    let end = |out, incoming| Trickle {
+        out,
+        incoming,
+        pending: std::collections::VecDeque::new(),
+    };
+    (end(ta, ra), end(tb, rb))
+}
+
+impl futures::AsyncRead for Trickle {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut [u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        while self.pending.is_empty() {
+            match futures::ready!(self.incoming.poll_next_unpin(cx)) {
+                Some(bytes) => self.pending.extend(bytes),
+                None => return std::task::Poll::Ready(Ok(0)),
+            }
+        }
+        let n = buf.len().min(self.pending.len()).min(7);
+        for (slot, byte) in buf.iter_mut().zip(self.pending.drain(..n)) {
+            *slot = byte;
+        }
+        std::task::Poll::Ready(Ok(n))
+    }
+}
+
+impl futures::AsyncWrite for Trickle {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let sent = self.out.unbounded_send(buf.to_vec());
+        std::task::Poll::Ready(
+            sent.map(|()| buf.len())
+                .map_err(|_| std::io::ErrorKind::BrokenPipe.into()),
+        )
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_close(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.out.close_channel();
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+#[async_std::test]
+async fn replication_over_a_custom_transport_that_delivers_a_few_bytes_at_a_time() -> TestResult {
+    let a = with_writer("a", 30).await?;
+    let b = with_writer("b", 5).await?;
+    let (ta, tb) = trickle_pair();
+    let (ra, rb) = within("a replication over a trickling transport", async {
+        futures::join!(
+            a.replicate(ta, ReplicateOptions::new(true)),
+            b.replicate(tb, ReplicateOptions::new(false)),
+        )
+    })
+    .await?;
+    assert_eq!(ra?.blocks_received, 5);
+    assert_eq!(rb?.blocks_received, 30);
+    assert_converged(&a, &b).await?;
+    Ok(())
+}
