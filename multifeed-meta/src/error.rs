@@ -67,9 +67,9 @@ pub enum MetaError {
     #[error("protocol version mismatch: ours {ours}, theirs {theirs}")]
     VersionMismatch {
         /// Our version.
-        ours: String,
+        ours: semver::Version,
         /// Theirs.
-        theirs: String,
+        theirs: semver::Version,
     },
     /// The peer is another kind of client.
     #[error("client mismatch: ours {ours}, theirs {theirs}")]

@@ -247,8 +247,8 @@ impl Exchange {
                 }
                 if !compatible(&self.config.version, &version) {
                     return Err(MetaError::VersionMismatch {
-                        ours: self.config.version.to_string(),
-                        theirs: version.to_string(),
+                        ours: self.config.version.clone(),
+                        theirs: version,
                     });
                 }
                 self.state = State::Ready;

@@ -146,8 +146,8 @@ fn handshake_checks_client_and_version() {
     assert_eq!(
         err,
         MetaError::VersionMismatch {
-            ours: "1.0.0".into(),
-            theirs: "2.0.0".into()
+            ours: semver::Version::new(1, 0, 0),
+            theirs: semver::Version::new(2, 0, 0)
         }
     );
     assert_eq!(err.code(), "ERR_VERSION_MISMATCH");

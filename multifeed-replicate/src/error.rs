@@ -1,6 +1,7 @@
 //! The replication error type.
 
 use multifeed_meta::MetaError;
+use multifeed_storage::FeedKey;
 
 use crate::HostError;
 
@@ -18,24 +19,24 @@ pub enum ReplicateError {
     #[error("connection failed during {phase}: {source}")]
     Io {
         /// What the replication was doing.
-        phase: &'static str,
+        phase: Phase,
         /// The I/O error.
         #[source]
         source: std::io::Error,
     },
     /// A proof from the peer did not verify: the peer is buggy or lying.
-    #[error("invalid proof from the peer for feed {key}: {reason}")]
+    #[error("invalid proof from the peer for feed {key_hex}: {reason}", key_hex = hex::encode(.key))]
     InvalidProof {
-        /// Hex key of the feed.
-        key: String,
+        /// Key of the feed.
+        key: FeedKey,
         /// Why it failed.
         reason: String,
     },
     /// A hypercore operation on our side failed.
-    #[error("hypercore error on feed {key}: {source}")]
+    #[error("hypercore error on feed {key_hex}: {source}", key_hex = hex::encode(.key))]
     Hypercore {
-        /// Hex key of the feed.
-        key: String,
+        /// Key of the feed.
+        key: FeedKey,
         /// What hypercore reported.
         #[source]
         source: hypercore::HypercoreError,
@@ -47,18 +48,43 @@ pub enum ReplicateError {
     #[error("timed out during {phase}")]
     Timeout {
         /// What the replication was waiting for.
-        phase: &'static str,
+        phase: Phase,
     },
     /// The peer sent what no honest peer sends, or more than a peer may: the connection ended
     /// before it could crash, stall or bloat us.
     #[error("the peer broke the protocol during {phase}: {violation}")]
     Peer {
         /// What the replication was doing.
-        phase: &'static str,
+        phase: Phase,
         /// What the peer did.
         #[source]
         violation: PeerViolation,
     },
+}
+
+/// What a replication was doing when it ended with an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Phase {
+    /// The Noise handshake that sets up the encrypted connection.
+    NoiseHandshake,
+    /// The multifeed handshake (version, client, shared key) on the root channel.
+    ExchangeHandshake,
+    /// Exchanging feed sets and syncing feeds.
+    Replication,
+    /// A live replication waiting for news, kept open by keep-alives.
+    LiveKeepAlive,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::NoiseHandshake => "noise handshake",
+            Self::ExchangeHandshake => "exchange handshake",
+            Self::Replication => "replication",
+            Self::LiveKeepAlive => "live keep-alive",
+        })
+    }
 }
 
 /// What a hostile or broken peer did (see [`ReplicateError::Peer`]).
@@ -106,10 +132,10 @@ pub enum PeerViolation {
         limit: usize,
     },
     /// The peer answered our requests for a feed many times without a block or length we lack.
-    #[error("no progress on feed {key} after {answers} answers")]
+    #[error("no progress on feed {key_hex} after {answers} answers", key_hex = hex::encode(.key))]
     NoProgress {
-        /// Hex key of the feed.
-        key: String,
+        /// Key of the feed.
+        key: FeedKey,
         /// Answers in a row that brought nothing.
         answers: u32,
     },
@@ -160,15 +186,12 @@ impl ReplicateError {
     }
 
     pub(crate) fn hypercore(key: &[u8; 32], source: hypercore::HypercoreError) -> Self {
-        Self::Hypercore {
-            key: hex::encode(key),
-            source,
-        }
+        Self::Hypercore { key: *key, source }
     }
 
     /// An I/O error of the connection; one that carries a [`PeerViolation`] becomes
     /// [`ReplicateError::Peer`].
-    pub(crate) fn io(phase: &'static str, source: impl Into<std::io::Error>) -> Self {
+    pub(crate) fn io(phase: Phase, source: impl Into<std::io::Error>) -> Self {
         let source = source.into();
         if let Some(violation) = PeerViolation::from_io(&source) {
             return Self::Peer {
@@ -179,7 +202,7 @@ impl ReplicateError {
         Self::Io { phase, source }
     }
 
-    pub(crate) fn peer(phase: &'static str, violation: PeerViolation) -> Self {
+    pub(crate) fn peer(phase: Phase, violation: PeerViolation) -> Self {
         Self::Peer { phase, violation }
     }
 }

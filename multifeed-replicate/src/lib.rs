@@ -65,10 +65,10 @@ pub use config::{
     KeyFilter, ReplicateConfig, ReplicateSummary, ReplicationEvent, StopHandle,
     DEFAULT_ENCRYPTION_KEY,
 };
-pub use error::{PeerViolation, ReplicateError};
+pub use error::{PeerViolation, Phase, ReplicateError};
 pub use host::{FeedHost, HostError, LocalFeed};
 pub use hypercore_handshake::CipherTrait;
-pub use multifeed_meta::MetaError;
+pub use multifeed_meta::{semver, MetaError};
 
 /// Replicates the host's feeds with a peer over `io` (see the [crate docs](crate)).
 pub async fn replicate<IO>(
@@ -81,7 +81,7 @@ where
 {
     let close = close::CloseSignal::default();
     let channel = transport::SecureChannel::new(Box::new(io), config.initiator, close.clone())
-        .map_err(|e| ReplicateError::io("noise handshake", e))?;
+        .map_err(|e| ReplicateError::io(crate::Phase::NoiseHandshake, e))?;
     Box::pin(driver::run(Box::new(channel), Some(close), host, config)).await
 }
 
@@ -94,7 +94,7 @@ where
 {
     let channel =
         transport::SecureChannel::new(Box::new(io), initiator, close::CloseSignal::default())
-            .map_err(|e| ReplicateError::io("noise handshake", e))?;
+            .map_err(|e| ReplicateError::io(crate::Phase::NoiseHandshake, e))?;
     Ok(Box::new(channel))
 }
 

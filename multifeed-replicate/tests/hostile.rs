@@ -127,7 +127,7 @@ async fn well_formed_messages_on_unopened_channels_are_harmless() {
         matches!(
             err,
             ReplicateError::Timeout {
-                phase: "exchange handshake"
+                phase: multifeed_replicate::Phase::ExchangeHandshake
             }
         ),
         "{err}"

@@ -117,7 +117,7 @@ async fn a_flood_of_small_messages() -> u64 {
         matches!(
             err,
             ReplicateError::Timeout {
-                phase: "exchange handshake"
+                phase: multifeed_replicate::Phase::ExchangeHandshake
             }
         ),
         "{err}"
@@ -162,7 +162,7 @@ async fn large_frames_before_the_handshake() -> u64 {
             matches!(
                 err,
                 ReplicateError::Peer {
-                    phase: "noise handshake",
+                    phase: multifeed_replicate::Phase::NoiseHandshake,
                     violation: PeerViolation::HandshakeFrame { .. },
                 }
             ),

@@ -2,6 +2,8 @@
 
 use random_access_storage::RandomAccessError;
 
+use crate::FeedKey;
+
 /// What went wrong in the storage layer.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -16,32 +18,32 @@ pub enum StorageError {
         source: RandomAccessError,
     },
     /// The feed is listed in the index but its namespace holds no data (deleted or never written).
-    #[error("feed {key} is listed but its namespace `{namespace}` is missing")]
+    #[error("feed {key_hex} is listed but its namespace `{namespace}` is missing", key_hex = hex::encode(.key))]
     FeedMissing {
-        /// Hex key of the feed.
-        key: String,
+        /// Key of the feed.
+        key: FeedKey,
         /// Its namespace inside the root.
         namespace: String,
     },
     /// The feed's namespace exists but hypercore cannot open it.
-    #[error("feed {key} in namespace `{namespace}` is corrupt: {reason}")]
+    #[error("feed {key_hex} in namespace `{namespace}` is corrupt: {reason}", key_hex = hex::encode(.key))]
     FeedCorrupt {
-        /// Hex key of the feed.
-        key: String,
+        /// Key of the feed.
+        key: FeedKey,
         /// Its namespace inside the root.
         namespace: String,
         /// What hypercore reported.
         reason: String,
     },
     /// The feed's stored key is not the key the index lists for it.
-    #[error("namespace `{namespace}` holds feed {found}, but the index lists {expected}")]
+    #[error("namespace `{namespace}` holds feed {found_hex}, but the index lists {expected_hex}", expected_hex = hex::encode(.expected), found_hex = hex::encode(.found))]
     FeedKeyMismatch {
         /// Its namespace inside the root.
         namespace: String,
-        /// Hex key the index lists.
-        expected: String,
-        /// Hex key stored in the namespace.
-        found: String,
+        /// Key the index lists.
+        expected: FeedKey,
+        /// Key stored in the namespace.
+        found: FeedKey,
     },
     /// A hypercore operation failed.
     #[error("hypercore error in `{namespace}`: {source}")]
@@ -61,14 +63,27 @@ pub enum StorageError {
         limit: usize,
     },
     /// The index already lists this feed key.
-    #[error("feed {key} is already stored")]
+    #[error("feed {key_hex} is already stored", key_hex = hex::encode(.key))]
     DuplicateFeed {
-        /// Hex key of the feed.
-        key: String,
+        /// Key of the feed.
+        key: FeedKey,
     },
 }
 
 impl StorageError {
+    /// A stable code for programs and logs (`ERR_…`), as the replication errors have.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Io { .. } => "ERR_IO",
+            Self::FeedMissing { .. } => "ERR_FEED_MISSING",
+            Self::FeedCorrupt { .. } => "ERR_FEED_CORRUPT",
+            Self::FeedKeyMismatch { .. } => "ERR_FEED_KEY_MISMATCH",
+            Self::Hypercore { .. } => "ERR_HYPERCORE",
+            Self::NameTooLong { .. } => "ERR_NAME_TOO_LONG",
+            Self::DuplicateFeed { .. } => "ERR_DUPLICATE_FEED",
+        }
+    }
+
     pub(crate) fn io(path: &str, source: RandomAccessError) -> Self {
         Self::Io {
             path: path.to_owned(),

@@ -283,7 +283,7 @@ impl FeedOpener {
     pub async fn reset_remote_feed(&self, record: &FeedRecord) -> Result<Hypercore, StorageError> {
         if record.origin != FeedOrigin::Remote {
             return Err(StorageError::FeedCorrupt {
-                key: hex::encode(record.key),
+                key: record.key,
                 namespace: record.namespace.clone(),
                 reason: "a local feed is never reset".to_owned(),
             });
@@ -302,7 +302,7 @@ impl FeedOpener {
         }
         let public = hypercore::VerifyingKey::from_bytes(&record.key).map_err(|e| {
             StorageError::FeedCorrupt {
-                key: hex::encode(record.key),
+                key: record.key,
                 namespace: record.namespace.clone(),
                 reason: e.to_string(),
             }
@@ -450,7 +450,7 @@ async fn read_all(store: &mut BoxedStore, path: &str) -> Result<Vec<u8>, Storage
 
 fn corrupt(record: &FeedRecord, err: impl std::fmt::Display) -> StorageError {
     StorageError::FeedCorrupt {
-        key: hex::encode(record.key),
+        key: record.key,
         namespace: record.namespace.clone(),
         reason: err.to_string(),
     }
@@ -467,8 +467,8 @@ async fn open_feed(
     if found != record.key {
         return Err(StorageError::FeedKeyMismatch {
             namespace: record.namespace.clone(),
-            expected: hex::encode(record.key),
-            found: hex::encode(found),
+            expected: record.key,
+            found,
         });
     }
     Ok(core)
@@ -498,12 +498,12 @@ async fn build_guarded(
             source: err,
         }),
         Ok(Err(err)) => Err(StorageError::FeedCorrupt {
-            key: hex::encode(record.key),
+            key: record.key,
             namespace: record.namespace.clone(),
             reason: err.to_string(),
         }),
         Err(_) => Err(StorageError::FeedCorrupt {
-            key: hex::encode(record.key),
+            key: record.key,
             namespace: record.namespace.clone(),
             reason: "hypercore panicked while reading it".to_owned(),
         }),
@@ -576,7 +576,7 @@ async fn core_storage(
 
 fn missing(record: &FeedRecord) -> StorageError {
     StorageError::FeedMissing {
-        key: hex::encode(record.key),
+        key: record.key,
         namespace: record.namespace.clone(),
     }
 }

@@ -115,7 +115,7 @@ impl ValueEncoding {
     /// Decodes entry bytes; `key` and `index` only label the error.
     pub(crate) fn decode(self, bytes: Vec<u8>, key: &[u8; 32], index: u64) -> Result<Value, Error> {
         let fail = |reason: String| Error::Decode {
-            key: hex::encode(key),
+            key: *key,
             index,
             encoding: self.name(),
             reason,

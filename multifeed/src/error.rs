@@ -1,6 +1,6 @@
 //! The facade's error type.
 
-use multifeed_storage::StorageError;
+use multifeed_storage::{FeedKey, StorageError};
 
 /// What went wrong in a multifeed operation.
 #[derive(Debug, thiserror::Error)]
@@ -13,30 +13,30 @@ pub enum Error {
     #[error(transparent)]
     Storage(#[from] StorageError),
     /// A hypercore operation on a feed failed.
-    #[error("feed {key}: {source}")]
+    #[error("feed {key_hex}: {source}", key_hex = hex::encode(.key))]
     Hypercore {
-        /// Hex key of the feed.
-        key: String,
+        /// Key of the feed.
+        key: FeedKey,
         /// What hypercore reported.
         #[source]
         source: hypercore::HypercoreError,
     },
     /// An append to a feed that this multifeed cannot write (learned from a peer).
-    #[error("feed {key} is not writable here")]
+    #[error("feed {key_hex} is not writable here", key_hex = hex::encode(.key))]
     NotWritable {
-        /// Hex key of the feed.
-        key: String,
+        /// Key of the feed.
+        key: FeedKey,
     },
     /// An append to a local feed restored after its files were lost, before it holds its old
     /// signed length again: appending now would sign a second history of the feed, which its
     /// peers refuse. A sync with a peer that holds the feed brings the entries back.
     #[error(
-        "local feed {key} was restored with {length} of its {signed_length} signed entries; \
+        "local feed {key_hex} was restored with {length} of its {signed_length} signed entries; \
          sync it with a peer that holds them before appending"
-    )]
+    , key_hex = hex::encode(.key))]
     Restoring {
-        /// Hex key of the feed.
-        key: String,
+        /// Key of the feed.
+        key: FeedKey,
         /// The entries it holds now.
         length: u64,
         /// The length it had signed before it was restored.
@@ -45,17 +45,17 @@ pub enum Error {
     /// [`Multifeed::remove_feed`](crate::Multifeed::remove_feed) of a local writer: removing
     /// one's own feed deletes its secret key, so it takes
     /// [`remove_writer`](crate::Multifeed::remove_writer).
-    #[error("feed {key} is a local writer; remove it with remove_writer")]
+    #[error("feed {key_hex} is a local writer; remove it with remove_writer", key_hex = hex::encode(.key))]
     LocalWriter {
-        /// Hex key of the feed.
-        key: String,
+        /// Key of the feed.
+        key: FeedKey,
     },
     /// A feed under a denied or removed key was to be added
     /// ([`Multifeed::deny`](crate::Multifeed::deny), [`allow`](crate::Multifeed::allow) lifts it).
-    #[error("feed {key} is denied or removed here")]
+    #[error("feed {key_hex} is denied or removed here", key_hex = hex::encode(.key))]
     Denied {
-        /// Hex key of the feed.
-        key: String,
+        /// Key of the feed.
+        key: FeedKey,
     },
     /// A key given by the caller is not 32 bytes nor 64 hex characters.
     #[error("invalid feed key `{input}`: {reason}")]
@@ -80,10 +80,10 @@ pub enum Error {
         found: &'static str,
     },
     /// A stored entry could not be decoded with the value encoding.
-    #[error("entry {index} of feed {key} is not valid {encoding}: {reason}")]
+    #[error("entry {index} of feed {key_hex} is not valid {encoding}: {reason}", key_hex = hex::encode(.key))]
     Decode {
-        /// Hex key of the feed.
-        key: String,
+        /// Key of the feed.
+        key: FeedKey,
         /// Index of the entry.
         index: u64,
         /// The encoding tried.
@@ -118,29 +118,29 @@ pub enum Error {
     },
     /// A stored block does not match its feed's tree (its bytes were damaged on disk). It was
     /// dropped; a sync with a peer that holds the feed fetches it again.
-    #[error("block {index} of feed {key} is damaged; it was dropped, to be fetched again")]
+    #[error("block {index} of feed {key_hex} is damaged; it was dropped, to be fetched again", key_hex = hex::encode(.key))]
     DamagedBlock {
-        /// Hex key of the feed.
-        key: String,
+        /// Key of the feed.
+        key: FeedKey,
         /// The block.
         index: u64,
     },
     /// A block of a local writer, below its length, is not stored (its bitfield or data was
     /// damaged, or the block was dropped as damaged). A sync with a peer that holds the feed
     /// restores it.
-    #[error("block {index} of local feed {key} is missing; a sync with a peer restores it")]
+    #[error("block {index} of local feed {key_hex} is missing; a sync with a peer restores it", key_hex = hex::encode(.key))]
     MissingBlock {
-        /// Hex key of the feed.
-        key: String,
+        /// Key of the feed.
+        key: FeedKey,
         /// The block.
         index: u64,
     },
     /// What [`Feed::wait_for_len`](crate::Feed::wait_for_len) or
     /// [`Feed::get_or_wait`](crate::Feed::get_or_wait) waited for did not happen in time.
-    #[error("feed {key}: {waited_for} did not arrive within {timeout:?}")]
+    #[error("feed {key_hex}: {waited_for} did not arrive within {timeout:?}", key_hex = hex::encode(.key))]
     WaitTimedOut {
-        /// Hex key of the feed.
-        key: String,
+        /// Key of the feed.
+        key: FeedKey,
         /// What was waited for.
         waited_for: String,
         /// How long.
@@ -152,10 +152,33 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn hypercore(key: &[u8; 32], source: hypercore::HypercoreError) -> Self {
-        Self::Hypercore {
-            key: hex::encode(key),
-            source,
+    /// A stable code for programs and logs (`ERR_…`): the inner error's own code for storage
+    /// and replication errors (`ERR_KEY_MISMATCH`, `ERR_TIMEOUT`, …).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Closed => "ERR_CLOSED",
+            Self::Storage(err) => err.code(),
+            Self::Hypercore { .. } => "ERR_HYPERCORE",
+            Self::NotWritable { .. } => "ERR_NOT_WRITABLE",
+            Self::Restoring { .. } => "ERR_RESTORING",
+            Self::LocalWriter { .. } => "ERR_LOCAL_WRITER",
+            Self::Denied { .. } => "ERR_DENIED",
+            Self::InvalidKey { .. } => "ERR_INVALID_KEY",
+            Self::AlreadyExists { .. } => "ERR_ALREADY_EXISTS",
+            Self::EncodingMismatch { .. } => "ERR_ENCODING_MISMATCH",
+            Self::Decode { .. } => "ERR_DECODE",
+            Self::Encode(_) => "ERR_ENCODE",
+            Self::TooManyFeeds { .. } => "ERR_TOO_MANY_FEEDS",
+            Self::Locked { .. } => "ERR_LOCKED",
+            Self::LockFailed { .. } => "ERR_LOCK_FAILED",
+            Self::DamagedBlock { .. } => "ERR_DAMAGED_BLOCK",
+            Self::MissingBlock { .. } => "ERR_MISSING_BLOCK",
+            Self::WaitTimedOut { .. } => "ERR_WAIT_TIMEOUT",
+            Self::Replicate(err) => err.code(),
         }
+    }
+
+    pub(crate) fn hypercore(key: &[u8; 32], source: hypercore::HypercoreError) -> Self {
+        Self::Hypercore { key: *key, source }
     }
 }

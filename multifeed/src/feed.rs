@@ -180,23 +180,19 @@ impl Feed {
         B: AsRef<[u8]>,
     {
         if !self.is_writable() {
-            return Err(Error::NotWritable {
-                key: self.key_hex(),
-            });
+            return Err(Error::NotWritable { key: *self.key() });
         }
         let batch: Vec<B> = entries.into_iter().collect();
         let core = self.core().await?;
         let mut guard = core.lock().await;
         let start = guard.info().length;
         if guard.key_pair().secret.is_none() {
-            return Err(Error::NotWritable {
-                key: self.key_hex(),
-            });
+            return Err(Error::NotWritable { key: *self.key() });
         }
         if let Some(&Some(signed_length)) = self.slot.restored_length.get() {
             if start < signed_length {
                 return Err(Error::Restoring {
-                    key: self.key_hex(),
+                    key: *self.key(),
                     length: start,
                     signed_length,
                 });
@@ -265,7 +261,7 @@ impl Feed {
         match futures::future::select(wait, timer).await {
             futures::future::Either::Left((value, _)) => Ok(value),
             futures::future::Either::Right(_) => Err(Error::WaitTimedOut {
-                key: self.key_hex(),
+                key: *self.key(),
                 waited_for: what(),
                 timeout,
             }),
@@ -288,7 +284,7 @@ impl Feed {
             // before it was restored), so a missing one is damage, never a silent `None`.
             if self.is_writable() {
                 return Err(Error::MissingBlock {
-                    key: hex::encode(self.key()),
+                    key: *self.key(),
                     index,
                 });
             }
@@ -323,7 +319,7 @@ impl Feed {
             index,
         });
         Error::DamagedBlock {
-            key: hex::encode(self.key()),
+            key: *self.key(),
             index,
         }
     }

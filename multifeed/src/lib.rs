@@ -66,8 +66,9 @@ pub use events::{Event, Events};
 pub use feed::Feed;
 pub use hypercore::SigningKey;
 pub use multifeed::Multifeed;
+pub use multifeed_replicate::semver;
 pub use multifeed_replicate::{
-    secure_channel, CipherTrait, MetaError, PeerViolation, ReplicateError,
+    secure_channel, CipherTrait, MetaError, PeerViolation, Phase, ReplicateError,
 };
 pub use multifeed_storage::{
     BoxedStore, DiskFactory, Durability, FeedKey, FeedOrigin, FeedRecord, FnFactory, IndexRecovery,

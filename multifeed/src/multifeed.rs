@@ -214,9 +214,7 @@ impl Multifeed {
             return Ok(feed);
         }
         if self.inner.marks().blocks(key) {
-            return Err(Error::Denied {
-                key: hex::encode(key),
-            });
+            return Err(Error::Denied { key: *key });
         }
         let public = VerifyingKey::from_bytes(key).map_err(|_| Error::InvalidKey {
             input: hex::encode(key),
@@ -375,7 +373,9 @@ impl Inner {
             CoreState::Open(core) => Ok(core.clone()),
             CoreState::Closed => Err(Error::Closed),
             CoreState::Unopened => {
-                let core = match self.opener.open_feed(&slot.record).await {
+                // On the heap: opening, resetting and restoring are large futures, and this one
+                // is awaited deep inside every replication (debug builds overflowed a stack).
+                let core = match Box::pin(self.opener.open_feed(&slot.record)).await {
                     Ok(core) => core,
                     // A replica a crash left unreadable is only a copy: start it again empty
                     // and let replication fetch it anew.
@@ -383,7 +383,7 @@ impl Inner {
                         err @ (multifeed_storage::StorageError::FeedCorrupt { .. }
                         | multifeed_storage::StorageError::FeedMissing { .. }),
                     ) if slot.record.origin == FeedOrigin::Remote => {
-                        let core = self.opener.reset_remote_feed(&slot.record).await?;
+                        let core = Box::pin(self.opener.reset_remote_feed(&slot.record)).await?;
                         self.emit(Event::FeedReset {
                             key: slot.record.key,
                             reason: err.to_string(),
@@ -396,7 +396,8 @@ impl Inner {
                         err @ (multifeed_storage::StorageError::FeedCorrupt { .. }
                         | multifeed_storage::StorageError::FeedMissing { .. }),
                     ) => {
-                        let restored = self.opener.restore_local_feed(&slot.record).await?;
+                        let restored =
+                            Box::pin(self.opener.restore_local_feed(&slot.record)).await?;
                         let _ = slot.restored_length.set(restored.signed_length);
                         self.emit(Event::FeedRestored {
                             key: slot.record.key,
@@ -415,7 +416,7 @@ impl Inner {
                     );
                 }
                 if slot.record.origin == FeedOrigin::Local && slot.restored_length.get().is_none() {
-                    let restored = self.opener.restored_length(&slot.record).await?;
+                    let restored = Box::pin(self.opener.restored_length(&slot.record)).await?;
                     let _ = slot.restored_length.set(restored);
                 }
                 let core = SharedCore::new(core);

@@ -35,9 +35,7 @@ impl Multifeed {
         let slot: Option<Arc<FeedSlot>> = self.by_key(key).map(|feed| feed.slot().clone());
         if let Some(slot) = &slot {
             if slot.record.origin == FeedOrigin::Local && !writers_too {
-                return Err(Error::LocalWriter {
-                    key: hex::encode(key),
-                });
+                return Err(Error::LocalWriter { key: *key });
             }
         }
         // The tombstone first: from here on no peer brings the feed back, even after a crash.

@@ -288,7 +288,7 @@ async fn chatter_without_progress_does_not_keep_a_sync_alive() {
         matches!(
             err,
             ReplicateError::Timeout {
-                phase: "replication"
+                phase: multifeed_replicate::Phase::Replication
             }
         ),
         "{err}"
@@ -320,7 +320,7 @@ async fn a_live_peer_that_goes_silent_is_dropped() {
         matches!(
             err,
             ReplicateError::Timeout {
-                phase: "live keep-alive"
+                phase: multifeed_replicate::Phase::LiveKeepAlive
             }
         ),
         "{err}"
@@ -375,7 +375,7 @@ async fn errors_name_the_phase_they_happened_in() {
         matches!(
             err,
             ReplicateError::Timeout {
-                phase: "noise handshake"
+                phase: multifeed_replicate::Phase::NoiseHandshake
             }
         ),
         "{err}"
@@ -403,9 +403,11 @@ async fn errors_name_the_phase_they_happened_in() {
         let err = replicate_error(result);
         match &err {
             ReplicateError::Io { phase, .. } | ReplicateError::Peer { phase, .. } => {
-                assert_ne!(*phase, "noise handshake", "{err}")
+                assert_ne!(*phase, multifeed_replicate::Phase::NoiseHandshake, "{err}")
             }
-            ReplicateError::Timeout { phase } => assert_ne!(*phase, "noise handshake", "{err}"),
+            ReplicateError::Timeout { phase } => {
+                assert_ne!(*phase, multifeed_replicate::Phase::NoiseHandshake, "{err}")
+            }
             _ => {}
         }
     }

@@ -121,7 +121,7 @@ impl Driver {
         }
         if !crate::sync::well_formed(&data) {
             return Err(ReplicateError::InvalidProof {
-                key: hex::encode(feed.key),
+                key: feed.key,
                 reason: "a tree node hash is not 32 bytes".to_owned(),
             });
         }
@@ -169,7 +169,7 @@ impl Driver {
             Ok(applied) => applied,
             Err(_) => {
                 return Err(ReplicateError::InvalidProof {
-                    key: hex::encode(feed.key),
+                    key: feed.key,
                     reason: "hypercore panicked while verifying the proof".to_owned(),
                 })
             }
@@ -184,13 +184,13 @@ impl Driver {
             Ok(_) => {}
             Err(hypercore::HypercoreError::IO { context, source }) => {
                 return Err(ReplicateError::Hypercore {
-                    key: hex::encode(feed.key),
+                    key: feed.key,
                     source: hypercore::HypercoreError::IO { context, source },
                 })
             }
             Err(err) => {
                 return Err(ReplicateError::InvalidProof {
-                    key: hex::encode(feed.key),
+                    key: feed.key,
                     reason: err.to_string(),
                 })
             }
@@ -250,9 +250,9 @@ impl Driver {
         feed.fruitless += 1;
         if feed.fruitless > MAX_FRUITLESS_ANSWERS {
             return Err(ReplicateError::peer(
-                "replication",
+                crate::Phase::Replication,
                 PeerViolation::NoProgress {
-                    key: hex::encode(feed.key),
+                    key: feed.key,
                     answers: feed.fruitless,
                 },
             ));

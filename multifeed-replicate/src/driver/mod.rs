@@ -446,11 +446,11 @@ impl Driver {
             return Ok(self.summary);
         }
         let phase = if !self.backlog.is_noise_done() {
-            "noise handshake"
+            crate::Phase::NoiseHandshake
         } else if self.root.is_none() && self.exchange.is_some() {
-            "root channel"
+            crate::Phase::ExchangeHandshake
         } else {
-            "replication"
+            crate::Phase::Replication
         };
         Err(ReplicateError::io(phase, err))
     }
@@ -518,7 +518,7 @@ impl Driver {
                             self.unknown_channels.insert(dk);
                             if self.unknown_channels.len() > MAX_UNKNOWN_CHANNELS {
                                 return Err(ReplicateError::peer(
-                                    "replication",
+                                    crate::Phase::Replication,
                                     PeerViolation::UnknownChannels {
                                         limit: MAX_UNKNOWN_CHANNELS,
                                     },
@@ -551,7 +551,7 @@ impl Driver {
                     self.peer_closed_root = true;
                     if !self.finished && !self.config.live {
                         return Err(ReplicateError::io(
-                            "replication",
+                            crate::Phase::Replication,
                             io::Error::new(
                                 io::ErrorKind::ConnectionAborted,
                                 "the peer closed the exchange",
@@ -580,7 +580,7 @@ impl Driver {
         self.commands
             .open(key)
             .await
-            .map_err(|e| ReplicateError::io("opening a channel", e))
+            .map_err(|e| ReplicateError::io(crate::Phase::Replication, e))
     }
 
     /// Opens the channel of a tracked feed, once.
@@ -753,7 +753,7 @@ impl Driver {
             channel
                 .send_batch(&messages)
                 .await
-                .map_err(|e| ReplicateError::io("replication", e))?;
+                .map_err(|e| ReplicateError::io(crate::Phase::Replication, e))?;
             self.backlog.add_outgoing(weight);
             self.sent_since_tick = true;
         }
@@ -974,7 +974,7 @@ impl Driver {
                     self.serve(dk, request).await?;
                 } else if self.deferred.len() >= self.config.max_queued_requests {
                     return Err(ReplicateError::peer(
-                        "replication",
+                        crate::Phase::Replication,
                         PeerViolation::TooManyRequests {
                             limit: self.config.max_queued_requests,
                         },

@@ -48,7 +48,7 @@ impl Driver {
                     Ok(Err(err)) => return Err(ReplicateError::hypercore(&key, err)),
                     Err(_) => {
                         return Err(ReplicateError::InvalidProof {
-                            key: hex::encode(key),
+                            key,
                             reason: "hypercore panicked while verifying the proof".to_owned(),
                         })
                     }

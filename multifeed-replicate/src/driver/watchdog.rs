@@ -48,9 +48,9 @@ pub(super) async fn pump(
         let _ = events_tx.unbounded_send(Err(err));
         async_io::Timer::after(END_GRACE).await;
         let phase = if backlog.is_noise_done() {
-            "replication"
+            crate::Phase::Replication
         } else {
-            "noise handshake"
+            crate::Phase::NoiseHandshake
         };
         let source = match violation {
             Some(violation) => violation.into_io(),
@@ -95,9 +95,9 @@ pub(super) async fn watch(backlog: Arc<Backlog>, timeouts: Timeouts) -> Replicat
             if backlog.age() > handshake_timeout {
                 return ReplicateError::Timeout {
                     phase: if backlog.is_noise_done() {
-                        "exchange handshake"
+                        crate::Phase::ExchangeHandshake
                     } else {
-                        "noise handshake"
+                        crate::Phase::NoiseHandshake
                     },
                 };
             }
@@ -105,13 +105,13 @@ pub(super) async fn watch(backlog: Arc<Backlog>, timeouts: Timeouts) -> Replicat
         }
         if !live && backlog.since_progress() > idle_timeout {
             return ReplicateError::Timeout {
-                phase: "replication",
+                phase: crate::Phase::Replication,
             };
         }
         if let Some(timeout) = live_timeout {
             if backlog.since_received() > timeout {
                 return ReplicateError::Timeout {
-                    phase: "live keep-alive",
+                    phase: crate::Phase::LiveKeepAlive,
                 };
             }
         }
