@@ -288,14 +288,14 @@ impl ReplicateConfig {
     }
 
     /// Overrides the protocol version sent in the handshake (for tests of version checks).
-    #[doc(hidden)]
+    #[cfg(feature = "test-util")]
     pub fn protocol_version(mut self, version: multifeed_meta::semver::Version) -> Self {
         self.protocol_version = Some(version);
         self
     }
 
     /// Overrides the client name sent in the handshake (for tests of client checks).
-    #[doc(hidden)]
+    #[cfg(feature = "test-util")]
     pub fn client_name(mut self, client: String) -> Self {
         self.client = Some(client);
         self

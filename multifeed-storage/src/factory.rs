@@ -242,11 +242,13 @@ impl MemoryFactory {
     }
 
     /// The store at `path`, if it was ever opened (for tests that inspect or damage bytes).
+    #[cfg(any(test, feature = "test-util"))]
     pub fn file(&self, path: &str) -> Option<MemoryStore> {
         self.lock().get(path).cloned()
     }
 
     /// Every path opened so far, sorted.
+    #[cfg(any(test, feature = "test-util"))]
     pub fn paths(&self) -> Vec<String> {
         let mut paths: Vec<String> = self.lock().keys().cloned().collect();
         paths.sort();
@@ -254,6 +256,7 @@ impl MemoryFactory {
     }
 
     /// Forgets the store at `path`, as if its file had been deleted.
+    #[cfg(any(test, feature = "test-util"))]
     pub fn remove(&self, path: &str) -> Option<MemoryStore> {
         self.lock().remove(path)
     }
@@ -283,7 +286,7 @@ impl StorageFactory for MemoryFactory {
     fn holds(&self, path: &str) -> bool {
         self.lock()
             .get(path)
-            .is_some_and(|store| !store.snapshot().is_empty())
+            .is_some_and(|store| !store.is_empty_now())
     }
 
     fn feed_namespaces(&self) -> Vec<String> {

@@ -164,3 +164,29 @@ async fn removing_ones_own_writer_takes_remove_writer_and_frees_its_name() -> Te
     a.close().await?;
     Ok(())
 }
+
+#[async_std::test]
+async fn every_error_names_a_stable_code() -> TestResult {
+    let a = Multifeed::open_memory().await?;
+    let me = a.writer("me").await?;
+    let refused = a.remove_feed(me.key()).await.expect_err("a local writer");
+    assert_eq!(refused.code(), "ERR_LOCAL_WRITER");
+    match &refused {
+        // Keys are keys, shown as hex.
+        Error::LocalWriter { key } => {
+            assert_eq!(key, me.key());
+            assert!(refused.to_string().contains(&me.key_hex()));
+        }
+        other => return Err(format!("expected LocalWriter, got {other:?}").into()),
+    }
+    let b = Multifeed::open_memory().await?;
+    let (left, right) = async_std::os::unix::net::UnixStream::pair()?;
+    let (ra, _) = futures::join!(
+        a.replicate(left, ReplicateOptions::new(true).encryption_key([1; 32])),
+        b.replicate(right, ReplicateOptions::new(false).encryption_key([2; 32])),
+    );
+    assert_eq!(ra.expect_err("another key").code(), "ERR_KEY_MISMATCH");
+    a.close().await?;
+    assert_eq!(me.len().await.expect_err("closed").code(), "ERR_CLOSED");
+    Ok(())
+}

@@ -116,11 +116,13 @@ impl FdPool {
     }
 
     /// How many files are open now.
+    #[cfg(any(test, feature = "test-util"))]
     pub fn open_count(&self) -> usize {
         self.lock().open.len()
     }
 
     /// How many files were written since the last [`sync_all`](Self::sync_all).
+    #[cfg(any(test, feature = "test-util"))]
     pub fn dirty_count(&self) -> usize {
         self.lock().dirty.len()
     }

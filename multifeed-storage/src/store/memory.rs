@@ -21,13 +21,20 @@ impl MemoryStore {
     }
 
     /// A copy of the stored bytes.
+    #[cfg(any(test, feature = "test-util"))]
     pub fn snapshot(&self) -> Vec<u8> {
         self.lock().clone()
     }
 
     /// Replaces the stored bytes (tests use it to damage files).
+    #[cfg(any(test, feature = "test-util"))]
     pub fn replace(&self, bytes: Vec<u8>) {
         *self.lock() = bytes;
+    }
+
+    /// Whether it holds no bytes now.
+    pub(crate) fn is_empty_now(&self) -> bool {
+        self.lock().is_empty()
     }
 
     fn lock(&self) -> MutexGuard<'_, Vec<u8>> {
