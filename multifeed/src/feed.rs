@@ -5,56 +5,11 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
-use multifeed_storage::{FeedKey, FeedOrigin, FeedRecord, SharedCore};
+use multifeed_storage::{FeedKey, FeedOrigin, SharedCore};
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::multifeed::Inner;
+use crate::registry::{FeedSlot, Inner};
 use crate::{Error, Value};
-
-/// Whether a feed's hypercore is open.
-pub(crate) enum CoreState {
-    Unopened,
-    Open(SharedCore),
-    Closed,
-}
-
-impl fmt::Debug for CoreState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Unopened => "Unopened",
-            Self::Open(_) => "Open",
-            Self::Closed => "Closed",
-        })
-    }
-}
-
-/// One feed as the multifeed holds it: its record and, once used, its open hypercore.
-#[derive(Debug)]
-pub(crate) struct FeedSlot {
-    pub(crate) record: FeedRecord,
-    pub(crate) discovery_key: [u8; 32],
-    pub(crate) core: async_lock::Mutex<CoreState>,
-    /// A second handle on the feed's tree store, to check blocks read against their leaves.
-    pub(crate) tree: async_lock::Mutex<Option<multifeed_storage::BoxedStore>>,
-    /// A restored local feed's old signed length (`Some(None)`: not restored), read when its
-    /// core is opened.
-    pub(crate) restored_length: std::sync::OnceLock<Option<u64>>,
-    /// A local feed whose core has no secret key (restored after its oplog was lost).
-    pub(crate) read_only: std::sync::atomic::AtomicBool,
-}
-
-impl FeedSlot {
-    pub(crate) fn new(record: FeedRecord, core: CoreState) -> Self {
-        Self {
-            discovery_key: hypercore_protocol::discovery_key(&record.key),
-            record,
-            core: async_lock::Mutex::new(core),
-            tree: async_lock::Mutex::new(None),
-            restored_length: std::sync::OnceLock::new(),
-            read_only: std::sync::atomic::AtomicBool::new(false),
-        }
-    }
-}
 
 /// A handle to one feed of a [`Multifeed`](crate::Multifeed). Cheap to clone.
 ///

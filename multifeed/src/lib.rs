@@ -54,6 +54,7 @@ mod error;
 mod events;
 mod feed;
 mod multifeed;
+mod registry;
 mod removal;
 mod replicate;
 mod running;

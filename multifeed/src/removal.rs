@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use multifeed_storage::{FeedKey, FeedOrigin, KeyMark};
 
-use crate::feed::{CoreState, FeedSlot};
+use crate::registry::{CoreState, FeedSlot};
 use crate::{Error, Multifeed};
 
 impl Multifeed {

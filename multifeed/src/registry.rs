@@ -1,0 +1,413 @@
+//! The feed registry: the table of feeds a multifeed holds, each feed's slot (record, lazily
+//! opened hypercore, restore state), and the state both `Multifeed` and `Feed` share.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use multifeed_storage::{
+    FeedKey, FeedOpener, FeedOrigin, FeedRecord, IndexRecovery, RootStorage, SharedCore,
+    StorageFactory,
+};
+
+use crate::builder::Config;
+use crate::{Error, Event};
+
+/// Whether a feed's hypercore is open.
+pub(crate) enum CoreState {
+    Unopened,
+    Open(SharedCore),
+    Closed,
+}
+
+impl fmt::Debug for CoreState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Unopened => "Unopened",
+            Self::Open(_) => "Open",
+            Self::Closed => "Closed",
+        })
+    }
+}
+
+/// One feed as the multifeed holds it: its record and, once used, its open hypercore.
+#[derive(Debug)]
+pub(crate) struct FeedSlot {
+    pub(crate) record: FeedRecord,
+    pub(crate) discovery_key: [u8; 32],
+    pub(crate) core: async_lock::Mutex<CoreState>,
+    /// A second handle on the feed's tree store, to check blocks read against their leaves.
+    pub(crate) tree: async_lock::Mutex<Option<multifeed_storage::BoxedStore>>,
+    /// A restored local feed's old signed length (`Some(None)`: not restored), read when its
+    /// core is opened.
+    pub(crate) restored_length: std::sync::OnceLock<Option<u64>>,
+    /// A local feed whose core has no secret key (restored after its oplog was lost).
+    pub(crate) read_only: std::sync::atomic::AtomicBool,
+}
+
+impl FeedSlot {
+    pub(crate) fn new(record: FeedRecord, core: CoreState) -> Self {
+        Self {
+            discovery_key: hypercore_protocol::discovery_key(&record.key),
+            record,
+            core: async_lock::Mutex::new(core),
+            tree: async_lock::Mutex::new(None),
+            restored_length: std::sync::OnceLock::new(),
+            read_only: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    /// The index writer; `None` once closed. Its lock also serializes feed creation.
+    pub(crate) root: async_lock::Mutex<Option<RootStorage>>,
+    pub(crate) opener: FeedOpener,
+    /// The index's removed and denied keys, for the replication filters (kept in step with
+    /// the root's).
+    pub(crate) marks: RwLock<multifeed_storage::KeyMarks>,
+    pub(crate) factory: Arc<dyn StorageFactory>,
+    pub(crate) table: RwLock<FeedTable>,
+    pub(crate) events: async_broadcast::Sender<Event>,
+    pub(crate) _events_open: async_broadcast::InactiveReceiver<Event>,
+    pub(crate) closed: AtomicBool,
+    pub(crate) recovery: IndexRecovery,
+    pub(crate) config: Config,
+    /// Replications running on this multifeed; `close` ends them.
+    pub(crate) replications: crate::running::Running,
+    /// The number the next replication gets in its peer events.
+    pub(crate) next_connection: std::sync::atomic::AtomicU64,
+    /// The advisory lock on a disk root; released by `close`.
+    pub(crate) lock: std::sync::Mutex<Option<std::fs::File>>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct FeedTable {
+    pub(crate) list: Vec<Arc<FeedSlot>>,
+    pub(crate) by_key: HashMap<FeedKey, usize>,
+    pub(crate) by_name: HashMap<String, usize>,
+    /// Feeds learned from peers.
+    pub(crate) remote: usize,
+}
+
+impl FeedTable {
+    /// Takes the feed `key` out of the table (its slot stays with whoever holds it).
+    pub(crate) fn remove(&mut self, key: &FeedKey) -> Option<Arc<FeedSlot>> {
+        let at = self.by_key.remove(key)?;
+        let slot = self.list.remove(at);
+        if slot.record.origin == FeedOrigin::Remote {
+            self.remote -= 1;
+        }
+        let list = std::mem::take(&mut self.list);
+        *self = Self::default();
+        for kept in list {
+            self.insert(kept);
+        }
+        Some(slot)
+    }
+
+    pub(crate) fn insert(&mut self, slot: Arc<FeedSlot>) {
+        let at = self.list.len();
+        if slot.record.origin == FeedOrigin::Remote {
+            self.remote += 1;
+        }
+        self.by_key.insert(slot.record.key, at);
+        if let Some(name) = &slot.record.name {
+            self.by_name.entry(name.clone()).or_insert(at);
+        }
+        self.list.push(slot);
+    }
+}
+
+impl Inner {
+    pub(crate) fn ensure_open(&self) -> Result<(), Error> {
+        if self.closed.load(Ordering::SeqCst) {
+            Err(Error::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The feed's hypercore, opened on first use.
+    pub(crate) async fn core(&self, slot: &FeedSlot) -> Result<SharedCore, Error> {
+        self.ensure_open()?;
+        let mut state = slot.core.lock().await;
+        match &*state {
+            CoreState::Open(core) => Ok(core.clone()),
+            CoreState::Closed => Err(Error::Closed),
+            CoreState::Unopened => {
+                // On the heap: opening, resetting and restoring are large futures, and this one
+                // is awaited deep inside every replication (debug builds overflowed a stack).
+                let core = match Box::pin(self.opener.open_feed(&slot.record)).await {
+                    Ok(core) => core,
+                    // A replica a crash left unreadable is only a copy: start it again empty
+                    // and let replication fetch it anew.
+                    Err(
+                        err @ (multifeed_storage::StorageError::FeedCorrupt { .. }
+                        | multifeed_storage::StorageError::FeedMissing { .. }),
+                    ) if slot.record.origin == FeedOrigin::Remote => {
+                        let core = Box::pin(self.opener.reset_remote_feed(&slot.record)).await?;
+                        self.emit(Event::FeedReset {
+                            key: slot.record.key,
+                            reason: err.to_string(),
+                        });
+                        core
+                    }
+                    // A local feed cannot be fetched anew under a new key: it starts again
+                    // under its own, its old files kept, and peers holding it fill it.
+                    Err(
+                        err @ (multifeed_storage::StorageError::FeedCorrupt { .. }
+                        | multifeed_storage::StorageError::FeedMissing { .. }),
+                    ) => {
+                        let restored =
+                            Box::pin(self.opener.restore_local_feed(&slot.record)).await?;
+                        let _ = slot.restored_length.set(restored.signed_length);
+                        self.emit(Event::FeedRestored {
+                            key: slot.record.key,
+                            reason: err.to_string(),
+                            writable: restored.writable,
+                            signed_length: restored.signed_length,
+                        });
+                        restored.core
+                    }
+                    Err(err) => return Err(err.into()),
+                };
+                if slot.record.origin == FeedOrigin::Local {
+                    slot.read_only.store(
+                        core.key_pair().secret.is_none(),
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
+                }
+                if slot.record.origin == FeedOrigin::Local && slot.restored_length.get().is_none() {
+                    let restored = Box::pin(self.opener.restored_length(&slot.record)).await?;
+                    let _ = slot.restored_length.set(restored);
+                }
+                let core = SharedCore::new(core);
+                *state = CoreState::Open(core.clone());
+                Ok(core)
+            }
+        }
+    }
+
+    /// Whether `value`, read as block `index` of the slot's feed, is what the feed's tree
+    /// records for it: its leaf node (length and BLAKE2b hash), from the tree store, else the
+    /// stored oplog, else the proof of the block's sibling (hypercore's memory).
+    ///
+    /// Not checked (true): stores that cannot be read beside the hypercore (custom factories),
+    /// and a leaf none of the three shows (a last-written block whose sibling is gone too).
+    pub(crate) async fn block_matches_tree(
+        &self,
+        slot: &FeedSlot,
+        core: &mut hypercore::Hypercore,
+        index: u64,
+        value: &[u8],
+    ) -> bool {
+        if !self.factory.reopens_same_store() {
+            return true;
+        }
+        let mut tree = slot.tree.lock().await;
+        if tree.is_none() {
+            let path = format!("{}/tree", slot.record.namespace);
+            match self.factory.open(&path).await {
+                Ok(store) => *tree = Some(store),
+                // Not readable now: the block cannot be judged, and is not blamed.
+                Err(_) => return true,
+            }
+        }
+        let Some(store) = tree.as_mut() else {
+            return true;
+        };
+        // Leaf `index` is tree node 2 * index: 8 bytes of length (LE), then the 32-byte hash.
+        let Some(offset) = index.checked_mul(80) else {
+            return false;
+        };
+        let hash = hypercore_schema::Hash::data(value);
+        // Past the end of the tree file, or zeros (hypercore writes nodes out of order, so a
+        // leaf not written yet can sit before others): look elsewhere.
+        let leaf = read_node(store, 2 * index).await;
+        if let Some((length, digest)) = leaf {
+            if (length != value.len() as u64 || digest[..] != *hash.as_bytes())
+                && leaf_damaged(store, index, value, &hash).await
+            {
+                // The block is right and its stored leaf is not: write the leaf again, so
+                // the block is served and read as what it is (was: dropped as damaged, and
+                // found damaged again after every fetch, since its leaf stayed wrong).
+                let mut node = (value.len() as u64).to_le_bytes().to_vec();
+                node.extend_from_slice(hash.as_bytes());
+                return store.write(offset, &node).await.is_ok();
+            }
+        }
+        drop(tree);
+        // Not in the tree file yet: hypercore 0.16 keeps the nodes of its latest writes in its
+        // oplog until it next writes the tree.
+        let leaf = match leaf {
+            Some(leaf) => Some(leaf),
+            None => match self.oplog_leaf(slot, 2 * index).await {
+                Some(leaf) => Some(leaf),
+                // Or only in hypercore's memory (after it rewrote its oplog at open): the proof
+                // of the block's sibling carries this block's leaf as its first node.
+                None => sibling_leaf(core, index).await,
+            },
+        };
+        match leaf {
+            Some((length, digest)) => {
+                length == value.len() as u64 && digest[..] == *hash.as_bytes()
+            }
+            // Recorded nowhere we can read: not judged.
+            None => true,
+        }
+    }
+
+    /// The leaf node `flat` as the feed's stored oplog records it, if it does.
+    ///
+    /// (See also [`sibling_leaf`], for leaves only hypercore's memory holds.)
+    async fn oplog_leaf(&self, slot: &FeedSlot, flat: u64) -> Option<(u64, [u8; 32])> {
+        let path = format!("{}/oplog", slot.record.namespace);
+        let mut store = self.factory.open(&path).await.ok()?;
+        let len = store.len().await.ok()?;
+        let content = store.read(0, len).await.ok()?;
+        multifeed_storage::oplog_tree_nodes(&content)
+            .into_iter()
+            .rev()
+            .find(|(index, _, _)| *index == flat)
+            .map(|(_, length, hash)| (length, hash))
+    }
+
+    pub(crate) fn marks(&self) -> RwLockReadGuard<'_, multifeed_storage::KeyMarks> {
+        // Every write is a single insert or removal.
+        self.marks
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub(crate) fn marks_mut(&self) -> std::sync::RwLockWriteGuard<'_, multifeed_storage::KeyMarks> {
+        self.marks
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub(crate) fn table(&self) -> RwLockReadGuard<'_, FeedTable> {
+        // Every write to the table is a single insert that cannot leave it half-done.
+        self.table
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub(crate) fn table_mut(&self) -> RwLockWriteGuard<'_, FeedTable> {
+        self.table
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub(crate) fn new_event_receiver(&self) -> async_broadcast::Receiver<Event> {
+        self.events.new_receiver()
+    }
+
+    /// Flushes to stable storage after a batch, if the durability option asks for it.
+    pub(crate) async fn sync_after_batch(&self) -> Result<(), Error> {
+        if self.config.durability == multifeed_storage::Durability::Sync {
+            self.factory.sync_all().await.map_err(Error::from)?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn emit(&self, event: Event) {
+        let _ = self.events.try_broadcast(event);
+    }
+}
+
+/// block next to it in the tree (whose sibling it is). `None` when that block is not held.
+/// Tree node `flat` as the tree file stores it (length, hash); `None` past its end or zeros.
+async fn read_node(
+    store: &mut multifeed_storage::BoxedStore,
+    flat: u64,
+) -> Option<(u64, [u8; 32])> {
+    let node = store.read(flat.checked_mul(40)?, 40).await.ok()?;
+    if node.len() != 40 || node.iter().all(|&byte| byte == 0) {
+        return None;
+    }
+    let length = u64::from_le_bytes(node[..8].try_into().ok()?);
+    Some((length, node[8..].try_into().ok()?))
+}
+
+/// Whether block `index` (`value`, hashing to `hash`) is proven right by its stored sibling and
+/// parent: its stored leaf, which disagrees, is then the damaged part. Random damage cannot
+/// make the recomputed parent match; an unreadable sibling or parent proves nothing (false).
+async fn leaf_damaged(
+    store: &mut multifeed_storage::BoxedStore,
+    index: u64,
+    value: &[u8],
+    hash: &hypercore_schema::Hash,
+) -> bool {
+    let leaf = 2 * index;
+    let (sibling, parent) = if index.is_multiple_of(2) {
+        (leaf + 2, leaf + 1)
+    } else {
+        (leaf - 2, leaf - 1)
+    };
+    let (Some((sibling_length, sibling_hash)), Some((parent_length, parent_hash))) = (
+        read_node(store, sibling).await,
+        read_node(store, parent).await,
+    ) else {
+        return false;
+    };
+    let ours = hypercore_schema::Node::new(leaf, hash.as_bytes().to_vec(), value.len() as u64);
+    let theirs = hypercore_schema::Node::new(sibling, sibling_hash.to_vec(), sibling_length);
+    parent_length == value.len() as u64 + sibling_length
+        && hypercore_schema::Hash::parent(&ours, &theirs).as_bytes() == parent_hash
+}
+
+/// The leaf of block `index` as the core itself knows it: the first node of a proof for the
+async fn sibling_leaf(core: &mut hypercore::Hypercore, index: u64) -> Option<(u64, [u8; 32])> {
+    use futures::FutureExt;
+    let sibling = index ^ 1;
+    if sibling >= core.info().length || !core.has(sibling) {
+        return None;
+    }
+    let request = hypercore_schema::RequestBlock {
+        index: sibling,
+        nodes: 1,
+    };
+    let proof = std::panic::AssertUnwindSafe(core.create_proof(Some(request), None, None, None))
+        .catch_unwind()
+        .await
+        .ok()?
+        .ok()??;
+    let node = proof.block?.nodes.into_iter().next()?;
+    if node.index != 2 * index || node.hash.len() != 32 {
+        return None;
+    }
+    let mut hash = [0u8; 32];
+    hash.copy_from_slice(&node.hash);
+    Some((node.length, hash))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sibling_leaf;
+
+    #[test]
+    fn a_sibling_proof_carries_the_leaf_of_the_block() {
+        async_std::task::block_on(async {
+            let storage = hypercore::Storage::new_memory().await.expect("storage");
+            let mut core = hypercore::HypercoreBuilder::new(storage)
+                .build()
+                .await
+                .expect("core");
+            let blocks: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 10 + i as usize]).collect();
+            for block in &blocks {
+                core.append(block).await.expect("append");
+            }
+            for (index, block) in blocks.iter().enumerate().take(4) {
+                let (length, hash) = sibling_leaf(&mut core, index as u64)
+                    .await
+                    .unwrap_or_else(|| panic!("a leaf for block {index}"));
+                assert_eq!(length, block.len() as u64);
+                assert_eq!(&hash[..], hypercore_schema::Hash::data(block).as_bytes());
+            }
+            // The last block, with no sibling yet, cannot be judged this way.
+            assert!(sibling_leaf(&mut core, 4).await.is_none());
+        });
+    }
+}
