@@ -57,6 +57,8 @@ pub enum Event {
         range: std::ops::Range<u64>,
         /// How many entries were stored.
         blocks: u64,
+        /// The replication they came from (the number in its `PeerConnected`).
+        connection: u64,
     },
     /// A peer completed the multifeed handshake on a replication.
     PeerConnected {

@@ -72,8 +72,8 @@ pub use multifeed_replicate::{
     secure_channel, CipherTrait, MetaError, PeerViolation, Phase, ReplicateError,
 };
 pub use multifeed_storage::{
-    BoxedStore, DiskFactory, Durability, FeedKey, FeedOrigin, FeedRecord, FnFactory, IndexRecovery,
-    MemoryFactory, MemoryStore, SharedCore, StorageError, StorageFactory,
+    namespace_for, BoxedStore, DiskFactory, Durability, FeedKey, FeedOrigin, FeedRecord, FnFactory,
+    IndexRecovery, MemoryFactory, MemoryStore, SharedCore, StorageError, StorageFactory,
 };
 pub use random_access_storage::RandomAccessError;
 pub use replicate::{ReplicateOptions, ReplicateSummary, StopHandle, DEFAULT_ENCRYPTION_KEY};

@@ -304,7 +304,12 @@ impl Multifeed {
                         inner.emit(Event::FeedUnavailable { key, reason })
                     }
                     ReplicationEvent::Downloaded { key, range, blocks } => {
-                        inner.emit(Event::Downloaded { key, range, blocks })
+                        inner.emit(Event::Downloaded {
+                            key,
+                            range,
+                            blocks,
+                            connection,
+                        })
                     }
                     ReplicationEvent::RemoteHandshake {
                         user_data,

@@ -35,7 +35,7 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()>
 }
 
 fn feed_dir(root: &std::path::Path, key: &FeedKey) -> std::path::PathBuf {
-    root.join(multifeed_storage::namespace_for(key))
+    root.join(multifeed::namespace_for(key))
 }
 
 /// A peer with a feed `spam` (3 entries) and a feed `good` (1 entry).

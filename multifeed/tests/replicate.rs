@@ -679,7 +679,7 @@ async fn one_unreadable_feed_does_not_stop_the_others() -> TestResult {
                 .unwrap()
                 .as_ref()
                 .is_some_and(|prefix| path.starts_with(prefix.as_str()));
-            let open = multifeed_storage::StorageFactory::open(&memory, path);
+            let open = multifeed::StorageFactory::open(&memory, path);
             Box::pin(async move {
                 if fail {
                     return Err(multifeed::RandomAccessError::IO {
@@ -701,7 +701,7 @@ async fn one_unreadable_feed_does_not_stop_the_others() -> TestResult {
     sync_ok(&a, &b).await?;
     kept.append(b"two").await?;
     a.close().await?;
-    *failing.lock().unwrap() = Some(multifeed_storage::namespace_for(lost.key()));
+    *failing.lock().unwrap() = Some(multifeed::namespace_for(lost.key()));
     let a = Multifeed::builder().storage(factory()).open().await?;
     let mut events = a.events();
     // Was: Replicate(Host(Storage(..))) here and ConnectionReset at the peer.
@@ -724,7 +724,7 @@ async fn one_unreadable_feed_does_not_stop_the_others() -> TestResult {
 
 /// The folder of a local feed of `root`.
 fn feed_dir(root: &std::path::Path, key: &multifeed::FeedKey) -> std::path::PathBuf {
-    root.join(multifeed_storage::namespace_for(key))
+    root.join(multifeed::namespace_for(key))
 }
 
 #[async_std::test]
@@ -898,8 +898,23 @@ async fn appends_and_downloads_are_reported_per_batch_not_per_block() -> TestRes
     sync_ok(&a, &b).await?;
     let mut downloaded = 0;
     let mut events = 0;
+    let mut peer = None;
     while let Some(Some(event)) = futures::FutureExt::now_or_never(eb.next()) {
-        if let Event::Downloaded { key, range, blocks } = event {
+        if let Event::PeerConnected { connection, .. } = event {
+            peer = Some(connection);
+        }
+        if let Event::Downloaded {
+            key,
+            range,
+            blocks,
+            connection,
+        } = event
+        {
+            assert_eq!(
+                Some(connection),
+                peer,
+                "from the connection reported before"
+            );
             assert_eq!(&key, writer.key());
             assert!(range.end <= 301 && blocks <= range.end - range.start);
             downloaded += blocks;
