@@ -11,6 +11,22 @@ use serde::{de::DeserializeOwned, Serialize};
 use crate::registry::{FeedSlot, Inner};
 use crate::{Error, Value};
 
+/// A feed's lengths, from [`Feed::info`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FeedInfo {
+    /// Entries the feed has (signed), held here or not.
+    pub length: u64,
+    /// Entries held here from 0 without a gap.
+    pub contiguous_length: u64,
+    /// Bytes of the entries the feed has.
+    pub byte_length: u64,
+    /// Hypercore's fork number.
+    pub fork: u64,
+    /// Whether its hypercore holds the secret key.
+    pub writable: bool,
+}
+
 /// A handle to one feed of a [`Multifeed`](crate::Multifeed). Cheap to clone.
 ///
 /// Its hypercore is opened on first use, so listing thousands of feeds opens no files.
@@ -333,8 +349,36 @@ impl Feed {
         }
     }
 
-    /// The underlying hypercore, for proofs and other low-level use.
-    pub async fn core(&self) -> Result<SharedCore, Error> {
+    /// The feed's lengths as stored here.
+    ///
+    /// `contiguous_length` counts the entries held from 0 without a gap, checked entry by entry
+    /// (one bitfield lookup each), not taken from hypercore's header, which a damaged bitfield
+    /// leaves overclaiming.
+    pub async fn info(&self) -> Result<FeedInfo, Error> {
+        let core = self.core().await?;
+        let core = core.lock().await;
+        let info = core.info();
+        let mut contiguous = 0;
+        while contiguous < info.length && core.has(contiguous) {
+            contiguous += 1;
+        }
+        Ok(FeedInfo {
+            length: info.length,
+            contiguous_length: contiguous,
+            byte_length: info.byte_length,
+            fork: info.fork,
+            writable: info.writeable,
+        })
+    }
+
+    /// Whether entry `index` is stored here.
+    pub async fn has(&self, index: u64) -> Result<bool, Error> {
+        Ok(self.core().await?.lock().await.has(index))
+    }
+
+    /// The feed's hypercore, shared with replications. Not public: an append through it would
+    /// skip change notices, events and the durability policy.
+    pub(crate) async fn core(&self) -> Result<SharedCore, Error> {
         self.inner.core(&self.slot).await
     }
 }

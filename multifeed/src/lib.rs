@@ -64,7 +64,7 @@ pub use builder::MultifeedBuilder;
 pub use encoding::{Value, ValueEncoding};
 pub use error::Error;
 pub use events::{Event, Events};
-pub use feed::Feed;
+pub use feed::{Feed, FeedInfo};
 pub use hypercore::SigningKey;
 pub use multifeed::Multifeed;
 pub use multifeed_replicate::semver;

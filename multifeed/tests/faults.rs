@@ -168,11 +168,7 @@ async fn disconnects_at_every_phase_resume_without_resending_blocks() {
         );
         let key = *a.feeds()[0].key();
         let stored = match b.feed(key).expect("key") {
-            Some(feed) => {
-                let core = feed.core().await.expect("core");
-                let info = core.lock().await.info();
-                info.contiguous_length
-            }
+            Some(feed) => feed.info().await.expect("info").contiguous_length,
             None => 0,
         };
         let (ra, rb) = sync_over(&a, &b, link(LinkConfig::reliable()), BOUND)

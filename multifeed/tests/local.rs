@@ -711,3 +711,19 @@ async fn a_lost_bitfield_hides_nothing_after_a_sync_with_a_peer() -> TestResult 
     multi.close().await?;
     Ok(())
 }
+
+#[async_std::test]
+async fn info_reports_lengths_without_handing_out_the_hypercore() -> TestResult {
+    let multi = Multifeed::open_memory().await?;
+    let feed = multi.writer("me").await?;
+    feed.append_batch([b"a".as_slice(), b"bb", b"ccc"]).await?;
+    let info = feed.info().await?;
+    assert_eq!(
+        (info.length, info.contiguous_length, info.byte_length),
+        (3, 3, 6)
+    );
+    assert!(info.writable);
+    assert!(feed.has(2).await?);
+    assert!(!feed.has(3).await?);
+    Ok(())
+}
