@@ -13,6 +13,19 @@ pub(crate) enum Asked {
     UpgradeAndBlock(u64),
 }
 
+/// Where a feed's download stands ([`SyncState::download`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Download {
+    /// We do not download this feed here (we only serve it, or live mode).
+    NotOurs,
+    /// Still fetching.
+    Going,
+    /// The target length is held contiguously.
+    Reached,
+    /// Short of the target, and the peer lacks what we lack.
+    PeerExhausted,
+}
+
 /// The sync state of one feed on one connection.
 #[derive(Debug)]
 pub(crate) struct SyncState {
@@ -38,6 +51,16 @@ pub(crate) struct SyncState {
     lacked: bool,
     gained: bool,
     max_in_flight: usize,
+    /// For a feed we download (non-live): the length to reach.
+    target: Option<u64>,
+    /// Set once an answer came out of order: node counts assume only our contiguous blocks.
+    cautious: bool,
+    /// Requests in flight whose node count assumed the block before arrives first.
+    optimistic: HashSet<u64>,
+    /// Answers in a row that brought no block and no length.
+    fruitless: u32,
+    /// Blocks below this are confirmed held (see [`confirmed_contiguous`](Self::confirmed_contiguous)).
+    verified: u64,
 }
 
 impl SyncState {
@@ -55,7 +78,98 @@ impl SyncState {
             lacked: false,
             gained: false,
             max_in_flight: max_in_flight.max(1),
+            target: None,
+            cautious: false,
+            optimistic: HashSet::new(),
+            fruitless: 0,
+            verified: 0,
         }
+    }
+
+    /// The length to download to, for a feed we fetch (non-live).
+    pub(crate) fn target(&self) -> Option<u64> {
+        self.target
+    }
+
+    /// Sets the length to download to.
+    pub(crate) fn set_target(&mut self, target: u64) {
+        self.target = Some(target);
+    }
+
+    /// Where the download of this feed stands.
+    pub(crate) fn download(&self, contiguous: u64, local_length: u64) -> Download {
+        match self.target {
+            None => Download::NotOurs,
+            Some(target) if contiguous >= target => Download::Reached,
+            Some(_) if self.exhausted(local_length) => Download::PeerExhausted,
+            Some(_) => Download::Going,
+        }
+    }
+
+    /// How many tree nodes to ask for with block `index` (request `id`), or `None` to ask
+    /// hypercore. Pipelined blocks count on the block before arriving first (answers come in
+    /// order; see [`nodes_to_ask`]) until an answer came out of order.
+    pub(crate) fn nodes_for(
+        &mut self,
+        index: u64,
+        id: u64,
+        fork: u64,
+        contiguous: u64,
+        length: u64,
+    ) -> Option<u64> {
+        let optimistic = !self.cautious
+            && fork == 0
+            && index > contiguous
+            && self.blocks_in_flight.contains(&(index - 1));
+        let held_below = if optimistic {
+            self.optimistic.insert(id);
+            index
+        } else {
+            contiguous
+        };
+        nodes_to_ask(index, fork, held_below, length)
+    }
+
+    /// Whether request `id` counted on the block before arriving first (forgets it).
+    pub(crate) fn take_optimistic(&mut self, id: u64) -> bool {
+        self.optimistic.remove(&id)
+    }
+
+    /// An answer to an optimistic request came before the block it counted on: ask for block
+    /// `index` again, counting on contiguous blocks only from now on.
+    pub(crate) fn out_of_order(&mut self, index: u64) {
+        self.cautious = true;
+        self.retry_from(index);
+    }
+
+    /// An answer that brought nothing; returns how many came in a row.
+    pub(crate) fn fruitless_answer(&mut self) -> u32 {
+        self.fruitless += 1;
+        self.fruitless
+    }
+
+    /// An answer that brought a block or a length.
+    pub(crate) fn progressed(&mut self) {
+        self.fruitless = 0;
+    }
+
+    /// The contiguous length, confirmed block by block up to what the core `reported`
+    /// (hypercore 0.16 reports its header's even when a damaged bitfield lost the blocks).
+    /// Blocks confirmed before are not looked up again.
+    pub(crate) fn confirmed_contiguous(&mut self, reported: u64, has: impl Fn(u64) -> bool) -> u64 {
+        if self.verified > reported {
+            // Truncated, or another fork: confirm again from the start.
+            self.verified = 0;
+        }
+        while self.verified < reported && has(self.verified) {
+            self.verified += 1;
+        }
+        self.verified
+    }
+
+    /// The core was replaced (a probe promoted): confirm its blocks again.
+    pub(crate) fn forget_confirmed(&mut self) {
+        self.verified = 0;
     }
 
     /// The peer's Synchronize; returns whether it is the first one.
@@ -171,11 +285,6 @@ impl SyncState {
         out
     }
 
-    /// Whether a request for block `index` is in flight.
-    pub(crate) fn block_in_flight(&self, index: u64) -> bool {
-        self.blocks_in_flight.contains(&index)
-    }
-
     fn issue(&mut self, asked: Asked) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
@@ -201,6 +310,7 @@ impl SyncState {
     /// A NoData answer: the peer lacks it. A block is asked for again only after the peer's
     /// next news (the cursor has passed it); the others are still asked for.
     pub(crate) fn on_no_data(&mut self, id: u64) {
+        self.optimistic.remove(&id);
         if let Some(asked) = self.in_flight.remove(&id) {
             self.settle(asked);
             match asked {
@@ -687,6 +797,79 @@ mod tests {
             again.iter().map(|b| b.0).collect::<Vec<_>>(),
             vec![0, 4, 5, 6]
         );
+    }
+
+    #[test]
+    fn pipelined_blocks_count_on_the_block_before_until_an_answer_comes_out_of_order() {
+        let mut s = SyncState::new(8);
+        s.on_remote_sync(0, 64);
+        let blocks = s.next_blocks(0, 64, |_| false);
+        // Block 0 anchors on nothing held; block 1 on block 0, asked just before.
+        let (first, second) = (blocks[0], blocks[1]);
+        assert_eq!(
+            s.nodes_for(first.0, first.1, 0, 0, 64),
+            nodes_to_ask(0, 0, 0, 64)
+        );
+        assert_eq!(
+            s.nodes_for(second.0, second.1, 0, 0, 64),
+            nodes_to_ask(1, 0, 1, 64)
+        );
+        assert!(s.take_optimistic(second.1), "block 1 counted on block 0");
+        assert!(!s.take_optimistic(first.1));
+        s.out_of_order(1);
+        let third = blocks[2];
+        assert_eq!(
+            s.nodes_for(third.0, third.1, 0, 0, 64),
+            nodes_to_ask(2, 0, 0, 64),
+            "cautious: only contiguous blocks count"
+        );
+        assert!(!s.take_optimistic(third.1));
+        // Another fork: hypercore is asked.
+        assert_eq!(s.nodes_for(5, 99, 1, 0, 64), None);
+    }
+
+    #[test]
+    fn the_download_stands_reached_going_or_exhausted_and_fruitless_answers_count_in_a_row() {
+        let mut s = SyncState::new(4);
+        assert_eq!(s.download(0, 0), Download::NotOurs);
+        s.set_target(3);
+        assert_eq!(
+            s.download(0, 3),
+            Download::Going,
+            "the peer's length is not known"
+        );
+        s.on_remote_sync(0, 3);
+        let blocks = s.next_blocks(0, 3, |_| false);
+        for (_, id) in &blocks {
+            s.on_no_data(*id);
+        }
+        assert!(s.next_blocks(0, 3, |_| false).is_empty());
+        assert_eq!(s.download(0, 3), Download::PeerExhausted);
+        assert_eq!(s.download(3, 3), Download::Reached);
+        assert_eq!((s.fruitless_answer(), s.fruitless_answer()), (1, 2));
+        s.progressed();
+        assert_eq!(s.fruitless_answer(), 1);
+    }
+
+    #[test]
+    fn the_contiguous_length_is_confirmed_block_by_block_once() {
+        let mut s = SyncState::new(4);
+        let looked = std::cell::Cell::new(0);
+        let has = |i: u64| {
+            looked.set(looked.get() + 1);
+            i != 5
+        };
+        assert_eq!(s.confirmed_contiguous(10, has), 5, "block 5 is not held");
+        let before = looked.get();
+        assert_eq!(s.confirmed_contiguous(10, has), 5);
+        assert_eq!(looked.get(), before + 1, "only block 5 is looked up again");
+        assert_eq!(
+            s.confirmed_contiguous(3, |_| true),
+            3,
+            "truncated: confirmed again"
+        );
+        s.forget_confirmed();
+        assert_eq!(s.confirmed_contiguous(2, |i| i == 0), 1);
     }
 
     #[test]

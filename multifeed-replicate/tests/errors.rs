@@ -187,13 +187,12 @@ async fn a_manifest_of_a_million_keys_is_refused_with_bounded_work() {
     flood.offer_phantoms(fake_keys(1_000_000));
     let honest = TestHost::new();
     let own = honest.writer(2).await;
-    let (rf, rh) = both(
-        flood,
-        honest.clone(),
-        ReplicateConfig::new(true),
-        ReplicateConfig::new(false),
-    )
-    .await;
+    // The flooding side needs a while to build its manifest in a debug build on a loaded
+    // machine: the honest side's handshake wait must not end first (this is about work, not
+    // time; was flaky as ERR_TIMEOUT under load).
+    let patient =
+        |initiator| ReplicateConfig::new(initiator).handshake_timeout(Duration::from_secs(120));
+    let (rf, rh) = both(flood, honest.clone(), patient(true), patient(false)).await;
     assert!(rf.is_err(), "the flooding side is dropped");
     let err = rh.expect_err("too many feeds");
     assert_eq!(err.code(), "ERR_TOO_MANY_FEEDS", "{err}");

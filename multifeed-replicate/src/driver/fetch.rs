@@ -10,7 +10,7 @@ use hypercore_schema::{RequestBlock, RequestUpgrade};
 
 use super::{DiscoveryKey, Driver, MAX_FRUITLESS_ANSWERS};
 use crate::error::PeerViolation;
-use crate::sync::Asked;
+use crate::sync::{Asked, Download, SyncState};
 use crate::ReplicateError;
 
 impl Driver {
@@ -23,9 +23,9 @@ impl Driver {
             return Ok(());
         };
         let mut messages = Vec::new();
-        let exhausted = {
+        let download = {
             let mut core = feed.core.lock().await;
-            let info = checked_info(&core, &mut feed.verified);
+            let info = checked_info(&core, &mut feed.sync);
             if let Some((id, block)) =
                 feed.sync
                     .start_upgrade(info.fork, info.length, info.contiguous_length)
@@ -55,25 +55,19 @@ impl Driver {
                 .sync
                 .next_blocks(info.contiguous_length, info.length, |i| core.has(i));
             for (index, id) in blocks {
-                // The block before, asked for earlier, is stored by the time this answer comes.
-                let optimistic = !feed.cautious
-                    && info.fork == 0
-                    && index > info.contiguous_length
-                    && feed.sync.block_in_flight(index - 1);
-                let held_below = if optimistic {
-                    feed.optimistic.insert(id);
-                    index
-                } else {
-                    info.contiguous_length
+                let nodes = match feed.sync.nodes_for(
+                    index,
+                    id,
+                    info.fork,
+                    info.contiguous_length,
+                    info.length,
+                ) {
+                    Some(nodes) => nodes,
+                    None => core
+                        .missing_nodes(index)
+                        .await
+                        .map_err(|e| ReplicateError::hypercore(&feed.key, e))?,
                 };
-                let nodes =
-                    match crate::sync::nodes_to_ask(index, info.fork, held_below, info.length) {
-                        Some(nodes) => nodes,
-                        None => core
-                            .missing_nodes(index)
-                            .await
-                            .map_err(|e| ReplicateError::hypercore(&feed.key, e))?,
-                    };
                 messages.push(Message::Request(request(
                     id,
                     info.fork,
@@ -81,11 +75,17 @@ impl Driver {
                     None,
                 )));
             }
-            feed.target.is_some() && feed.sync.exhausted(info.length)
+            feed.sync.download(info.contiguous_length, info.length)
         };
-        if exhausted && self.incomplete.remove(&dk) {
+        match download {
+            Download::Reached => {
+                self.incomplete.remove(&dk);
+            }
             // The peer lacks blocks we lack: this download is as complete as it can get here.
-            self.summary.feeds_incomplete += 1;
+            Download::PeerExhausted if self.incomplete.remove(&dk) => {
+                self.summary.feeds_incomplete += 1;
+            }
+            _ => {}
         }
         if messages.is_empty() {
             return Ok(());
@@ -111,7 +111,7 @@ impl Driver {
         let Some(asked) = feed.sync.on_data(data.request) else {
             return Ok(());
         };
-        let optimistic = feed.optimistic.remove(&data.request);
+        let optimistic = feed.sync.take_optimistic(data.request);
         if !answers(asked, &data) {
             if let Asked::Block(index) | Asked::UpgradeAndBlock(index) = asked {
                 feed.sync.retry_from(index);
@@ -134,7 +134,7 @@ impl Driver {
         };
         let (applied, before, info, stored) = {
             let mut core = feed.core.lock().await;
-            let before = checked_info(&core, &mut feed.verified);
+            let before = checked_info(&core, &mut feed.sync);
             if let (Asked::Block(index), Some(block), true) = (asked, &proof.block, optimistic) {
                 let depth = block.nodes.len() as u64;
                 if block.index == index
@@ -150,8 +150,7 @@ impl Driver {
                     // The block before it is not here (answered out of order, or not at all):
                     // ask again, counting on our contiguous blocks only from now on.
                     drop(core);
-                    feed.cautious = true;
-                    feed.sync.retry_from(index);
+                    feed.sync.out_of_order(index);
                     return self.request_more(dk).await;
                 }
             }
@@ -160,7 +159,7 @@ impl Driver {
                 .catch_unwind()
                 .await;
             let held = asked_block.map(|index| core.has(index));
-            let after = checked_info(&core, &mut feed.verified);
+            let after = checked_info(&core, &mut feed.sync);
             (applied, before, after, (had_block, held))
         };
         let (had_block, held) = stored;
@@ -197,7 +196,7 @@ impl Driver {
         }
         let progressed = stored || info.length != before.length || info.fork != before.fork;
         if progressed {
-            feed.fruitless = 0;
+            feed.sync.progressed();
             feed.core.notify_changed();
             self.unsynced_blocks = true;
         }
@@ -228,10 +227,8 @@ impl Driver {
                 feed.sync.retry_from(index);
             }
         }
-        if let Some(target) = feed.target {
-            if info.contiguous_length >= target {
-                self.incomplete.remove(&dk);
-            }
+        if feed.sync.download(info.contiguous_length, info.length) == Download::Reached {
+            self.incomplete.remove(&dk);
         }
         if useless && !progressed {
             self.fruitless(dk)?;
@@ -247,13 +244,13 @@ impl Driver {
         let Some(feed) = self.feeds.get_mut(&dk) else {
             return Ok(());
         };
-        feed.fruitless += 1;
-        if feed.fruitless > MAX_FRUITLESS_ANSWERS {
+        let fruitless = feed.sync.fruitless_answer();
+        if fruitless > MAX_FRUITLESS_ANSWERS {
             return Err(ReplicateError::peer(
                 crate::Phase::Replication,
                 PeerViolation::NoProgress {
                     key: feed.key,
-                    answers: feed.fruitless,
+                    answers: fruitless,
                 },
             ));
         }
@@ -280,20 +277,11 @@ fn answers(asked: Asked, data: &Data) -> bool {
 ///
 /// hypercore 0.16 reports the contiguous length of its header even when its bitfield lost the
 /// blocks (a damaged or deleted bitfield file): a sync then took the feed for complete and
-/// fetched nothing. `verified` is how far blocks were confirmed before, so each call checks
-/// only blocks not confirmed yet (one lookup per block over a connection).
-pub(super) fn checked_info(core: &hypercore::Hypercore, verified: &mut u64) -> hypercore::Info {
+/// fetched nothing. The feed's sync state remembers how far blocks were confirmed, so each
+/// call checks only blocks not confirmed yet (one lookup per block over a connection).
+pub(super) fn checked_info(core: &hypercore::Hypercore, sync: &mut SyncState) -> hypercore::Info {
     let mut info = core.info();
-    if *verified > info.contiguous_length {
-        // Truncated, or another fork: confirm again from the start.
-        *verified = 0;
-    }
-    let mut held = *verified;
-    while held < info.contiguous_length && core.has(held) {
-        held += 1;
-    }
-    *verified = held;
-    info.contiguous_length = held;
+    info.contiguous_length = sync.confirmed_contiguous(info.contiguous_length, |i| core.has(i));
     info
 }
 

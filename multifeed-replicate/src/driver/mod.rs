@@ -85,19 +85,10 @@ struct FeedState {
     channel: Option<Channel>,
     /// Whether we asked the protocol to open its channel.
     opened: bool,
+    /// Every per-feed decision: what the peer has, what is in flight, the target, pipelining.
     sync: SyncState,
-    /// For feeds we download (non-live): the length to reach.
-    target: Option<u64>,
-    /// Set once an answer came out of order: node counts assume only our contiguous blocks.
-    cautious: bool,
-    /// Requests in flight whose node count assumed the block before arrives first.
-    optimistic: HashSet<u64>,
-    /// Answers in a row that brought no block and no length.
-    fruitless: u32,
     /// `core` is a probe in memory: the host does not have the feed yet.
     probe: bool,
-    /// Blocks below this are confirmed held (see [`fetch::checked_info`]).
-    verified: u64,
 }
 
 enum Next {
@@ -771,8 +762,8 @@ impl Driver {
         self.known.insert(dk, key);
         self.unknown_channels.remove(&dk);
         if let Some(feed) = self.feeds.get_mut(&dk) {
-            if target.is_some() {
-                feed.target = target;
+            if let Some(target) = target {
+                feed.sync.set_target(target);
             }
         } else {
             if self.unavailable.contains(&key) {
@@ -817,13 +808,14 @@ impl Driver {
                     core,
                     channel: None,
                     opened: false,
-                    sync: SyncState::new(self.config.max_in_flight),
-                    target,
-                    cautious: false,
-                    optimistic: HashSet::new(),
-                    fruitless: 0,
+                    sync: {
+                        let mut sync = SyncState::new(self.config.max_in_flight);
+                        if let Some(target) = target {
+                            sync.set_target(target);
+                        }
+                        sync
+                    },
                     probe,
-                    verified: 0,
                 },
             );
         }
@@ -842,7 +834,7 @@ impl Driver {
     async fn feed_info(&mut self, dk: &DiscoveryKey) -> Option<hypercore::Info> {
         let feed = self.feeds.get_mut(dk)?;
         let core = feed.core.lock().await;
-        Some(fetch::checked_info(&core, &mut feed.verified))
+        Some(fetch::checked_info(&core, &mut feed.sync))
     }
 
     async fn attach_channel(
@@ -870,7 +862,7 @@ impl Driver {
         };
         let info = {
             let core = feed.core.lock().await;
-            fetch::checked_info(&core, &mut feed.verified)
+            fetch::checked_info(&core, &mut feed.sync)
         };
         let mut messages = vec![Message::Synchronize(Synchronize {
             fork: info.fork,
@@ -936,9 +928,9 @@ impl Driver {
                     self.backlog.on_progress();
                 }
                 let first = feed.sync.on_remote_sync(sync.fork, sync.length);
-                if feed.target.is_none() && self.exchange.is_none() && !self.config.live {
+                if feed.sync.target().is_none() && self.exchange.is_none() && !self.config.live {
                     // Plain mode: download up to what the peer has.
-                    feed.target = Some(sync.length);
+                    feed.sync.set_target(sync.length);
                     if self
                         .config
                         .plain_feeds
@@ -949,7 +941,7 @@ impl Driver {
                     }
                     let contiguous = {
                         let core = feed.core.lock().await;
-                        fetch::checked_info(&core, &mut feed.verified).contiguous_length
+                        fetch::checked_info(&core, &mut feed.sync).contiguous_length
                     };
                     if contiguous < sync.length {
                         self.blocks_known += sync.length - contiguous;
@@ -987,7 +979,6 @@ impl Driver {
             Message::NoData(no_data) => {
                 if let Some(feed) = self.feeds.get_mut(&dk) {
                     feed.sync.on_no_data(no_data.request);
-                    feed.optimistic.remove(&no_data.request);
                 }
                 self.request_more(dk).await?;
             }
@@ -1086,7 +1077,7 @@ impl Driver {
             let all_known = plain.iter().all(|key| {
                 self.feeds
                     .get(&discovery_key(key))
-                    .is_some_and(|feed| feed.target.is_some())
+                    .is_some_and(|feed| feed.sync.target().is_some())
             });
             if !plain.is_empty() && all_known && self.incomplete.is_empty() {
                 self.finished = true;

@@ -62,7 +62,7 @@ impl Driver {
         if let Some(feed) = self.feeds.get_mut(&dk) {
             feed.core = core;
             feed.probe = false;
-            feed.verified = 0;
+            feed.sync.forget_confirmed();
         }
         self.start_waiting().await?;
         Ok(true)
