@@ -66,7 +66,9 @@ impl Multifeed {
 
     /// Denies `key`: a feed under it is never offered to peers nor requested from them, and
     /// never added from them, across restarts, until [`allow`](Self::allow). A feed already
-    /// stored stays (readable here); remove it with [`remove_feed`](Self::remove_feed).
+    /// stored stays (readable here); remove it with [`remove_feed`](Self::remove_feed). A live
+    /// replication that already agreed on the feed goes on syncing it until it ends; every
+    /// later offer and request honours the deny.
     pub async fn deny(&self, key: &FeedKey) -> Result<(), Error> {
         self.set_mark(key, KeyMark::Denied).await
     }
