@@ -59,6 +59,13 @@ pub enum DecodeError {
     TrailingBytes(usize),
 }
 
+impl DecodeError {
+    /// The JS multifeed code of a message that does not decode (as [`MetaError::Decode`] has).
+    pub fn code(&self) -> &'static str {
+        "ERR_MALFORMED_MESSAGE"
+    }
+}
+
 /// What ends a meta exchange.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]

@@ -508,3 +508,11 @@ proptest! {
         let _ = Message::decode(&bytes);
     }
 }
+
+#[test]
+fn undecodable_bytes_have_the_malformed_message_code() {
+    let err = Message::decode(&[]).expect_err("empty");
+    assert_eq!(err, crate::DecodeError::Empty);
+    assert_eq!(err.code(), "ERR_MALFORMED_MESSAGE");
+    assert_eq!(MetaError::Decode(err).code(), "ERR_MALFORMED_MESSAGE");
+}
