@@ -47,6 +47,7 @@
 //! # }).unwrap();
 //! ```
 
+mod adapter;
 mod backlog;
 mod close;
 mod config;

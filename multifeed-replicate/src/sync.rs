@@ -399,42 +399,10 @@ pub(crate) fn anchor_held(
             || (first < index && has(index - 1)))
 }
 
-/// Whether a peer's request is one hypercore 0.16 answers without panicking: a block below our
-/// length, an upgrade that ends within it (and after the block), neither hash nor seek (we never
-/// ask for those, and hypercore panics on many of them). `nodes` counts tree levels, at most 64.
-pub(crate) fn servable(request: &hypercore_protocol::schema::Request, length: u64) -> bool {
-    if request.hash.is_some() || request.seek.is_some() {
-        return false;
-    }
-    let end = match &request.upgrade {
-        Some(upgrade) => match upgrade.start.checked_add(upgrade.length) {
-            Some(end) if upgrade.length > 0 && end <= length => end,
-            _ => return false,
-        },
-        None => length,
-    };
-    match &request.block {
-        Some(block) => block.index < end && block.nodes <= 64,
-        None => request.upgrade.is_some(),
-    }
-}
-
-/// Whether every node of a proof has a 32-byte hash (hypercore 0.16 panics later, when it writes
-/// a node with another length, instead of refusing the proof).
-pub(crate) fn well_formed(data: &hypercore_protocol::schema::Data) -> bool {
-    let ok = |nodes: &[hypercore_schema::Node]| nodes.iter().all(|n| n.hash.len() == 32);
-    data.block.as_ref().is_none_or(|b| ok(&b.nodes))
-        && data.hash.as_ref().is_none_or(|h| ok(&h.nodes))
-        && data.seek.as_ref().is_none_or(|s| ok(&s.nodes))
-        && data
-            .upgrade
-            .as_ref()
-            .is_none_or(|u| ok(&u.nodes) && ok(&u.additional_nodes))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::adapter::servable;
     use hypercore_protocol::schema::Request;
     use hypercore_schema::{RequestBlock, RequestSeek, RequestUpgrade};
     use rand::{Rng, SeedableRng};

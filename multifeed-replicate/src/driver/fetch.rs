@@ -1,14 +1,12 @@
 //! Fetching: the requests we send for a feed's upgrade and blocks, and what we do with the
 //! answers (verify, store, ask again, or give up on a peer whose answers bring nothing).
 
-use std::panic::AssertUnwindSafe;
-
-use futures::FutureExt;
 use hypercore_protocol::schema::{Data, Request};
 use hypercore_protocol::Message;
 use hypercore_schema::{RequestBlock, RequestUpgrade};
 
 use super::{DiscoveryKey, Driver, MAX_FRUITLESS_ANSWERS};
+use crate::adapter::Applied;
 use crate::error::PeerViolation;
 use crate::sync::{Asked, Download, SyncState};
 use crate::ReplicateError;
@@ -119,7 +117,7 @@ impl Driver {
             self.fruitless(dk)?;
             return self.request_more(dk).await;
         }
-        if !crate::sync::well_formed(&data) {
+        if !crate::adapter::well_formed(&data) {
             return Err(ReplicateError::InvalidProof {
                 key: feed.key,
                 reason: "a tree node hash is not 32 bytes".to_owned(),
@@ -155,45 +153,30 @@ impl Driver {
                 }
             }
             let had_block = asked_block.is_some_and(|index| core.has(index));
-            let applied = AssertUnwindSafe(core.verify_and_apply_proof(&proof))
-                .catch_unwind()
-                .await;
+            let applied = crate::adapter::apply_proof(&mut core, &proof).await;
             let held = asked_block.map(|index| core.has(index));
             let after = checked_info(&core, &mut feed.sync);
             (applied, before, after, (had_block, held))
         };
         let (had_block, held) = stored;
         let stored = !had_block && held == Some(true);
-        let applied = match applied {
-            Ok(applied) => applied,
-            Err(_) => {
-                return Err(ReplicateError::InvalidProof {
-                    key: feed.key,
-                    reason: "hypercore panicked while verifying the proof".to_owned(),
-                })
-            }
-        };
         // Not applied (another fork), or the block asked for is still missing: the answer
         // brought nothing. A block that arrived twice (from two peers) is not the peer's fault.
         let useless = match applied {
-            Ok(applied) => !applied || held == Some(false),
-            Err(_) => false,
-        };
-        match applied {
-            Ok(_) => {}
-            Err(hypercore::HypercoreError::IO { context, source }) => {
+            Applied::Verified(changed) => !changed || held == Some(false),
+            Applied::Io(source) => {
                 return Err(ReplicateError::Hypercore {
                     key: feed.key,
-                    source: hypercore::HypercoreError::IO { context, source },
+                    source,
                 })
             }
-            Err(err) => {
+            Applied::Invalid(reason) => {
                 return Err(ReplicateError::InvalidProof {
                     key: feed.key,
-                    reason: err.to_string(),
+                    reason,
                 })
             }
-        }
+        };
         let progressed = stored || info.length != before.length || info.fork != before.fork;
         if progressed {
             feed.sync.progressed();

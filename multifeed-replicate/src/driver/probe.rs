@@ -2,12 +2,10 @@
 //! a signed root of it verified, so keys offered and never served, empty feeds and forgeries
 //! leave nothing behind.
 
-use std::panic::AssertUnwindSafe;
-
-use futures::FutureExt;
 use multifeed_storage::{FeedKey, SharedCore};
 
 use super::{change_stream, DiscoveryKey, Driver, MAX_PROBES};
+use crate::adapter::Applied;
 use crate::{ReplicateError, ReplicationEvent};
 
 impl Driver {
@@ -40,17 +38,11 @@ impl Driver {
             let mut real = core.lock().await;
             // Another connection may have added it meanwhile: then it has this root already.
             if real.info().length == 0 {
-                let applied = AssertUnwindSafe(real.verify_and_apply_proof(proof))
-                    .catch_unwind()
-                    .await;
-                match applied {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(err)) => return Err(ReplicateError::hypercore(&key, err)),
-                    Err(_) => {
-                        return Err(ReplicateError::InvalidProof {
-                            key,
-                            reason: "hypercore panicked while verifying the proof".to_owned(),
-                        })
+                match crate::adapter::apply_proof(&mut real, proof).await {
+                    Applied::Verified(_) => {}
+                    Applied::Io(err) => return Err(ReplicateError::hypercore(&key, err)),
+                    Applied::Invalid(reason) => {
+                        return Err(ReplicateError::InvalidProof { key, reason })
                     }
                 }
             }

@@ -1,9 +1,6 @@
 //! Serving: answering the peer's requests with proofs, and holding them (bounded) while the
 //! transport is behind.
 
-use std::panic::AssertUnwindSafe;
-
-use futures::FutureExt;
 use hypercore_protocol::schema::{Data, NoData, Request};
 use hypercore_protocol::Message;
 
@@ -54,36 +51,22 @@ impl Driver {
         let key = feed.key;
         let mut proof = {
             let mut core = feed.core.lock().await;
-            if crate::sync::servable(&request, core.info().length) {
-                // Validation keeps hypercore 0.16 from panicking on hostile requests; a panic
-                // it still finds is contained and answered like a request we cannot serve.
-                AssertUnwindSafe(core.create_proof(
-                    request.block,
-                    request.hash,
-                    request.seek,
-                    request.upgrade,
-                ))
-                .catch_unwind()
-                .await
-                .unwrap_or(Ok(None))
-            } else {
-                Ok(None)
-            }
+            crate::adapter::create_proof(&mut core, &request).await
         };
         // Never serve bytes the feed's own tree contradicts (damaged on disk).
-        if let Ok(Some(found)) = &proof {
+        if let Some(found) = &proof {
             if let Some(block) = &found.block {
                 if !self
                     .host
                     .block_intact(&key, block.index, &block.value)
                     .await
                 {
-                    proof = Ok(None);
+                    proof = None;
                 }
             }
         }
         let message = match proof {
-            Ok(Some(proof)) => {
+            Some(proof) => {
                 self.backlog.on_progress();
                 if proof.upgrade.is_some() {
                     if let Some(feed) = self.feeds.get_mut(&dk) {
@@ -104,7 +87,7 @@ impl Driver {
                 })
             }
             // We lack it, or the request makes no sense for this feed: say so, keep going.
-            Ok(None) | Err(_) => Message::NoData(NoData {
+            None => Message::NoData(NoData {
                 request: request.id,
             }),
         };
