@@ -294,7 +294,9 @@ impl Driver {
                 (dk, messages) = self.inbound.select_next_some() => {
                     self.on_messages(dk, messages).await?
                 }
-                item = events.next() => match self.on_protocol_item(item, &mut events).await {
+                // On the heap: handling an event is the deepest, largest part of the run, and
+                // debug builds overflowed a 2 MiB test thread's stack with it inline.
+                item = events.next() => match Box::pin(self.on_protocol_item(item, &mut events)).await {
                     Step::Next(next) => next,
                     Step::End(result) => return result,
                 },
