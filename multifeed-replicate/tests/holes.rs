@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::{seeded_rng, within, TestHost};
@@ -42,33 +43,28 @@ async fn sparse_copy(from: &TestHost, to: &TestHost, key: &[u8; 32], wanted: &[u
     assert!(info.contiguous_length < length, "the copy has holes");
 }
 
+/// An author with a feed of 50 to 400 entries and a replica holding block 0 (it carries the
+/// upgrade) and each other block with probability `kept`: stored runs with holes between.
+async fn sparse_replica(
+    rng: &mut impl Rng,
+    kept: f64,
+) -> (Arc<TestHost>, Arc<TestHost>, [u8; 32], u64, Vec<u64>) {
+    let author = TestHost::new();
+    let length = rng.gen_range(50..400u64);
+    let key = author.writer(length).await;
+    let replica = TestHost::new();
+    let mut wanted = vec![0];
+    wanted.extend((1..length).filter(|_| rng.gen_bool(kept)));
+    sparse_copy(&author, &replica, &key, &wanted).await;
+    (author, replica, key, length, wanted)
+}
+
 #[async_std::test]
 async fn holes_are_filled_from_a_peer_that_has_the_blocks() {
     let mut rng = seeded_rng();
     for round in 0..5 {
-        let author = TestHost::new();
-        let length = rng.gen_range(50..400u64);
-        let key = author.writer(length).await;
-        let replica = TestHost::new();
-        // A few stored runs with holes between them, always block 0 (it carries the upgrade).
-        let mut wanted = vec![0];
-        wanted.extend((1..length).filter(|_| rng.gen_bool(0.4)));
-        wanted.sort_unstable();
-        wanted.dedup();
-        sparse_copy(&author, &replica, &key, &wanted).await;
-        let config =
-            |initiator| ReplicateConfig::new(initiator).idle_timeout(Duration::from_secs(5));
-        let (a, b) = async_std::os::unix::net::UnixStream::pair().expect("socket pair");
-        let (ha, hr): (std::sync::Arc<dyn FeedHost>, std::sync::Arc<dyn FeedHost>) =
-            (author.clone(), replica.clone());
-        let (ra, rr) = within(
-            "a sync that fills the holes",
-            futures::future::join(
-                replicate(a, ha, config(true)),
-                replicate(b, hr, config(false)),
-            ),
-        )
-        .await;
+        let (author, replica, key, length, wanted) = sparse_replica(&mut rng, 0.4).await;
+        let (ra, rr) = sync(&author, &replica).await;
         ra.unwrap_or_else(|e| panic!("round {round}: author: {e}"));
         let summary = rr.unwrap_or_else(|e| panic!("round {round}: replica: {e}"));
         assert_eq!(
@@ -86,8 +82,8 @@ async fn holes_are_filled_from_a_peer_that_has_the_blocks() {
 
 /// Syncs `a` and `b` (non-live) and returns both results.
 async fn sync(
-    a: &std::sync::Arc<TestHost>,
-    b: &std::sync::Arc<TestHost>,
+    a: &Arc<TestHost>,
+    b: &Arc<TestHost>,
 ) -> (
     Result<multifeed_replicate::ReplicateSummary, multifeed_replicate::ReplicateError>,
     Result<multifeed_replicate::ReplicateSummary, multifeed_replicate::ReplicateError>,
@@ -128,13 +124,7 @@ async fn held_blocks_are_the_authors(host: &TestHost, key: &[u8; 32], what: &str
 async fn a_sync_with_a_writer_restarted_without_its_signed_tail_ends_with_what_it_could_give() {
     let mut rng = seeded_rng();
     for round in 0..8 {
-        let author = TestHost::new();
-        let length = rng.gen_range(50..400u64);
-        let key = author.writer(length).await;
-        let replica = TestHost::new();
-        let mut wanted = vec![0];
-        wanted.extend((1..length).filter(|_| rng.gen_bool(0.3)));
-        sparse_copy(&author, &replica, &key, &wanted).await;
+        let (author, replica, key, length, _) = sparse_replica(&mut rng, 0.3).await;
         // The writer crashed and came back with fewer entries than the replica knows of.
         let kept = rng.gen_range(1..length);
         let restarted = TestHost::new();
