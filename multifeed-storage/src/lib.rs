@@ -49,8 +49,8 @@
 mod error;
 mod factory;
 mod index;
-mod oplog_guard;
-pub use oplog_guard::oplog_tree_nodes;
+mod oplog;
+pub use oplog::oplog_tree_nodes;
 mod root;
 mod shared;
 mod store;

@@ -9,7 +9,7 @@ use random_access_storage::RandomAccessError;
 
 use crate::factory::{BoxedStore, StorageFactory};
 use crate::index::{Entry, FeedIndex, FeedOrigin, FeedRecord, IndexRecovery, KeyMark};
-use crate::oplog_guard;
+use crate::oplog;
 use crate::{FeedKey, StorageError};
 
 /// Path of the index inside the root.
@@ -374,7 +374,7 @@ impl FeedOpener {
             }
         }
         let copied = self.restored_header(record).await?;
-        let facts = oplog_guard::oplog_header_facts(&oplog)
+        let facts = oplog::oplog_header_facts(&oplog)
             .filter(|facts| facts.public == record.key)
             .into_iter()
             .chain(copied)
@@ -419,14 +419,14 @@ impl FeedOpener {
     async fn restored_header(
         &self,
         record: &FeedRecord,
-    ) -> Result<Option<oplog_guard::HeaderFacts>, StorageError> {
+    ) -> Result<Option<oplog::HeaderFacts>, StorageError> {
         let path = format!("{}/{DAMAGED_DIR}/oplog", record.namespace);
         if !self.factory.holds(&path) {
             return Ok(None);
         }
         let mut store = self.open_store(&path).await?;
         let bytes = read_all(&mut store, &path).await?;
-        Ok(oplog_guard::oplog_header_facts(&bytes).filter(|facts| facts.public == record.key))
+        Ok(oplog::oplog_header_facts(&bytes).filter(|facts| facts.public == record.key))
     }
 
     async fn open_store(&self, path: &str) -> Result<BoxedStore, StorageError> {
@@ -529,10 +529,10 @@ async fn core_storage(
                 .map_err(|e| StorageError::io(&path, e))?,
         );
     }
-    // Hypercore 0.16 misreads oplogs and bitfields it wrote itself; see `oplog_guard`.
+    // Hypercore 0.16 misreads oplogs and bitfields it wrote itself; see the `oplog` module.
     let oplog_path = format!("{}/oplog", record.namespace);
     if let (Some(bitfield), Some(oplog)) = (stores[2].take(), stores[3].take()) {
-        let (bitfield, oplog) = oplog_guard::guard(bitfield, oplog)
+        let (bitfield, oplog) = oplog::guard(bitfield, oplog)
             .await
             .map_err(|e| StorageError::io(&oplog_path, e))?;
         stores[2] = Some(Box::new(bitfield));

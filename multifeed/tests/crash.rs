@@ -14,7 +14,7 @@
 //! Hypercore 0.16 alone fails this test: about one kill in 20–50 left an acknowledged feed that
 //! no longer loaded ("Could not load node: N, store tree, blank"), and replicas reopened with a
 //! wrong length or not at all. The storage layer's oplog guard
-//! (`multifeed-storage/src/oplog_guard.rs`) fixes the causes; `multifeed-storage/tests/
+//! (`multifeed-storage/src/oplog/`) fixes the causes; `multifeed-storage/tests/
 //! crash_points.rs` kills at every single write, deterministically.
 
 use std::collections::HashMap;
