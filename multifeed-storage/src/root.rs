@@ -348,31 +348,7 @@ impl FeedOpener {
         &self,
         record: &FeedRecord,
     ) -> Result<RestoredFeed, StorageError> {
-        let keep_copy = !self
-            .factory
-            .holds(&format!("{}/{DAMAGED_DIR}/oplog", record.namespace));
-        let mut oplog = Vec::new();
-        for file in FEED_FILES {
-            let path = format!("{}/{file}", record.namespace);
-            let mut store = self.open_store(&path).await?;
-            let bytes = read_all(&mut store, &path).await?;
-            if keep_copy && !bytes.is_empty() {
-                let copy_path = format!("{}/{DAMAGED_DIR}/{file}", record.namespace);
-                let mut copy = self.open_store(&copy_path).await?;
-                copy.truncate(0)
-                    .await
-                    .map_err(|e| StorageError::io(&copy_path, e))?;
-                copy.write(0, &bytes)
-                    .await
-                    .map_err(|e| StorageError::io(&copy_path, e))?;
-                copy.sync_all()
-                    .await
-                    .map_err(|e| StorageError::io(&copy_path, e))?;
-            }
-            if file == "oplog" {
-                oplog = bytes;
-            }
-        }
+        let oplog = self.keep_damaged_copy(record).await?;
         let copied = self.restored_header(record).await?;
         let facts = oplog::oplog_header_facts(&oplog)
             .filter(|facts| facts.public == record.key)
@@ -416,6 +392,56 @@ impl FeedOpener {
             .map(|facts| facts.length))
     }
 
+    /// Copies the feed's four files to `<namespace>/damaged/` (once: a later call keeps the
+    /// first copy); returns the live oplog's bytes.
+    async fn keep_damaged_copy(&self, record: &FeedRecord) -> Result<Vec<u8>, StorageError> {
+        let keep_copy = !self
+            .factory
+            .holds(&format!("{}/{DAMAGED_DIR}/oplog", record.namespace));
+        let mut oplog = Vec::new();
+        for file in FEED_FILES {
+            let path = format!("{}/{file}", record.namespace);
+            let mut store = self.open_store(&path).await?;
+            let bytes = read_all(&mut store, &path).await?;
+            if keep_copy && !bytes.is_empty() {
+                let copy_path = format!("{}/{DAMAGED_DIR}/{file}", record.namespace);
+                let mut copy = self.open_store(&copy_path).await?;
+                copy.truncate(0)
+                    .await
+                    .map_err(|e| StorageError::io(&copy_path, e))?;
+                copy.write(0, &bytes)
+                    .await
+                    .map_err(|e| StorageError::io(&copy_path, e))?;
+                copy.sync_all()
+                    .await
+                    .map_err(|e| StorageError::io(&copy_path, e))?;
+            }
+            if file == "oplog" {
+                oplog = bytes;
+            }
+        }
+        Ok(oplog)
+    }
+
+    /// Before a local feed is opened: if its oplog logs appends after a damaged entry (which
+    /// opening cuts, hiding them), keeps a copy of its files in `damaged/` so the length they
+    /// record survives the cut; [`restored_length`](Self::restored_length) then reports it.
+    /// Returns that length. Reads the oplog once (it holds only the entries since the last
+    /// header).
+    pub async fn keep_entries_lost_to_damage(
+        &self,
+        record: &FeedRecord,
+    ) -> Result<Option<u64>, StorageError> {
+        let path = format!("{}/oplog", record.namespace);
+        let mut store = self.open_store(&path).await?;
+        let content = read_all(&mut store, &path).await?;
+        let Some(lost) = oplog::length_lost_to_damage(&content) else {
+            return Ok(None);
+        };
+        self.keep_damaged_copy(record).await?;
+        Ok(Some(lost))
+    }
+
     async fn restored_header(
         &self,
         record: &FeedRecord,
@@ -426,7 +452,13 @@ impl FeedOpener {
         }
         let mut store = self.open_store(&path).await?;
         let bytes = read_all(&mut store, &path).await?;
-        Ok(oplog::oplog_header_facts(&bytes).filter(|facts| facts.public == record.key))
+        let lost = oplog::length_lost_to_damage(&bytes);
+        Ok(oplog::oplog_header_facts(&bytes)
+            .filter(|facts| facts.public == record.key)
+            .map(|mut facts| {
+                facts.length = facts.length.max(lost.unwrap_or(0));
+                facts
+            }))
     }
 
     async fn open_store(&self, path: &str) -> Result<BoxedStore, StorageError> {

@@ -137,6 +137,12 @@ impl Inner {
             CoreState::Open(core) => Ok(core.clone()),
             CoreState::Closed => Err(Error::Closed),
             CoreState::Unopened => {
+                if slot.record.origin == FeedOrigin::Local {
+                    // Appends logged after a damaged oplog entry are cut when the feed opens:
+                    // their length is kept first, so they count as missing, not as never
+                    // written (and no append signs over them before a peer brings them back).
+                    Box::pin(self.opener.keep_entries_lost_to_damage(&slot.record)).await?;
+                }
                 // On the heap: opening, resetting and restoring are large futures, and this one
                 // is awaited deep inside every replication (debug builds overflowed a stack).
                 let core = match Box::pin(self.opener.open_feed(&slot.record)).await {
@@ -181,13 +187,40 @@ impl Inner {
                 }
                 if slot.record.origin == FeedOrigin::Local && slot.restored_length.get().is_none() {
                     let restored = Box::pin(self.opener.restored_length(&slot.record)).await?;
-                    let _ = slot.restored_length.set(restored);
+                    let written = self.tree_leaves(&slot.record).await;
+                    let length = core.info().length;
+                    // Leaves in the tree file past the length the feed opened with: its newest
+                    // header was damaged and hypercore fell back to the older slot. Those
+                    // entries were acknowledged; they count as missing until a peer brings them.
+                    let known = match (restored, written.filter(|&leaves| leaves > length)) {
+                        (Some(a), Some(b)) => Some(a.max(b)),
+                        (a, b) => a.or(b),
+                    };
+                    let _ = slot.restored_length.set(known);
                 }
                 let core = SharedCore::new(core);
                 *state = CoreState::Open(core.clone());
                 Ok(core)
             }
         }
+    }
+
+    /// How many leaves a feed's tree file holds nodes for (the highest node stored is always
+    /// the last leaf's: a parent sits between its children), or `None` if it cannot be read
+    /// beside the hypercore.
+    async fn tree_leaves(&self, record: &multifeed_storage::FeedRecord) -> Option<u64> {
+        if !self.factory.reopens_same_store() {
+            return None;
+        }
+        let path = format!("{}/tree", record.namespace);
+        let mut store = self.factory.open(&path).await.ok()?;
+        let nodes = store.len().await.ok()? / 40;
+        let last = nodes.checked_sub(1)?;
+        let node = store.read(last * 40, 40).await.ok()?;
+        if node.iter().all(|&byte| byte == 0) || last % 2 == 1 {
+            return None;
+        }
+        Some(last / 2 + 1)
     }
 
     /// Whether `value`, read as block `index` of the slot's feed, is what the feed's tree

@@ -47,5 +47,5 @@ mod tests;
 
 pub(crate) use codec::HeaderFacts;
 pub(crate) use guard::guard;
-pub(crate) use plan::oplog_header_facts;
 pub use plan::oplog_tree_nodes;
+pub(crate) use plan::{length_lost_to_damage, oplog_header_facts};

@@ -276,3 +276,45 @@ pub(crate) fn oplog_header_facts(content: &[u8]) -> Option<HeaderFacts> {
     facts.length = facts.length.max(logged.unwrap_or(0));
     Some(facts)
 }
+
+/// The signed length that entries logged *after a damaged one* record, when it is longer than
+/// what the valid entries before the damage reach: acknowledged appends the guard has to cut
+/// (their entry is unreadable), which hypercore would otherwise hide by reopening shorter.
+///
+/// A torn write of the last entry (a kill mid-append) leaves nothing valid after it: `None`,
+/// as for an undamaged oplog. A damaged entry is skipped by the length its leader states; a
+/// leader damaged so that its length is unknown ends the search.
+pub(crate) fn length_lost_to_damage(content: &[u8]) -> Option<u64> {
+    let scanned = scan(content);
+    let current_bit = scanned.current? == 1;
+    let kept = scanned
+        .entries
+        .iter()
+        .filter_map(|entry| Some(entry_parts(entry)?.upgrade?.1.length))
+        .max()
+        .unwrap_or(0);
+    let mut pos = usize::try_from(ENTRIES_START + scanned.entries_len).ok()?;
+    let (mut damaged, mut lost) = (false, None::<u64>);
+    while let Some(rest) = content.get(pos..).filter(|rest| rest.len() >= LEADER_SIZE) {
+        let stated = (u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]) >> 2) as usize;
+        match leader(rest) {
+            Leader::Valid {
+                len, header_bit, ..
+            } => {
+                if damaged && header_bit == current_bit {
+                    let entry = &rest[LEADER_SIZE..LEADER_SIZE + len];
+                    if let Some((_, tree)) = entry_parts(entry).and_then(|parts| parts.upgrade) {
+                        lost = Some(lost.unwrap_or(0).max(tree.length));
+                    }
+                }
+                pos += LEADER_SIZE + len;
+            }
+            Leader::Damaged => {
+                damaged = true;
+                pos += LEADER_SIZE + stated;
+            }
+            Leader::Absent => break,
+        }
+    }
+    lost.filter(|&length| length > kept)
+}

@@ -288,3 +288,20 @@ fn writes_after_reopen_append_after_pending_entries() {
         assert_eq!(store.snapshot().len(), ENTRIES_START as usize + next.len());
     });
 }
+
+#[test]
+fn appends_logged_after_a_damaged_entry_are_told_apart_from_a_torn_last_write() {
+    let h = with_leader(&header(2), false, false);
+    let first = with_leader(&append_entry(3), false, false);
+    let mut damaged = with_leader(&append_entry(4), false, false);
+    damaged[12] ^= 0x20; // inside the payload: the leader's length still holds
+    let after = with_leader(&append_entry(5), false, false);
+    // A damaged entry followed by a valid one of the same header: length 5 was signed and is lost.
+    let bytes = oplog(&h, None, &[first.clone(), damaged.clone(), after]);
+    assert_eq!(length_lost_to_damage(&bytes), Some(5));
+    // The same damage as the last entry looks like a write torn by a kill: nothing is claimed.
+    let torn = oplog(&h, None, &[first.clone(), damaged]);
+    assert_eq!(length_lost_to_damage(&torn), None);
+    // An undamaged oplog loses nothing.
+    assert_eq!(length_lost_to_damage(&oplog(&h, None, &[first])), None);
+}
