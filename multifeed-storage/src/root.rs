@@ -432,6 +432,10 @@ impl FeedOpener {
         &self,
         record: &FeedRecord,
     ) -> Result<Option<u64>, StorageError> {
+        // A factory whose second open may give another store cannot be read beside hypercore.
+        if !self.factory.reopens_same_store() {
+            return Ok(None);
+        }
         let path = format!("{}/oplog", record.namespace);
         let mut store = self.open_store(&path).await?;
         let content = read_all(&mut store, &path).await?;
