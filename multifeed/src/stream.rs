@@ -123,37 +123,33 @@ async fn step(mut cursor: Cursor) -> Option<(Result<(u64, Vec<u8>), Error>, Curs
                 return Some((Err(err), cursor));
             }
         };
+        // Seen before the read: a change after it wakes the wait below.
         let seen = core.version();
         let index = cursor.next;
-        let (length, held) = {
-            let core = core.lock().await;
-            (core.info().length, core.has(index))
-        };
-        if index < length && held {
-            cursor.next += 1;
-            match cursor.feed.get(index).await {
-                Ok(Some(bytes)) => return Some((Ok((index, bytes)), cursor)),
-                // Dropped between the check and the read (another reader found it damaged).
-                Ok(None) => cursor.next = index,
-                Err(err @ Error::Closed) => {
-                    cursor.done = true;
-                    return Some((Err(err), cursor));
-                }
-                Err(err) => return Some((Err(err), cursor)),
+        match cursor.feed.get(index).await {
+            Ok(Some(bytes)) => {
+                cursor.next += 1;
+                return Some((Ok((index, bytes)), cursor));
             }
-        } else if cursor.mode == ReadMode::Snapshot {
-            if index >= length {
-                return None;
-            }
-            // A local writer's missing block is an error; a replica's is not here yet.
-            cursor.next += 1;
-            if let Err(err) = cursor.feed.get(index).await {
+            Ok(None) => {}
+            Err(err) => {
+                // Closed ends the stream; a damaged or missing entry is reported and passed.
+                cursor.done = matches!(err, Error::Closed);
+                cursor.next += 1;
                 return Some((Err(err), cursor));
             }
-            continue;
         }
-        if cursor.mode == ReadMode::Live && !(index < length && held) {
-            core.changed(seen).await;
+        // Not here: a replica's block not downloaded yet, or past the feed's length.
+        match cursor.mode {
+            ReadMode::Snapshot => {
+                if index >= core.lock().await.info().length {
+                    return None;
+                }
+                cursor.next += 1;
+            }
+            ReadMode::Live => {
+                core.changed(seen).await;
+            }
         }
     }
 }

@@ -61,19 +61,23 @@ impl Chatter {
         stdin.flush().expect("flush");
     }
 
-    /// Ends input; the example closes and exits.
+    /// Ends input; the example closes and exits (waited for on a thread, bounded).
     fn leave(mut self) {
         drop(self.child.stdin.take());
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while std::time::Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                assert!(status.success(), "the chat exited with {status}");
-                return;
+        let mut child = self.child;
+        let pid = child.id();
+        let (send, exited) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = send.send(child.wait());
+        });
+        match exited.recv_timeout(Duration::from_secs(30)) {
+            Ok(Ok(status)) => assert!(status.success(), "the chat exited with {status}"),
+            Ok(Err(err)) => panic!("waiting for the chat failed: {err}"),
+            Err(_) => {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+                panic!("the chat did not exit within 30 s of its input ending");
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
-        let _ = self.child.kill();
-        panic!("the chat did not exit within 30 s of its input ending");
     }
 }
 

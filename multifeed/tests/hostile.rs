@@ -100,6 +100,14 @@ impl Session {
 
     /// Reads the honest side's messages, running the exchange, until `done` says so; returns the
     /// feed-channel messages seen on the way.
+    /// A non-live session that offers one feed, `key` at `length`, and waits until the honest
+    /// side agreed to replicate it.
+    async fn agreed_on(socket: Socket, key: [u8; 32], length: u64) -> Self {
+        let mut session = Self::start(socket, false, vec![FeedOffer { key, length }]).await;
+        session.until(|s| s.agreed.contains(&key)).await;
+        session
+    }
+
     async fn until(&mut self, mut done: impl FnMut(&Self) -> bool) -> Vec<Message> {
         let mut others = Vec::new();
         while !done(self) {
@@ -200,9 +208,7 @@ async fn answers_for_another_fork_end_the_sync_instead_of_a_livelock() {
         ReplicateOptions::new(false),
         Duration::from_secs(30),
         |socket| async move {
-            let offer = FeedOffer { key, length: 5 };
-            let mut session = Session::start(socket, false, vec![offer]).await;
-            session.until(|s| s.agreed.contains(&key)).await;
+            let mut session = Session::agreed_on(socket, key, 5).await;
             session.open_feed_channel(&key, 5).await;
             let mut answered = 0u32;
             while answered < 1_000 {
@@ -265,9 +271,7 @@ async fn chatter_without_progress_does_not_keep_a_sync_alive() {
         options,
         Duration::from_secs(20),
         |socket| async move {
-            let offer = FeedOffer { key, length: 5 };
-            let mut session = Session::start(socket, false, vec![offer]).await;
-            session.until(|s| s.agreed.contains(&key)).await;
+            let mut session = Session::agreed_on(socket, key, 5).await;
             let chatter = Message::Extension(Extension {
                 name: "chatter".to_owned(),
                 message: Vec::new(),
@@ -478,9 +482,7 @@ async fn an_answer_about_another_block_is_ignored_not_an_invalid_proof() {
         ReplicateOptions::new(false),
         Duration::from_secs(30),
         |socket| async move {
-            let offer = FeedOffer { key, length: 5 };
-            let mut session = Session::start(socket, false, vec![offer]).await;
-            session.until(|s| s.agreed.contains(&key)).await;
+            let mut session = Session::agreed_on(socket, key, 5).await;
             let actions = session.exchange.local_synced();
             session.apply(actions).await;
             session.open_feed_channel(&key, 5).await;

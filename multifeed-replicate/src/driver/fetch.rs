@@ -210,9 +210,6 @@ impl Driver {
                 feed.sync.retry_from(index);
             }
         }
-        if feed.sync.download(info.contiguous_length, info.length) == Download::Reached {
-            self.incomplete.remove(&dk);
-        }
         if useless && !progressed {
             self.fruitless(dk)?;
         }
