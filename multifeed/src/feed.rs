@@ -326,12 +326,7 @@ impl Feed {
     /// The entry at `index`, decoded with the multifeed's value encoding.
     pub async fn get_value(&self, index: u64) -> Result<Option<Value>, Error> {
         match self.get(index).await? {
-            Some(bytes) => self
-                .inner
-                .config
-                .encoding
-                .decode(bytes, self.key(), index)
-                .map(Some),
+            Some(bytes) => self.decode(bytes, index).map(Some),
             None => Ok(None),
         }
     }

@@ -187,7 +187,7 @@ impl Inner {
                 }
                 if slot.record.origin == FeedOrigin::Local && slot.restored_length.get().is_none() {
                     let restored = Box::pin(self.opener.restored_length(&slot.record)).await?;
-                    let written = self.tree_leaves(&slot.record).await;
+                    let written = self.tree_leaves(slot).await;
                     let length = core.info().length;
                     // Leaves in the tree file past the length the feed opened with: its newest
                     // header was damaged and hypercore fell back to the older slot. Those
@@ -208,12 +208,9 @@ impl Inner {
     /// How many leaves a feed's tree file holds nodes for (the highest node stored is always
     /// the last leaf's: a parent sits between its children), or `None` if it cannot be read
     /// beside the hypercore.
-    async fn tree_leaves(&self, record: &multifeed_storage::FeedRecord) -> Option<u64> {
-        if !self.factory.reopens_same_store() {
-            return None;
-        }
-        let path = format!("{}/tree", record.namespace);
-        let mut store = self.factory.open(&path).await.ok()?;
+    async fn tree_leaves(&self, slot: &FeedSlot) -> Option<u64> {
+        let mut tree = self.tree_store(slot).await?;
+        let store = tree.as_mut()?;
         let nodes = store.len().await.ok()? / 40;
         let last = nodes.checked_sub(1)?;
         let node = store.read(last * 40, 40).await.ok()?;
@@ -221,6 +218,23 @@ impl Inner {
             return None;
         }
         Some(last / 2 + 1)
+    }
+
+    /// The slot's second handle on its tree store, opened on first use; `None` when the
+    /// factory cannot give one beside hypercore's, or the open fails.
+    async fn tree_store<'a>(
+        &self,
+        slot: &'a FeedSlot,
+    ) -> Option<async_lock::MutexGuard<'a, Option<multifeed_storage::BoxedStore>>> {
+        if !self.factory.reopens_same_store() {
+            return None;
+        }
+        let mut tree = slot.tree.lock().await;
+        if tree.is_none() {
+            let path = format!("{}/tree", slot.record.namespace);
+            *tree = Some(self.factory.open(&path).await.ok()?);
+        }
+        Some(tree)
     }
 
     /// Whether `value`, read as block `index` of the slot's feed, is what the feed's tree
@@ -236,18 +250,10 @@ impl Inner {
         index: u64,
         value: &[u8],
     ) -> bool {
-        if !self.factory.reopens_same_store() {
+        // Not readable beside hypercore: the block cannot be judged, and is not blamed.
+        let Some(mut tree) = self.tree_store(slot).await else {
             return true;
-        }
-        let mut tree = slot.tree.lock().await;
-        if tree.is_none() {
-            let path = format!("{}/tree", slot.record.namespace);
-            match self.factory.open(&path).await {
-                Ok(store) => *tree = Some(store),
-                // Not readable now: the block cannot be judged, and is not blamed.
-                Err(_) => return true,
-            }
-        }
+        };
         let Some(store) = tree.as_mut() else {
             return true;
         };
