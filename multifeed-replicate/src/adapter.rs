@@ -1,5 +1,6 @@
-//! The hypercore 0.16 adapter for proofs: the one place replication creates or applies a proof,
-//! with the workarounds hypercore 0.16 needs to survive a hostile peer.
+//! The hypercore 0.16 adapter: the one place replication touches a hypercore (proofs, probes,
+//! promotion, tree lookups), with the workarounds hypercore 0.16 needs to survive a hostile
+//! peer. The core (`crate::proto`) decides; the driver carries its outputs out through here.
 //!
 //! * Requests hypercore would panic on (a hash or seek request, a block or upgrade past our
 //!   length, more than 64 tree levels) are refused before it sees them ([`servable`]);
@@ -17,6 +18,100 @@ use futures::FutureExt;
 use hypercore::{Hypercore, HypercoreError};
 use hypercore_protocol::schema::{Data, Request};
 use hypercore_schema::Proof;
+use multifeed_storage::{FeedKey, SharedCore};
+
+use crate::{FeedHost, ReplicateError};
+
+/// The proof answering `request` from `core`, never with bytes the feed's own tree
+/// contradicts (the host checks each block: a damaged one is answered with `None`, NoData).
+pub(crate) async fn serve(
+    core: &SharedCore,
+    host: &dyn FeedHost,
+    request: &Request,
+) -> Option<Proof> {
+    let (proof, key) = {
+        let mut core = core.lock().await;
+        let key = core.key_pair().public.to_bytes();
+        (create_proof(&mut core, request).await?, key)
+    };
+    if let Some(block) = &proof.block {
+        if !host.block_intact(&key, block.index, &block.value).await {
+            return None;
+        }
+    }
+    Some(proof)
+}
+
+/// How many tree nodes a request for block `index` asks for: those the feed lacks to verify it.
+pub(crate) async fn missing_nodes(core: &SharedCore, index: u64) -> Result<u64, ReplicateError> {
+    let mut core = core.lock().await;
+    let key = core.key_pair().public.to_bytes();
+    core.missing_nodes(index)
+        .await
+        .map_err(|e| ReplicateError::hypercore(&key, e))
+}
+
+/// A probe's first signed root verified: the host records the feed and the same proof is
+/// applied to the host's core (unless another connection added it meanwhile: then it has this
+/// root already). Returns the host's core.
+pub(crate) async fn promote(
+    host: &dyn FeedHost,
+    key: &FeedKey,
+    proof: &Proof,
+) -> Result<SharedCore, ReplicateError> {
+    let core = host
+        .add_remote_feed(key)
+        .await
+        .map_err(ReplicateError::Host)?;
+    {
+        let mut real = core.lock().await;
+        if real.info().length == 0 {
+            match apply_proof(&mut real, proof).await {
+                Applied::Verified(_) => {}
+                Applied::Io(err) => return Err(ReplicateError::hypercore(key, err)),
+                Applied::Invalid(reason) => {
+                    return Err(ReplicateError::InvalidProof { key: *key, reason })
+                }
+            }
+        }
+    }
+    core.notify_changed();
+    Ok(core)
+}
+
+/// An in-memory hypercore for a feed we do not hold yet (4 KiB pages: a probe costs little).
+pub(crate) async fn probe_core(key: &FeedKey) -> Result<SharedCore, ReplicateError> {
+    use hypercore::{HypercoreBuilder, PartialKeypair, Storage, StorageTraits};
+    let create = |_| {
+        async {
+            Ok(
+                Box::new(random_access_memory::RandomAccessMemory::new(4096))
+                    as Box<dyn StorageTraits + Send>,
+            )
+        }
+        .boxed()
+    };
+    let storage = Storage::open(create, false)
+        .await
+        .map_err(|e| ReplicateError::hypercore(key, e))?;
+    let public = hypercore::VerifyingKey::from_bytes(key).map_err(|_| {
+        ReplicateError::hypercore(
+            key,
+            HypercoreError::InvalidOperation {
+                context: "not an ed25519 public key".to_owned(),
+            },
+        )
+    })?;
+    let core = HypercoreBuilder::new(storage)
+        .key_pair(PartialKeypair {
+            public,
+            secret: None,
+        })
+        .build()
+        .await
+        .map_err(|e| ReplicateError::hypercore(key, e))?;
+    Ok(SharedCore::new(core))
+}
 
 /// The proof answering `request`, or `None` when we cannot answer it (we lack the data, the
 /// request makes no sense for this feed, or hypercore failed or panicked on it).

@@ -1,5 +1,4 @@
-//! What one connection holds in its queues, shared by the transport guard and the driver, and
-//! the clocks its timeouts read.
+//! What one connection holds in its queues, shared by the transport guard and the driver.
 //!
 //! `hypercore-protocol` 0.7.2 has two unbounded queues: it decodes everything the transport hands
 //! it into per-channel queues, and it moves everything the driver sends into a write queue. A peer
@@ -14,7 +13,6 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::Context;
-use std::time::{Duration, Instant};
 
 use futures::task::AtomicWaker;
 
@@ -35,11 +33,7 @@ pub(crate) struct Backlog {
     read_waker: AtomicWaker,
     outgoing: AtomicU64,
     drained: event_listener::Event,
-    started: Instant,
-    last_received_ms: AtomicU64,
-    last_progress_ms: AtomicU64,
     noise_done: AtomicBool,
-    exchange_done: AtomicBool,
 }
 
 impl Default for Backlog {
@@ -50,11 +44,7 @@ impl Default for Backlog {
             read_waker: AtomicWaker::new(),
             outgoing: AtomicU64::new(0),
             drained: event_listener::Event::new(),
-            started: Instant::now(),
-            last_received_ms: AtomicU64::new(0),
-            last_progress_ms: AtomicU64::new(0),
             noise_done: AtomicBool::new(false),
-            exchange_done: AtomicBool::new(false),
         }
     }
 }
@@ -79,12 +69,6 @@ impl Backlog {
     pub(crate) fn on_input(&self, messages: usize, bytes: usize) {
         self.unread_messages.fetch_add(messages, Ordering::AcqRel);
         self.unread_bytes.fetch_add(bytes, Ordering::AcqRel);
-        self.touch(&self.last_received_ms);
-    }
-
-    /// Anything arrived from the peer (also handshake messages).
-    pub(crate) fn on_received(&self) {
-        self.touch(&self.last_received_ms);
     }
 
     /// The driver took every message the protocol decoded: the guard may read again.
@@ -135,51 +119,12 @@ impl Backlog {
         }
     }
 
-    /// The replication moved forward (a block, a length, an agreed feed, an answer we served).
-    pub(crate) fn on_progress(&self) {
-        self.touch(&self.last_progress_ms);
-    }
-
     /// The Noise handshake completed.
     pub(crate) fn noise_done(&self) {
         self.noise_done.store(true, Ordering::Release);
     }
 
-    /// The multifeed handshake completed (or there is none, in plain mode).
-    pub(crate) fn exchange_done(&self) {
-        self.exchange_done.store(true, Ordering::Release);
-    }
-
     pub(crate) fn is_noise_done(&self) -> bool {
         self.noise_done.load(Ordering::Acquire)
-    }
-
-    pub(crate) fn is_exchange_done(&self) -> bool {
-        self.exchange_done.load(Ordering::Acquire)
-    }
-
-    /// Time since the connection started.
-    pub(crate) fn age(&self) -> Duration {
-        self.started.elapsed()
-    }
-
-    /// Time since anything arrived from the peer.
-    pub(crate) fn since_received(&self) -> Duration {
-        self.since(&self.last_received_ms)
-    }
-
-    /// Time since the replication last moved forward.
-    pub(crate) fn since_progress(&self) -> Duration {
-        self.since(&self.last_progress_ms)
-    }
-
-    fn touch(&self, clock: &AtomicU64) {
-        let now = self.started.elapsed().as_millis() as u64;
-        clock.fetch_max(now, Ordering::AcqRel);
-    }
-
-    fn since(&self, clock: &AtomicU64) -> Duration {
-        let at = Duration::from_millis(clock.load(Ordering::Acquire));
-        self.started.elapsed().saturating_sub(at)
     }
 }

@@ -13,7 +13,7 @@ use hypercore_protocol::schema::Open;
 use hypercore_protocol::{discovery_key, Message};
 
 use crate::close::CloseSignal;
-use crate::driver::EXTENSION;
+use crate::proto::EXTENSION;
 use crate::transport::SecureChannel;
 
 /// One end of an encrypted connection that sends raw plaintext frames.

@@ -57,6 +57,7 @@ mod host;
 #[cfg(feature = "hostile-peer")]
 #[doc(hidden)]
 pub mod hostile;
+mod proto;
 mod sync;
 mod transport;
 

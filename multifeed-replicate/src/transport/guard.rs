@@ -98,7 +98,6 @@ impl Stream for Guard {
                     }
                 }
                 Poll::Ready(Some(other)) => {
-                    this.backlog.on_received();
                     return Poll::Ready(Some(other));
                 }
                 other => return other,

@@ -1,0 +1,179 @@
+//! The multifeed meta exchange on the root channel: our offers, the peer's, the feeds agreed,
+//! and the end of a non-live replication.
+
+use std::time::Instant;
+
+use hypercore_protocol::discovery_key;
+use hypercore_protocol::Message;
+use multifeed_meta::{Action, FeedOffer};
+use multifeed_storage::FeedKey;
+
+use super::{Connection, OpenFeed, Opened, Output, Purpose, EXTENSION};
+use crate::{LocalFeed, ReplicateError, ReplicationEvent};
+
+impl Connection {
+    /// The root channel is open and the local feeds are listed: start the exchange with our
+    /// offers.
+    pub(super) fn start_exchange(
+        &mut self,
+        now: Instant,
+        feeds: Vec<LocalFeed>,
+    ) -> Result<(), ReplicateError> {
+        let Some(exchange) = self.exchange.as_mut() else {
+            return Ok(());
+        };
+        let mut actions = exchange.start();
+        let offers: Vec<FeedOffer> = feeds
+            .into_iter()
+            .filter(|feed| self.offers(&feed.key))
+            .map(|feed| FeedOffer {
+                key: feed.key,
+                length: feed.length,
+            })
+            .collect();
+        for offer in &offers {
+            self.known.insert(discovery_key(&offer.key), offer.key);
+        }
+        if let Some(exchange) = self.exchange.as_mut() {
+            actions.extend(exchange.offer(offers));
+        }
+        self.apply(now, actions)
+    }
+
+    /// Carries out what the exchange decided.
+    pub(super) fn apply(
+        &mut self,
+        now: Instant,
+        actions: Vec<Action>,
+    ) -> Result<(), ReplicateError> {
+        if actions
+            .iter()
+            .any(|action| !matches!(action, Action::Send(_)))
+        {
+            self.progress(now);
+        }
+        let mut queue: std::collections::VecDeque<Action> = actions.into();
+        while let Some(action) = queue.pop_front() {
+            match action {
+                Action::Send(message) => self.send_meta(message.encode()),
+                Action::RemoteHandshake { user_data, .. } => {
+                    self.clock.exchange_done();
+                    let remote_key = self.remote_key;
+                    self.emit(ReplicationEvent::RemoteHandshake {
+                        user_data,
+                        remote_key,
+                    });
+                }
+                Action::RemoteOffered(offers) => {
+                    // Keys that are not ed25519 public keys, or are of small order (anyone can
+                    // sign for those), can never be trusted: ignore them.
+                    let wanted: Vec<FeedKey> = offers
+                        .iter()
+                        .map(|offer| offer.key)
+                        .filter(usable_feed_key)
+                        .filter(|key| self.accepts(key))
+                        .collect();
+                    if let Some(exchange) = self.exchange.as_mut() {
+                        queue.extend(exchange.request(wanted));
+                    }
+                }
+                Action::Replicate(keys) => {
+                    let mut downloads = Vec::new();
+                    for key in keys {
+                        let target = self
+                            .exchange
+                            .as_ref()
+                            .and_then(|e| e.wanted().get(&key).copied());
+                        if target.is_some() {
+                            downloads.push(key);
+                            self.summary.feeds_received += 1;
+                        } else {
+                            self.summary.feeds_sent += 1;
+                        }
+                        // Only a download creates a feed; one we offered must still be here.
+                        self.track_feed(key, target, target.is_some())?;
+                    }
+                    if self.remote_set_reported {
+                        if !downloads.is_empty() {
+                            self.emit(ReplicationEvent::RemoteFeeds(downloads));
+                        }
+                    } else {
+                        self.first_downloads.extend(downloads);
+                    }
+                }
+                Action::Finished => self.finished = true,
+                _ => {}
+            }
+            self.report_remote_set();
+        }
+        Ok(())
+    }
+
+    fn send_meta(&mut self, bytes: Vec<u8>) {
+        if !self.root_open {
+            return;
+        }
+        let message = Message::Extension(hypercore_protocol::schema::Extension {
+            name: EXTENSION.to_owned(),
+            message: bytes,
+        });
+        let root = self.root_dk;
+        self.send(root, vec![message]);
+    }
+
+    /// A feed was added to the host after we started (live): offer it once it is open.
+    pub(crate) fn handle_new_local_feed(&mut self, key: FeedKey) {
+        let Some(exchange) = self.exchange.as_ref() else {
+            return;
+        };
+        // Feeds learned from this very peer are not offered back to it.
+        if exchange.is_agreed(&key) || exchange.remote_length(&key).is_some() || !self.offers(&key)
+        {
+            return;
+        }
+        self.push(Output::OpenFeed(OpenFeed {
+            key,
+            purpose: Purpose::Offer,
+        }));
+    }
+
+    /// A feed to offer was opened.
+    pub(super) fn offer_opened(
+        &mut self,
+        now: Instant,
+        key: FeedKey,
+        opened: Opened<'_>,
+    ) -> Result<(), ReplicateError> {
+        let length = match opened {
+            Opened::Held(view) | Opened::Probe(view) => view.info().length,
+            Opened::Missing => return Ok(()),
+            Opened::Unavailable(reason) => {
+                self.feed_unavailable(key, reason);
+                return Ok(());
+            }
+        };
+        self.known.insert(discovery_key(&key), key);
+        let actions = match self.exchange.as_mut() {
+            Some(exchange) => exchange.offer(vec![FeedOffer { key, length }]),
+            None => Vec::new(),
+        };
+        self.apply(now, actions)
+    }
+
+    /// Once the peer's first round of offers is settled, reports it (`RemoteFeeds` with the
+    /// feeds we download, none included): on both sides, also when a side gets nothing.
+    pub(super) fn report_remote_set(&mut self) {
+        if self.remote_set_reported || !self.exchange.as_ref().is_some_and(|e| e.settled()) {
+            return;
+        }
+        self.remote_set_reported = true;
+        let keys = std::mem::take(&mut self.first_downloads);
+        self.emit(ReplicationEvent::RemoteFeeds(keys));
+    }
+}
+
+/// Whether `key` can be a feed's public key: a valid ed25519 point that is not of small order
+/// (a signature under a small-order key proves nothing).
+pub(crate) fn usable_feed_key(key: &FeedKey) -> bool {
+    hypercore::VerifyingKey::from_bytes(key).is_ok_and(|key| !key.is_weak())
+}
