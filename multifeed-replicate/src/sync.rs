@@ -86,6 +86,11 @@ impl SyncState {
         }
     }
 
+    /// Whether nothing is in flight.
+    pub(crate) fn idle(&self) -> bool {
+        self.in_flight.is_empty()
+    }
+
     /// The length to download to, for a feed we fetch (non-live).
     pub(crate) fn target(&self) -> Option<u64> {
         self.target

@@ -132,6 +132,11 @@ impl Connection {
             _ => {}
         }
         if requests.is_empty() {
+            // The download went quiet (live: until news): what it stored is a batch too, and
+            // is reported now, not when the next burst starts.
+            if feed.sync.idle() {
+                self.blocks_stored();
+            }
             return;
         }
         // A new burst: the blocks of the previous one are a batch the host may make durable.

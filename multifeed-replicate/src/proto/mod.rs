@@ -9,7 +9,7 @@
 //!
 //! [`FeedHost`]: crate::FeedHost
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::Instant;
 
 use hypercore_protocol::discovery_key;
@@ -99,7 +99,7 @@ pub(crate) struct Connection {
     /// The peer's requests waiting for the transport to drain (bounded).
     deferred: VecDeque<(DiscoveryKey, Request)>,
     /// Feeds whose new length waits for the transport to drain (at most one entry per feed).
-    unannounced: HashSet<DiscoveryKey>,
+    unannounced: BTreeSet<DiscoveryKey>,
     /// Channels the peer opened for feeds we have not agreed to.
     unknown_channels: HashSet<DiscoveryKey>,
     /// Feeds new to us being fetched into probes, not yet verified.
@@ -177,7 +177,7 @@ impl Connection {
             done: false,
             peer_closed_root: false,
             deferred: VecDeque::new(),
-            unannounced: HashSet::new(),
+            unannounced: BTreeSet::new(),
             unknown_channels: HashSet::new(),
             probes: 0,
             waiting: VecDeque::new(),

@@ -1,1 +1,4 @@
+//! Deterministic tests of the connection core: two cores stepped against each other.
 
+mod pair;
+mod scenarios;
