@@ -188,3 +188,19 @@ pub(crate) fn well_formed(data: &Data) -> bool {
             .as_ref()
             .is_none_or(|u| ok(&u.nodes) && ok(&u.additional_nodes))
 }
+
+/// The core's view of a hypercore, read under its lock.
+impl crate::proto::FeedView for Hypercore {
+    fn info(&self) -> crate::proto::FeedInfo {
+        let info = hypercore::Hypercore::info(self);
+        crate::proto::FeedInfo {
+            fork: info.fork,
+            length: info.length,
+            contiguous_length: info.contiguous_length,
+        }
+    }
+
+    fn has(&self, index: u64) -> bool {
+        hypercore::Hypercore::has(self, index)
+    }
+}

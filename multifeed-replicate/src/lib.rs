@@ -53,6 +53,9 @@ mod close;
 mod config;
 mod driver;
 mod error;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod host;
 #[cfg(feature = "hostile-peer")]
 #[doc(hidden)]

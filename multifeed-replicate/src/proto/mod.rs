@@ -28,6 +28,8 @@ mod feeds;
 mod fetch;
 mod output;
 mod serve;
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) mod sim;
 #[cfg(test)]
 mod tests;
 mod view;

@@ -1,5 +1,6 @@
 //! What the core reads of a feed: a small synchronous view the owner hands in with each input
-//! about the feed (for a hypercore, its `info()` and `has()` under its lock).
+//! about the feed (for a hypercore, its `info()` and `has()` under its lock: see
+//! `crate::adapter`).
 
 /// A feed's fork and lengths.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -18,19 +19,4 @@ pub(crate) trait FeedView {
     fn info(&self) -> FeedInfo;
     /// Whether block `index` is held.
     fn has(&self, index: u64) -> bool;
-}
-
-impl FeedView for hypercore::Hypercore {
-    fn info(&self) -> FeedInfo {
-        let info = hypercore::Hypercore::info(self);
-        FeedInfo {
-            fork: info.fork,
-            length: info.length,
-            contiguous_length: info.contiguous_length,
-        }
-    }
-
-    fn has(&self, index: u64) -> bool {
-        hypercore::Hypercore::has(self, index)
-    }
 }

@@ -1,4 +1,5 @@
-//! Deterministic tests of the connection core: two cores stepped against each other.
+//! Deterministic tests of the connection core: two cores stepped against each other on the
+//! simulated link of [`super::sim`].
 
-mod pair;
+mod props;
 mod scenarios;

@@ -7,7 +7,7 @@ use multifeed_storage::FeedKey;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::pair::{key, FakeFeed, Link, Pair};
+use crate::proto::sim::{key, FakeFeed, Link, Pair};
 use crate::proto::Connection;
 use crate::{Phase, ReplicateConfig, ReplicateError, ReplicationEvent};
 

@@ -7,6 +7,8 @@
 //! jitter and answers delivered out of order (as JS peers answer). No runtime, no storage, no
 //! clock: the same seed gives the same run, step for step.
 
+#![cfg_attr(not(test), allow(dead_code))]
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
@@ -93,6 +95,7 @@ enum Handle {
 
 /// What crosses the fake wire.
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Wire {
     Open(DiscoveryKey),
     Close(DiscoveryKey),
@@ -652,6 +655,28 @@ impl Pair {
             self.send(side, wire);
         }
         true
+    }
+
+    /// Hands `side` something its peer never sent (a hostile or broken peer), then carries on.
+    pub(crate) fn inject(&mut self, side: usize, item: Wire) {
+        let now = self.now;
+        let mut wire = Vec::new();
+        self.peers[side].receive(now, item, &mut wire);
+        self.send(side, wire);
+    }
+
+    /// Lets virtual time pass without anything arriving, then hands `side` its timeout.
+    pub(crate) fn wait(&mut self, side: usize, duration: Duration) {
+        self.now += duration;
+        let now = self.now;
+        let mut wire = Vec::new();
+        self.peers[side].input(now, &mut wire, |c, _| c.handle_timeout(now), None);
+        self.send(side, wire);
+    }
+
+    /// How many items are in flight.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.in_flight.len()
     }
 
     /// `side` goes silent: it hears nothing and sends nothing from now on.
