@@ -44,7 +44,14 @@ pub(crate) async fn serve(
 
 /// How many tree nodes a request for block `index` asks for: those the feed lacks to verify it.
 pub(crate) async fn missing_nodes(core: &SharedCore, index: u64) -> Result<u64, ReplicateError> {
-    let mut core = core.lock().await;
+    missing_nodes_locked(&mut *core.lock().await, index).await
+}
+
+/// [`missing_nodes`] of a core already locked.
+pub(crate) async fn missing_nodes_locked(
+    core: &mut Hypercore,
+    index: u64,
+) -> Result<u64, ReplicateError> {
     let key = core.key_pair().public.to_bytes();
     core.missing_nodes(index)
         .await

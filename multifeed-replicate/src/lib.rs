@@ -7,6 +7,12 @@
 //! with hypercore proofs (`create_proof` / `verify_and_apply_proof`) and keeps many requests in
 //! flight. The feeds come from a [`FeedHost`], which the `multifeed` facade implements.
 //!
+//! Every decision (what to ask for, what to answer, when a peer broke a rule or a timeout
+//! passed, when the replication is done) is made by a sans-IO connection core with no locks,
+//! awaits or clock of its own; the async driver carries its inputs and outputs against the
+//! protocol, the hypercores and the host, and one adapter is the only code that touches a
+//! hypercore. The core is tested deterministically on a simulated link (see the README).
+//!
 //! The transport is this crate's own: uint24le framing that never stalls on large frames, end of
 //! stream reported as an error, batch frames of several channels split before decoding, and a
 //! graceful close that flushes before it shuts the write side.
@@ -61,7 +67,6 @@ mod host;
 #[doc(hidden)]
 pub mod hostile;
 mod proto;
-mod sync;
 mod transport;
 
 use std::sync::Arc;

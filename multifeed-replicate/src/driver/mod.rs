@@ -63,6 +63,8 @@ pub(crate) async fn run(
         inbound: SelectAll::new(),
         changes: SelectAll::new(),
         backlog,
+        timer: async_io::Timer::never(),
+        timer_at: None,
         outbox: Vec::new(),
         outbox_len: 0,
         outbox_weight: 0,
@@ -102,6 +104,9 @@ struct Driver {
     inbound: SelectAll<BoxStream<'static, (DiscoveryKey, Vec<Message>)>>,
     changes: SelectAll<BoxStream<'static, DiscoveryKey>>,
     backlog: Arc<Backlog>,
+    /// Wakes the driver at the core's next deadline (set for `timer_at`).
+    timer: async_io::Timer,
+    timer_at: Option<Instant>,
     /// Messages queued for the peer, in order; consecutive ones for one channel share a batch.
     outbox: Vec<(DiscoveryKey, Vec<Message>)>,
     outbox_len: usize,
@@ -125,6 +130,9 @@ impl Driver {
         let backlog = self.backlog.clone();
         loop {
             self.retry_progress();
+            if let Some(progress) = self.conn.poll_progress() {
+                self.emit(progress);
+            }
             if self.conn.is_done() {
                 break;
             }
@@ -161,15 +169,15 @@ impl Driver {
                 }
                 backlog.outgoing_drained().await;
             };
-            let deadline = self.conn.poll_timeout();
-            let timer = async move {
-                match deadline {
-                    Some(at) => {
-                        async_io::Timer::at(at).await;
-                    }
-                    None => futures::future::pending::<()>().await,
+            // Deadlines mostly move later (each bit of progress moves the idle one): the timer
+            // is set again only when one comes earlier than it is set for, and when it fires
+            // early the core finds nothing expired and the next wait sets it again.
+            if let Some(deadline) = self.conn.poll_timeout() {
+                if self.timer_at.is_none_or(|at| deadline < at) {
+                    self.timer.set_at(deadline);
+                    self.timer_at = Some(deadline);
                 }
-            };
+            }
             select_biased! {
                 (dk, messages) = self.inbound.select_next_some() => {
                     self.on_messages(dk, messages).await?;
@@ -191,7 +199,10 @@ impl Driver {
                     self.conn.handle_drained(self.backlog.outgoing());
                     self.drain().await?;
                 }
-                () = timer.fuse() => {
+                _ = futures::future::poll_fn(|cx| {
+                    std::future::Future::poll(std::pin::Pin::new(&mut self.timer), cx)
+                }).fuse() => {
+                    self.timer_at = None;
                     self.conn.handle_timeout(Instant::now())?;
                     self.drain().await?;
                 }
@@ -199,6 +210,9 @@ impl Driver {
         }
         self.conn.handle_end();
         self.drain().await?;
+        if let Some(progress) = self.conn.poll_progress() {
+            self.emit(progress);
+        }
         self.flush_outbox().await?;
         self.close_gracefully(&mut events, true).await;
         Ok(*self.conn.summary())
@@ -273,7 +287,8 @@ impl Driver {
         messages: Vec<Message>,
     ) -> Result<(), ReplicateError> {
         let now = Instant::now();
-        for message in messages {
+        let mut messages = messages.into_iter().peekable();
+        while let Some(message) = messages.next() {
             if self.conn.is_done() {
                 break;
             }
@@ -281,12 +296,62 @@ impl Driver {
                 Message::Request(_) | Message::Extension(_) => None,
                 _ => self.cores.get(&dk).cloned(),
             };
-            match core {
-                Some(core) => {
-                    let core = core.lock().await;
-                    self.conn.handle_message(now, dk, message, Some(&*core))?;
+            let Some(core) = core else {
+                self.conn.handle_message(now, dk, message, None)?;
+                self.drain().await?;
+                continue;
+            };
+            // The feed's messages in a row are handled under one lock, and so are the outputs
+            // that only concern this feed (its answers applied, its requests); at the first
+            // other output the lock is let go and the rest are carried out in order.
+            let mut locked = core.lock().await;
+            let mut next = Some(message);
+            let mut rest = None;
+            while let Some(message) = next.take() {
+                self.conn.handle_message(now, dk, message, Some(&*locked))?;
+                while let Some(output) = self.conn.poll_output() {
+                    match output {
+                        Output::Apply { applying, proof } if applying.dk == dk => {
+                            let applied = adapter::apply_proof(&mut locked, &proof).await;
+                            self.conn
+                                .handle_applied(now, applying, proof, applied, &*locked)?;
+                        }
+                        Output::Request {
+                            dk: to,
+                            id,
+                            fork,
+                            block: Some((index, None)),
+                            upgrade,
+                        } if to == dk => {
+                            let nodes = adapter::missing_nodes_locked(&mut locked, index).await?;
+                            let block = Some((index, Some(nodes)));
+                            self.queue_request(dk, id, fork, block, upgrade);
+                        }
+                        Output::Request {
+                            dk,
+                            id,
+                            fork,
+                            block: block @ (None | Some((_, Some(_)))),
+                            upgrade,
+                        } => self.queue_request(dk, id, fork, block, upgrade),
+                        Output::Send { dk, messages } => self.queue(dk, messages),
+                        Output::Event(event) => self.emit(event),
+                        Output::NotifyChanged(changed) if changed == dk => core.notify_changed(),
+                        other => {
+                            rest = Some(other);
+                            break;
+                        }
+                    }
                 }
-                None => self.conn.handle_message(now, dk, message, None)?,
+                if rest.is_some() || self.conn.is_done() {
+                    break;
+                }
+                next =
+                    messages.next_if(|m| !matches!(m, Message::Request(_) | Message::Extension(_)));
+            }
+            drop(locked);
+            if let Some(output) = rest {
+                self.carry_out(output).await?;
             }
             self.drain().await?;
         }
@@ -326,27 +391,16 @@ impl Driver {
                 upgrade,
             } => {
                 let block = match block {
-                    Some((index, Some(nodes))) => Some(RequestBlock { index, nodes }),
                     Some((index, None)) => {
                         let Some(core) = self.cores.get(&dk).cloned() else {
                             return Ok(());
                         };
                         let nodes = adapter::missing_nodes(&core, index).await?;
-                        Some(RequestBlock { index, nodes })
+                        Some((index, Some(nodes)))
                     }
-                    None => None,
+                    block => block,
                 };
-                let request = Request {
-                    id,
-                    fork,
-                    hash: None,
-                    block,
-                    seek: None,
-                    upgrade,
-                    manifest: false,
-                    priority: 0,
-                };
-                self.queue(dk, vec![Message::Request(request)]);
+                self.queue_request(dk, id, fork, block, upgrade);
             }
             Output::OpenChannel(key) => {
                 // What we queued (the exchange's offers) must reach the peer before the open.
@@ -485,6 +539,31 @@ impl Driver {
     /// Whether what waits for the transport is above the high-water mark.
     fn outgoing_full(&self) -> bool {
         self.backlog.outgoing() + self.outbox_weight > OUTGOING_HIGH
+    }
+
+    /// Queues a request whose node count is known.
+    fn queue_request(
+        &mut self,
+        dk: DiscoveryKey,
+        id: u64,
+        fork: u64,
+        block: Option<(u64, Option<u64>)>,
+        upgrade: Option<hypercore_schema::RequestUpgrade>,
+    ) {
+        let request = Request {
+            id,
+            fork,
+            hash: None,
+            block: block.map(|(index, nodes)| RequestBlock {
+                index,
+                nodes: nodes.unwrap_or(0),
+            }),
+            seek: None,
+            upgrade,
+            manifest: false,
+            priority: 0,
+        };
+        self.queue(dk, vec![Message::Request(request)]);
     }
 
     /// Queues messages for the peer; [`flush_outbox`](Self::flush_outbox) sends them.

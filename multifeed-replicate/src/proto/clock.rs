@@ -68,21 +68,20 @@ impl Clock {
 
     /// The earliest deadline: a timeout, or (live multifeed) the next keep-alive tick.
     pub(crate) fn next_deadline(&self, keepalive: bool) -> Option<Instant> {
-        let mut deadlines = Vec::with_capacity(3);
-        if !self.exchange_done {
-            deadlines.push(self.started + self.handshake_timeout);
+        let earliest = |a: Option<Instant>, b: Option<Instant>| match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let timeout = if !self.exchange_done {
+            Some(self.started + self.handshake_timeout)
         } else {
-            if !self.live {
-                deadlines.push(self.last_progress + self.idle_timeout);
-            }
-            if let Some(timeout) = self.live_timeout {
-                deadlines.push(self.last_received + timeout);
-            }
-        }
-        if keepalive {
-            deadlines.push(self.next_keepalive);
-        }
-        deadlines.into_iter().min()
+            earliest(
+                (!self.live).then(|| self.last_progress + self.idle_timeout),
+                self.live_timeout
+                    .map(|timeout| self.last_received + timeout),
+            )
+        };
+        earliest(timeout, keepalive.then_some(self.next_keepalive))
     }
 
     /// The timeout that passed by `now`, if any (the phase it passed in).

@@ -12,7 +12,7 @@ use super::{
     Connection, DiscoveryKey, FeedInfo, FeedView, LocalFeedsFor, OpenFeed, Opened, Output, Purpose,
     MAX_PROBES,
 };
-use crate::sync::SyncState;
+use crate::proto::sync::SyncState;
 use crate::{LocalFeed, ReplicateError, ReplicationEvent};
 
 /// One feed replicating on this connection.

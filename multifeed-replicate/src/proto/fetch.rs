@@ -11,7 +11,7 @@ use hypercore_schema::RequestUpgrade;
 use super::{Applying, Connection, DiscoveryKey, FeedView, Output, MAX_FRUITLESS_ANSWERS};
 use crate::adapter::Applied;
 use crate::error::PeerViolation;
-use crate::sync::{anchor_held, Asked, Download};
+use crate::proto::sync::{anchor_held, Asked, Download};
 use crate::ReplicateError;
 
 impl Connection {

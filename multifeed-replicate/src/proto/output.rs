@@ -7,7 +7,7 @@ use hypercore_schema::RequestUpgrade;
 use multifeed_storage::FeedKey;
 
 use super::{DiscoveryKey, FeedInfo, FeedView};
-use crate::sync::Asked;
+use crate::proto::sync::Asked;
 use crate::ReplicationEvent;
 
 /// One thing for the owner to do, in order.

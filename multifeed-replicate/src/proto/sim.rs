@@ -226,6 +226,9 @@ impl Peer {
             self.fail(result);
         }
         self.conn.handle_written(0);
+        if let Some(progress) = self.conn.poll_progress() {
+            self.events.push(progress);
+        }
     }
 
     fn carry_out(
