@@ -11,9 +11,7 @@ use futures::channel::mpsc;
 use futures::select_biased;
 use futures::stream::{BoxStream, SelectAll, StreamExt};
 use futures::FutureExt;
-use hypercore_protocol::schema::Request;
 use hypercore_protocol::{discovery_key, Channel, CommandTx, Event, Message, Protocol};
-use hypercore_schema::RequestBlock;
 use multifeed_storage::SharedCore;
 
 use crate::adapter;
@@ -550,19 +548,8 @@ impl Driver {
         block: Option<(u64, Option<u64>)>,
         upgrade: Option<hypercore_schema::RequestUpgrade>,
     ) {
-        let request = Request {
-            id,
-            fork,
-            hash: None,
-            block: block.map(|(index, nodes)| RequestBlock {
-                index,
-                nodes: nodes.unwrap_or(0),
-            }),
-            seek: None,
-            upgrade,
-            manifest: false,
-            priority: 0,
-        };
+        let block = block.map(|(index, nodes)| (index, nodes.unwrap_or(0)));
+        let request = crate::proto::request(id, fork, block, upgrade);
         self.queue(dk, vec![Message::Request(request)]);
     }
 

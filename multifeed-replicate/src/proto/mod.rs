@@ -37,7 +37,7 @@ mod view;
 
 pub(crate) use clock::Clock;
 use feeds::FeedSync;
-pub(crate) use output::{Applying, LocalFeedsFor, OpenFeed, Opened, Output, Purpose};
+pub(crate) use output::{request, Applying, LocalFeedsFor, OpenFeed, Opened, Output, Purpose};
 pub(crate) use view::{FeedInfo, FeedView};
 
 /// A feed's discovery key: what the wire names a channel by.

@@ -65,6 +65,25 @@ pub(crate) enum Output {
     Event(ReplicationEvent),
 }
 
+/// The request message for an [`Output::Request`] whose node count is known (`nodes`).
+pub(crate) fn request(
+    id: u64,
+    fork: u64,
+    block: Option<(u64, u64)>,
+    upgrade: Option<RequestUpgrade>,
+) -> Request {
+    Request {
+        id,
+        fork,
+        hash: None,
+        block: block.map(|(index, nodes)| hypercore_schema::RequestBlock { index, nodes }),
+        seek: None,
+        upgrade,
+        manifest: false,
+        priority: 0,
+    }
+}
+
 /// A feed the core asks to open, and why (handed back with the answer).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct OpenFeed {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use hypercore_protocol::discovery_key;
 use hypercore_protocol::schema::Request;
 use hypercore_protocol::Message;
-use hypercore_schema::{DataBlock, DataUpgrade, Proof, RequestBlock};
+use hypercore_schema::{DataBlock, DataUpgrade, Proof};
 use multifeed_storage::FeedKey;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -250,19 +250,8 @@ impl Peer {
                 block,
                 upgrade,
             } => {
-                let request = Request {
-                    id,
-                    fork,
-                    hash: None,
-                    block: block.map(|(index, nodes)| RequestBlock {
-                        index,
-                        nodes: nodes.unwrap_or(0),
-                    }),
-                    seek: None,
-                    upgrade,
-                    manifest: false,
-                    priority: 0,
-                };
+                let block = block.map(|(index, nodes)| (index, nodes.unwrap_or(0)));
+                let request = crate::proto::request(id, fork, block, upgrade);
                 if self.local_open.contains(&dk) && self.remote_open.contains(&dk) {
                     wire.push(Wire::Message(dk, Message::Request(request)));
                 }
