@@ -13,6 +13,10 @@ pub struct LocalFeed {
     pub key: FeedKey,
     /// The feed's length now.
     pub length: u64,
+    /// The entries held from 0 without a gap (`length` when every entry is here). A non-live
+    /// replication asks a peer only for feeds it lacks, that are longer there, or that are
+    /// not complete here.
+    pub contiguous_length: u64,
 }
 
 /// The set of feeds a replication runs against (implemented by the `multifeed` facade).

@@ -348,10 +348,11 @@ impl FeedHost for Host {
         let mut feeds = Vec::new();
         for feed in self.multi.feeds() {
             // A damaged feed is not offered; the others still are.
-            if let Ok(length) = feed.len().await {
+            if let Ok(info) = feed.info().await {
                 feeds.push(LocalFeed {
                     key: *feed.key(),
-                    length,
+                    length: info.length,
+                    contiguous_length: info.contiguous_length,
                 });
             }
         }

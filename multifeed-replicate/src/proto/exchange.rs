@@ -23,6 +23,10 @@ impl Connection {
             return Ok(());
         };
         let mut actions = exchange.start();
+        let feeds_held = feeds
+            .iter()
+            .map(|feed| (feed.key, (feed.length, feed.contiguous_length)))
+            .collect();
         let offers: Vec<FeedOffer> = feeds
             .into_iter()
             .filter(|feed| self.offers(&feed.key))
@@ -34,6 +38,7 @@ impl Connection {
         for offer in &offers {
             self.known.insert(discovery_key(&offer.key), offer.key);
         }
+        self.local_lengths = feeds_held;
         if let Some(exchange) = self.exchange.as_mut() {
             actions.extend(exchange.offer(offers));
         }
@@ -69,6 +74,7 @@ impl Connection {
                     // sign for those), can never be trusted: ignore them.
                     let wanted: Vec<FeedKey> = offers
                         .iter()
+                        .filter(|offer| self.lacks(&offer.key, offer.length))
                         .map(|offer| offer.key)
                         .filter(usable_feed_key)
                         .filter(|key| self.accepts(key))
@@ -107,6 +113,19 @@ impl Connection {
             self.report_remote_set();
         }
         Ok(())
+    }
+
+    /// Whether a feed the peer offers at `length` can bring us anything. Live, every feed is
+    /// agreed (its later entries come over it); non-live, a feed we hold complete and as long
+    /// costs the peer nothing, not even a channel.
+    fn lacks(&self, key: &FeedKey, length: u64) -> bool {
+        if self.config.live {
+            return true;
+        }
+        match self.local_lengths.get(key) {
+            Some(&(ours, contiguous)) => ours < length || contiguous < ours,
+            None => true,
+        }
     }
 
     fn send_meta(&mut self, bytes: Vec<u8>) {

@@ -123,6 +123,9 @@ pub(crate) struct Connection {
     first_downloads: Vec<FeedKey>,
     /// Blocks were stored since the host last made them durable.
     unsynced_blocks: bool,
+    /// Our feeds' lengths and contiguous lengths when the exchange started (non-live: what we
+    /// ask the peer for).
+    local_lengths: HashMap<FeedKey, (u64, u64)>,
     /// Waiting announcements and requests are being handed out, one at a time.
     draining: bool,
     /// What waits for the local feed list, in the order it was asked for.
@@ -191,6 +194,7 @@ impl Connection {
             remote_set_reported: false,
             first_downloads: Vec::new(),
             unsynced_blocks: false,
+            local_lengths: HashMap::new(),
             draining: false,
             local_feeds_for: VecDeque::new(),
             queued: (0, 0),

@@ -279,6 +279,7 @@ impl Peer {
                     .map(|(key, feed)| LocalFeed {
                         key: *key,
                         length: feed.length,
+                        contiguous_length: feed.info().contiguous_length,
                     })
                     .collect();
                 self.conn.handle_local_feeds(now, feeds)?;

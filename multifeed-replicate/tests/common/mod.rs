@@ -128,14 +128,17 @@ impl FeedHost for TestHost {
         let feeds = self.feeds.lock().unwrap().clone();
         let mut out = Vec::new();
         for (key, core) in feeds {
+            let info = core.lock().await.info();
             out.push(LocalFeed {
                 key,
-                length: core.lock().await.info().length,
+                length: info.length,
+                contiguous_length: info.contiguous_length,
             });
         }
         out.extend(self.phantom.lock().unwrap().iter().map(|key| LocalFeed {
             key: *key,
             length: 1,
+            contiguous_length: 1,
         }));
         Ok(out)
     }

@@ -416,3 +416,41 @@ fn a_plain_hypercore_download_ends_at_the_peers_length() {
     assert_eq!(b.feeds[&writer], FakeFeed::full(25));
     assert!(pair.peers[0].error.is_none());
 }
+
+#[test]
+fn a_resync_of_equal_stores_opens_no_feed_channel() {
+    let stores: BTreeMap<FeedKey, FakeFeed> =
+        (1..=50).map(|n| (key(n), FakeFeed::full(9))).collect();
+    let mut pair = Pair::new(
+        [config(true), config(false)],
+        [stores.clone(), stores],
+        Link::default(),
+        4,
+    );
+    pair.connect();
+    pair.run(MAX_STEPS);
+    for peer in &pair.peers {
+        assert!(
+            peer.error.is_none() && peer.conn.is_done(),
+            "{:?}",
+            peer.error
+        );
+        assert_eq!(peer.summary().feeds_received, 0);
+    }
+    let opens = pair.trace.iter().filter(|t| t.contains(": open")).count();
+    assert_eq!(opens, 2, "only the root channel opens: {:?}", pair.trace);
+}
+
+#[test]
+fn a_feed_as_long_but_with_holes_is_still_fetched() {
+    let writer = key(1);
+    let stores = [
+        feeds(&[(writer, FakeFeed::full(20))]),
+        feeds(&[(writer, FakeFeed::sparse(20, |i| i % 4 != 0))]),
+    ];
+    let mut pair = Pair::new([config(true), config(false)], stores, Link::default(), 6);
+    pair.connect();
+    pair.run(MAX_STEPS);
+    assert_holds_union(&pair, &BTreeMap::from([(writer, 20)]), 6);
+    assert_eq!(pair.peers[1].summary().blocks_received, 5);
+}

@@ -1,0 +1,191 @@
+//! Replication cost at scale (issue 13): side A holds N feeds of one entry, side B none.
+//!
+//! `cargo run --release -p multifeed-benches --bin scale -- [--disk] [N ...]` (default 1000
+//! 10000 30000). Each N runs in a child process of its own (peak RSS is the child's), and
+//! prints one row: the first replication, a re-sync with nothing changed, a re-sync after one
+//! append to each of 100 feeds, the bytes on the wire each way of each, and the peak RSS.
+
+use std::pin::Pin;
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use futures::{AsyncRead, AsyncWrite};
+use multifeed::{Multifeed, ReplicateOptions, ValueEncoding};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--child") {
+        let n: usize = args.get(1).ok_or("--child N")?.parse()?;
+        let disk = args.get(2).map(String::as_str) == Some("disk");
+        return async_std::task::block_on(child(n, disk));
+    }
+    let disk = args.iter().any(|a| a == "--disk");
+    let mut sizes: Vec<usize> = args.iter().filter_map(|a| a.parse().ok()).collect();
+    if sizes.is_empty() {
+        sizes = vec![1_000, 10_000, 30_000];
+    }
+    let storage = if disk { "disk" } else { "memory" };
+    println!(
+        "| feeds | storage | first replication ms | bytes A→B / B→A | re-sync unchanged ms | bytes | re-sync 100 changed ms | bytes | peak RSS MB |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for n in sizes {
+        let out = Command::new(std::env::current_exe()?)
+            .args(["--child", &n.to_string(), storage])
+            .output()?;
+        if !out.status.success() {
+            return Err(
+                format!("{n} feeds failed: {}", String::from_utf8_lossy(&out.stderr)).into(),
+            );
+        }
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+    }
+    Ok(())
+}
+
+async fn open(
+    disk: bool,
+    dirs: &mut Vec<tempfile::TempDir>,
+) -> Result<Multifeed, Box<dyn std::error::Error>> {
+    let builder = Multifeed::builder().value_encoding(ValueEncoding::Json);
+    let builder = if disk {
+        let dir = tempfile::tempdir()?;
+        let builder = builder.disk(dir.path());
+        dirs.push(dir);
+        builder
+    } else {
+        builder.memory()
+    };
+    Ok(builder.open().await?)
+}
+
+async fn child(n: usize, disk: bool) -> Result<(), Box<dyn std::error::Error>> {
+    let mut dirs = Vec::new();
+    let a = open(disk, &mut dirs).await?;
+    let b = open(disk, &mut dirs).await?;
+    let mut writers = Vec::with_capacity(n);
+    for w in 0..n {
+        let feed = a.writer(&format!("w{w}")).await?;
+        feed.append(br#"{"msg":"hello"}"#).await?;
+        writers.push(feed);
+    }
+    let first = sync(&a, &b).await?;
+    if b.feeds().len() != n {
+        return Err(format!("B holds {} feeds of {n}", b.feeds().len()).into());
+    }
+    let unchanged = sync(&a, &b).await?;
+    for feed in writers.iter().take(100) {
+        feed.append(br#"{"msg":"again"}"#).await?;
+    }
+    let changed = sync(&a, &b).await?;
+    for feed in writers.iter().take(100) {
+        let copy = b
+            .feed(feed.key())?
+            .ok_or("a changed feed is missing on B")?;
+        if copy.len().await? != 2 {
+            return Err("a changed feed did not reach B".into());
+        }
+    }
+    let storage = if disk { "disk" } else { "memory" };
+    let row = |r: &Run| {
+        format!(
+            "{:.0} | {} / {}",
+            r.time.as_secs_f64() * 1e3,
+            r.a_to_b,
+            r.b_to_a
+        )
+    };
+    println!(
+        "| {n} | {storage} | {} | {} | {} | {:.0} |",
+        row(&first),
+        row(&unchanged),
+        row(&changed),
+        peak_rss_mb()
+    );
+    Ok(())
+}
+
+struct Run {
+    time: Duration,
+    a_to_b: u64,
+    b_to_a: u64,
+}
+
+async fn sync(a: &Multifeed, b: &Multifeed) -> Result<Run, Box<dyn std::error::Error>> {
+    let (left, right) = async_std::os::unix::net::UnixStream::pair()?;
+    let (a_to_b, b_to_a) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let left = Counted {
+        io: left,
+        written: a_to_b.clone(),
+    };
+    let right = Counted {
+        io: right,
+        written: b_to_a.clone(),
+    };
+    let started = Instant::now();
+    let (ra, rb) = futures::join!(
+        a.replicate(left, ReplicateOptions::new(true)),
+        b.replicate(right, ReplicateOptions::new(false)),
+    );
+    let time = started.elapsed();
+    ra?;
+    rb?;
+    Ok(Run {
+        time,
+        a_to_b: a_to_b.load(Ordering::Relaxed),
+        b_to_a: b_to_a.load(Ordering::Relaxed),
+    })
+}
+
+/// A stream that counts the bytes written to it.
+struct Counted<S> {
+    io: S,
+    written: Arc<AtomicU64>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let result = Pin::new(&mut self.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &result {
+            self.written.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        result
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_close(cx)
+    }
+}
+
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb * 1024.0 / 1e6)
+}
