@@ -137,6 +137,7 @@ pub struct ReplicateConfig {
     pub(crate) max_channels: usize,
     pub(crate) max_queued_requests: usize,
     pub(crate) max_new_feeds: usize,
+    pub(crate) max_syncing_feeds: usize,
     pub(crate) plain_feeds: Option<Vec<FeedKey>>,
     pub(crate) protocol_version: Option<multifeed_meta::semver::Version>,
     pub(crate) client: Option<String>,
@@ -173,6 +174,7 @@ impl ReplicateConfig {
             max_channels: 131_072,
             max_queued_requests: 65_536,
             max_new_feeds: 100_000,
+            max_syncing_feeds: 256,
             plain_feeds: None,
             protocol_version: None,
             client: None,
@@ -263,6 +265,14 @@ impl ReplicateConfig {
     /// is empty, adds nothing); feeds past the limit are not kept.
     pub fn max_new_feeds(mut self, max: usize) -> Self {
         self.max_new_feeds = max;
+        self
+    }
+
+    /// Feeds downloaded at once (default 256): the others wait their turn, and a feed's
+    /// channel opens when its turn comes. Non-live, a channel closes once both sides hold the
+    /// feed complete. The limit is ours: the peer trusts nothing of it.
+    pub fn max_syncing_feeds(mut self, max: usize) -> Self {
+        self.max_syncing_feeds = max.max(1);
         self
     }
 

@@ -130,6 +130,9 @@ impl Connection {
         if let Some(feed) = self.feeds.get_mut(&dk) {
             feed.channel_open = false;
         }
+        if self.exchange.is_some() {
+            self.feed_closed(dk);
+        }
         Ok(())
     }
 
@@ -167,7 +170,16 @@ impl Connection {
         };
         match message {
             Message::Synchronize(sync) => self.on_synchronize(now, dk, &sync, view),
-            Message::Range(_) | Message::Bitfield(_) => {
+            Message::Range(range) => {
+                if let Some(feed) = self.feeds.get_mut(&dk) {
+                    if range.start == 0 && !range.drop {
+                        feed.remote_contiguous = feed.remote_contiguous.max(range.length);
+                    }
+                    feed.sync.on_remote_has();
+                }
+                self.request_more(dk, view);
+            }
+            Message::Bitfield(_) => {
                 if let Some(feed) = self.feeds.get_mut(&dk) {
                     feed.sync.on_remote_has();
                 }

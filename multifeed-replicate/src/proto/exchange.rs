@@ -96,8 +96,12 @@ impl Connection {
                         } else {
                             self.summary.feeds_sent += 1;
                         }
-                        // Only a download creates a feed; one we offered must still be here.
-                        self.track_feed(key, target, target.is_some())?;
+                        match target {
+                            // Only a download creates a feed, in its turn.
+                            Some(target) => self.schedule_download(key, target)?,
+                            // One we only serve opens when the peer opens it.
+                            None => self.serve_when_opened(key)?,
+                        }
                     }
                     if self.remote_set_reported {
                         if !downloads.is_empty() {

@@ -27,6 +27,8 @@ pub(super) struct FeedSync {
     pub(super) sync: SyncState,
     /// The feed is a probe in memory: the host does not have it yet.
     pub(super) probe: bool,
+    /// The blocks from 0 the peer says it holds (its Range announcements).
+    pub(super) remote_contiguous: u64,
 }
 
 impl FeedSync {
@@ -186,6 +188,7 @@ impl Connection {
                 channel_open: false,
                 sync,
                 probe,
+                remote_contiguous: 0,
             },
         );
     }

@@ -121,22 +121,30 @@ impl Connection {
                 upgrade: None,
             });
         }
-        match feed.sync.download(info.contiguous_length, info.length) {
+        let done = match feed.sync.download(info.contiguous_length, info.length) {
             Download::Reached => {
                 self.incomplete.remove(&dk);
+                true
             }
             // The peer lacks blocks we lack: this download is as complete as it can get here.
-            Download::PeerExhausted if self.incomplete.remove(&dk) => {
-                self.summary.feeds_incomplete += 1;
+            Download::PeerExhausted => {
+                if self.incomplete.remove(&dk) {
+                    self.summary.feeds_incomplete += 1;
+                }
+                true
             }
-            _ => {}
+            _ => false,
+        };
+        if done && requests.is_empty() {
+            self.download_done(dk);
         }
         if requests.is_empty() {
             // The download went quiet (live: until news): what it stored is a batch too, and
             // is reported now, not when the next burst starts.
-            if feed.sync.idle() {
+            if self.feeds.get(&dk).is_some_and(|feed| feed.sync.idle()) {
                 self.blocks_stored();
             }
+            self.close_if_in_sync(dk, view);
             return;
         }
         // A new burst: the blocks of the previous one are a batch the host may make durable.

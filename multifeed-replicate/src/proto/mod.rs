@@ -27,6 +27,7 @@ mod exchange;
 mod feeds;
 mod fetch;
 mod output;
+mod schedule;
 mod serve;
 #[cfg(any(test, feature = "fuzzing"))]
 pub(crate) mod sim;
@@ -123,6 +124,10 @@ pub(crate) struct Connection {
     first_downloads: Vec<FeedKey>,
     /// Blocks were stored since the host last made them durable.
     unsynced_blocks: bool,
+    /// Downloads that hold one of the `max_syncing_feeds` slots.
+    syncing: HashSet<DiscoveryKey>,
+    /// Downloads waiting for a slot, with their targets.
+    queued_downloads: VecDeque<(FeedKey, u64)>,
     /// Our feeds' lengths and contiguous lengths when the exchange started (non-live: what we
     /// ask the peer for).
     local_lengths: HashMap<FeedKey, (u64, u64)>,
@@ -194,6 +199,8 @@ impl Connection {
             remote_set_reported: false,
             first_downloads: Vec::new(),
             unsynced_blocks: false,
+            syncing: HashSet::new(),
+            queued_downloads: VecDeque::new(),
             local_lengths: HashMap::new(),
             draining: false,
             local_feeds_for: VecDeque::new(),

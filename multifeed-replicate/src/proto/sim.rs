@@ -117,6 +117,8 @@ pub(crate) struct Peer {
     pub(crate) events: Vec<ReplicationEvent>,
     /// Durability syncs asked for.
     pub(crate) syncs: usize,
+    /// The most channels open both ways at once (the root included).
+    pub(crate) max_open_channels: usize,
     /// The writers' lengths (what an upgrade may claim).
     truth: BTreeMap<FeedKey, u64>,
 }
@@ -146,6 +148,7 @@ impl Peer {
             error: None,
             events: Vec::new(),
             syncs: 0,
+            max_open_channels: 0,
             truth: BTreeMap::new(),
         }
     }
@@ -209,6 +212,8 @@ impl Peer {
         let result = input(&mut self.conn, view.as_ref());
         self.fail(result);
         self.drain(now, wire);
+        let open = self.local_open.intersection(&self.remote_open).count();
+        self.max_open_channels = self.max_open_channels.max(open);
         if !self.ended() {
             let result = self.conn.check_synced(now);
             self.fail(result);

@@ -454,3 +454,32 @@ fn a_feed_as_long_but_with_holes_is_still_fetched() {
     assert_holds_union(&pair, &BTreeMap::from([(writer, 20)]), 6);
     assert_eq!(pair.peers[1].summary().blocks_received, 5);
 }
+
+#[test]
+fn at_most_the_scheduled_feeds_sync_at_once_and_every_feed_arrives() {
+    let stores: BTreeMap<FeedKey, FakeFeed> = (1..=200)
+        .map(|n| (key(n), FakeFeed::full(u64::from(n % 5) + 1)))
+        .collect();
+    let want = union(&[stores.clone(), BTreeMap::new()]);
+    let configs = [
+        config(true).max_syncing_feeds(8),
+        config(false).max_syncing_feeds(8),
+    ];
+    let mut pair = Pair::new(configs, [stores, BTreeMap::new()], Link::default(), 8);
+    pair.connect();
+    pair.run(MAX_STEPS);
+    assert_holds_union(&pair, &want, 8);
+    for peer in &pair.peers {
+        // The root, the eight scheduled and a few closing.
+        assert!(
+            peer.max_open_channels <= 8 + 1 + 4,
+            "{} channels open at once",
+            peer.max_open_channels
+        );
+        assert_eq!(
+            peer.conn.tracked_feeds(),
+            0,
+            "every feed in sync was let go"
+        );
+    }
+}

@@ -1,0 +1,97 @@
+//! The feed scheduler: at most `max_syncing_feeds` downloads at once per connection, the others
+//! queued; a download's channel opens when its turn comes, and (non-live) closes once both
+//! sides hold the feed complete, so a connection's open channels and tracked feeds follow its
+//! working set, not the size of the stores. The limit is ours: the peer trusts nothing of it.
+
+use hypercore_protocol::discovery_key;
+use multifeed_storage::FeedKey;
+
+use super::{Connection, DiscoveryKey, FeedView, Output};
+use crate::ReplicateError;
+
+impl Connection {
+    /// Downloads `key` up to `target` now, or queues it until a slot frees.
+    pub(super) fn schedule_download(
+        &mut self,
+        key: FeedKey,
+        target: u64,
+    ) -> Result<(), ReplicateError> {
+        let dk = discovery_key(&key);
+        if self.syncing.contains(&dk) || self.feeds.contains_key(&dk) {
+            // Tracked already (the peer opened it first): it takes a slot as it is.
+            self.syncing.insert(dk);
+            return self.track_feed(key, Some(target), true);
+        }
+        if self.syncing.len() >= self.config.max_syncing_feeds {
+            self.known.insert(dk, key);
+            self.queued_downloads.push_back((key, target));
+            if target > 0 && !self.config.live {
+                self.incomplete.insert(dk);
+            }
+            return Ok(());
+        }
+        self.syncing.insert(dk);
+        self.track_feed(key, Some(target), true)
+    }
+
+    /// A feed we only serve: known, so that the peer's open of it is answered (at once if the
+    /// peer opened it already).
+    pub(super) fn serve_when_opened(&mut self, key: FeedKey) -> Result<(), ReplicateError> {
+        let dk = discovery_key(&key);
+        self.known.insert(dk, key);
+        if self.unknown_channels.remove(&dk) || self.feeds.contains_key(&dk) {
+            return self.track_feed(key, None, false);
+        }
+        Ok(())
+    }
+
+    /// A download reached what it can get here: its slot goes to the next in line.
+    pub(super) fn download_done(&mut self, dk: DiscoveryKey) {
+        if !self.syncing.remove(&dk) {
+            return;
+        }
+        while self.syncing.len() < self.config.max_syncing_feeds {
+            let Some((key, target)) = self.queued_downloads.pop_front() else {
+                break;
+            };
+            let _ = self.schedule_download(key, target);
+        }
+    }
+
+    /// Non-live multifeed: once both sides hold the feed complete and nothing is in flight, its channel
+    /// closes and the connection forgets it.
+    pub(super) fn close_if_in_sync(&mut self, dk: DiscoveryKey, view: &dyn FeedView) {
+        if self.config.live || self.exchange.is_none() || self.syncing.contains(&dk) {
+            return;
+        }
+        let Some(feed) = self.feeds.get_mut(&dk) else {
+            return;
+        };
+        let info = feed.checked(view);
+        let in_sync = feed.channel_open
+            && feed.sync.idle()
+            && !feed.probe
+            && info.contiguous_length == info.length
+            && feed.sync.remote_length() == info.length
+            && feed.remote_contiguous >= info.length;
+        if in_sync {
+            self.feeds.remove(&dk);
+            self.push(Output::CloseChannel(dk));
+            self.push(Output::DropFeed(dk));
+        }
+    }
+
+    /// The peer closed the channel of a feed: a download it cut short ends here (counted as
+    /// incomplete, never waited for), and the connection forgets the feed.
+    pub(super) fn feed_closed(&mut self, dk: DiscoveryKey) {
+        if self.syncing.contains(&dk) {
+            if self.incomplete.remove(&dk) {
+                self.summary.feeds_incomplete += 1;
+            }
+            self.download_done(dk);
+        }
+        if !self.config.live && self.feeds.remove(&dk).is_some() {
+            self.push(Output::DropFeed(dk));
+        }
+    }
+}
