@@ -135,8 +135,10 @@ impl Connection {
             }
             _ => false,
         };
-        if done && requests.is_empty() {
-            self.download_done(dk);
+        // A finished download tells the peer what it now holds: the initiator closes the
+        // channel once both sides hold the feed complete.
+        if done && requests.is_empty() && self.download_done(dk) {
+            self.announce(dk, view);
         }
         if requests.is_empty() {
             // The download went quiet (live: until news): what it stored is a batch too, and

@@ -45,10 +45,11 @@ impl Connection {
         Ok(())
     }
 
-    /// A download reached what it can get here: its slot goes to the next in line.
-    pub(super) fn download_done(&mut self, dk: DiscoveryKey) {
+    /// A download reached what it can get here: its slot goes to the next in line. Returns
+    /// whether it held a slot (once per download).
+    pub(super) fn download_done(&mut self, dk: DiscoveryKey) -> bool {
         if !self.syncing.remove(&dk) {
-            return;
+            return false;
         }
         while self.syncing.len() < self.config.max_syncing_feeds {
             let Some((key, target)) = self.queued_downloads.pop_front() else {
@@ -56,12 +57,23 @@ impl Connection {
             };
             let _ = self.schedule_download(key, target);
         }
+        true
     }
 
-    /// Non-live multifeed: once both sides hold the feed complete and nothing is in flight, its channel
-    /// closes and the connection forgets it.
+    /// Non-live multifeed: once both sides hold the feed complete and nothing is in flight, its
+    /// channel closes and the connection forgets it.
+    ///
+    /// Only the initiator closes; the other side forgets the feed when the close arrives.
+    /// (`hypercore-protocol` 0.7.2 closes a channel by its local id when our Close message
+    /// leaves: if both sides closed at once, the peer's close freed the id first, and a channel
+    /// opened meanwhile got it, our own Close closed that new channel. Seen as 2 feeds of
+    /// 1,000 cut off before their first block.)
     pub(super) fn close_if_in_sync(&mut self, dk: DiscoveryKey, view: &dyn FeedView) {
-        if self.config.live || self.exchange.is_none() || self.syncing.contains(&dk) {
+        if self.config.live
+            || !self.config.initiator
+            || self.exchange.is_none()
+            || self.syncing.contains(&dk)
+        {
             return;
         }
         let Some(feed) = self.feeds.get_mut(&dk) else {
@@ -88,7 +100,7 @@ impl Connection {
             if self.incomplete.remove(&dk) {
                 self.summary.feeds_incomplete += 1;
             }
-            self.download_done(dk);
+            let _ = self.download_done(dk);
         }
         if !self.config.live && self.feeds.remove(&dk).is_some() {
             self.push(Output::DropFeed(dk));

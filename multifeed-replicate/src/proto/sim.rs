@@ -31,6 +31,16 @@ pub(crate) fn key(n: u8) -> FeedKey {
         .to_bytes()
 }
 
+/// Another usable key per `n` (for stores of many feeds).
+#[allow(dead_code)]
+pub(crate) fn many_key(n: u32) -> FeedKey {
+    let mut seed = [7u8; 32];
+    seed[..4].copy_from_slice(&n.to_le_bytes());
+    hypercore::SigningKey::from_bytes(&seed)
+        .verifying_key()
+        .to_bytes()
+}
+
 /// Block `index` of feed `key`.
 pub(crate) fn value(key: &FeedKey, index: u64) -> Vec<u8> {
     let mut value = key[..4].to_vec();

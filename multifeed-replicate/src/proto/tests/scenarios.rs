@@ -476,10 +476,21 @@ fn at_most_the_scheduled_feeds_sync_at_once_and_every_feed_arrives() {
             "{} channels open at once",
             peer.max_open_channels
         );
-        assert_eq!(
-            peer.conn.tracked_feeds(),
-            0,
-            "every feed in sync was let go"
-        );
+        // Feeds in sync were let go (the last few may end with the connection).
+        let tracked = peer.conn.tracked_feeds();
+        assert!(tracked <= 8, "{tracked} feeds tracked at the end");
     }
+    // Only the initiator closes feed channels (see `close_if_in_sync`).
+    let by_responder = pair
+        .trace
+        .iter()
+        .filter(|t| t.contains("-> 0: close"))
+        .count();
+    assert_eq!(by_responder, 0);
+    let by_initiator = pair
+        .trace
+        .iter()
+        .filter(|t| t.contains("-> 1: close"))
+        .count();
+    assert!(by_initiator >= 190, "{by_initiator} closes");
 }
