@@ -51,6 +51,9 @@ pub enum ReplicationEvent {
         /// How many blocks were stored.
         blocks: u64,
     },
+    /// Live: both sides now hold the same length of every feed they agreed on, complete
+    /// (again each time they catch up with each other after a change).
+    Synced,
     /// Blocks received so far of the blocks known to be wanted.
     Progress {
         /// Blocks received.

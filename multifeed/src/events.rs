@@ -69,6 +69,13 @@ pub enum Event {
         /// The peer's Noise static public key.
         remote_key: [u8; 32],
     },
+    /// A live replication caught up: both sides hold the same length of every feed they
+    /// agreed on, complete. Reported again each time they catch up after a change (JS
+    /// multifeed has no such signal).
+    Synced {
+        /// The replication (the number in its `PeerConnected`).
+        connection: u64,
+    },
     /// A replication that reported `PeerConnected` ended.
     PeerDisconnected {
         /// The replication's number.

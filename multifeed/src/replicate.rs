@@ -322,6 +322,7 @@ impl Multifeed {
                             remote_key,
                         })
                     }
+                    ReplicationEvent::Synced => inner.emit(Event::Synced { connection }),
                     ReplicationEvent::Progress {
                         blocks_done,
                         blocks_known,

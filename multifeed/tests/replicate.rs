@@ -1114,3 +1114,47 @@ async fn replication_over_a_custom_transport_that_delivers_a_few_bytes_at_a_time
     assert_converged(&a, &b).await?;
     Ok(())
 }
+
+#[async_std::test]
+async fn live_replications_report_synced_when_both_sides_caught_up_and_again_after_an_append(
+) -> TestResult {
+    let a = Multifeed::open_memory().await?;
+    let b = Multifeed::open_memory().await?;
+    let wa = a.writer("a").await?;
+    wa.append_batch((0..50u32).map(|i| i.to_le_bytes())).await?;
+    let wb = b.writer("b").await?;
+    wb.append(b"from b").await?;
+    let mut ea = a.events();
+    let (left, right) = async_std::os::unix::net::UnixStream::pair()?;
+    let options_a = ReplicateOptions::new(true).live(true);
+    let options_b = ReplicateOptions::new(false).live(true);
+    let (stop_a, stop_b) = (options_a.stop_handle(), options_b.stop_handle());
+    let ra = {
+        let a = a.clone();
+        async_std::task::spawn(async move { a.replicate(left, options_a).await })
+    };
+    let rb = {
+        let b = b.clone();
+        async_std::task::spawn(async move { b.replicate(right, options_b).await })
+    };
+    async fn synced(events: &mut multifeed::Events) {
+        loop {
+            if let Some(Event::Synced { .. }) = events.next().await {
+                return;
+            }
+        }
+    }
+    within("a's first Synced", synced(&mut ea)).await?;
+    for multi in [&a, &b] {
+        assert_eq!(multi.feed(wa.key())?.ok_or("a's feed")?.len().await?, 50);
+        assert_eq!(multi.feed(wb.key())?.ok_or("b's feed")?.len().await?, 1);
+    }
+    wb.append(b"again").await?;
+    within("a's second Synced", synced(&mut ea)).await?;
+    assert_eq!(a.feed(wb.key())?.ok_or("b's feed")?.len().await?, 2);
+    stop_a.stop();
+    stop_b.stop();
+    within("a's replication to end", ra).await??;
+    within("b's replication to end", rb).await??;
+    Ok(())
+}

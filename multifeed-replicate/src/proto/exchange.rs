@@ -99,6 +99,9 @@ impl Connection {
                         match target {
                             // Only a download creates a feed, in its turn.
                             Some(target) => self.schedule_download(key, target)?,
+                            // Live, every agreed feed is tracked from the start (its later
+                            // entries come over it, and `Synced` counts it).
+                            None if self.config.live => self.track_feed(key, None, false)?,
                             // One we only serve opens when the peer opens it.
                             None => self.serve_when_opened(key)?,
                         }

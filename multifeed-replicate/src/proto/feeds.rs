@@ -29,6 +29,8 @@ pub(super) struct FeedSync {
     pub(super) probe: bool,
     /// The blocks from 0 the peer says it holds (its Range announcements).
     pub(super) remote_contiguous: u64,
+    /// Both sides hold the same length of it, complete (as last seen).
+    pub(super) in_sync: bool,
 }
 
 impl FeedSync {
@@ -176,6 +178,9 @@ impl Connection {
     }
 
     fn insert_feed(&mut self, dk: DiscoveryKey, key: FeedKey, target: Option<u64>, probe: bool) {
+        if self.feeds.get(&dk).is_none_or(|feed| feed.in_sync) {
+            self.feeds_out_of_sync += 1;
+        }
         let mut sync = SyncState::new(self.config.max_in_flight);
         if let Some(target) = target {
             sync.set_target(target);
@@ -189,6 +194,7 @@ impl Connection {
                 sync,
                 probe,
                 remote_contiguous: 0,
+                in_sync: false,
             },
         );
     }
@@ -212,7 +218,7 @@ impl Connection {
             return false;
         };
         if self.feeds_added >= self.config.max_new_feeds {
-            self.feeds.remove(&dk);
+            self.forget_feed(dk);
             self.incomplete.remove(&dk);
             self.push(Output::DropFeed(dk));
             self.start_waiting();

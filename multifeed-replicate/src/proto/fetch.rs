@@ -24,6 +24,10 @@ impl Connection {
             return;
         }
         let info = feed.checked(view);
+        self.note_sync(dk, info);
+        let Some(feed) = self.feeds.get_mut(&dk) else {
+            return;
+        };
         let mut messages = vec![Message::Synchronize(Synchronize {
             fork: info.fork,
             length: info.length,
@@ -140,6 +144,7 @@ impl Connection {
         if done && requests.is_empty() && self.download_done(dk) {
             self.announce(dk, view);
         }
+        self.note_sync(dk, info);
         if requests.is_empty() {
             // The download went quiet (live: until news): what it stored is a batch too, and
             // is reported now, not when the next burst starts.
@@ -302,7 +307,12 @@ impl Connection {
         if useless && !progressed {
             self.fruitless(dk)?;
         }
-        if matches!(applying.asked, Asked::Upgrade | Asked::UpgradeAndBlock(_)) {
+        // After an upgrade, and once the feed is complete here (the peer then knows both sides
+        // hold it all: live, that is `Synced`; non-live, the initiator closes the channel).
+        let completed = stored
+            && info.contiguous_length == info.length
+            && before.contiguous_length < info.length;
+        if completed || matches!(applying.asked, Asked::Upgrade | Asked::UpgradeAndBlock(_)) {
             self.announce(dk, view);
         }
         self.request_more(dk, view);

@@ -124,6 +124,10 @@ pub(crate) struct Connection {
     first_downloads: Vec<FeedKey>,
     /// Blocks were stored since the host last made them durable.
     unsynced_blocks: bool,
+    /// Tracked feeds not in sync (live: `Synced` is reported when none are left).
+    feeds_out_of_sync: usize,
+    /// `Synced` was reported and nothing changed since.
+    synced_reported: bool,
     /// Downloads that hold one of the `max_syncing_feeds` slots.
     syncing: HashSet<DiscoveryKey>,
     /// Downloads waiting for a slot, with their targets.
@@ -199,6 +203,8 @@ impl Connection {
             remote_set_reported: false,
             first_downloads: Vec::new(),
             unsynced_blocks: false,
+            feeds_out_of_sync: 0,
+            synced_reported: false,
             syncing: HashSet::new(),
             queued_downloads: VecDeque::new(),
             local_lengths: HashMap::new(),
@@ -383,6 +389,7 @@ impl Connection {
     pub(crate) fn check_synced(&mut self, now: Instant) -> Result<(), ReplicateError> {
         self.report_remote_set();
         if self.config.live {
+            self.report_synced();
             return Ok(());
         }
         if self.exchange.is_none() {

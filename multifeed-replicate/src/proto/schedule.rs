@@ -87,7 +87,7 @@ impl Connection {
             && feed.sync.remote_length() == info.length
             && feed.remote_contiguous >= info.length;
         if in_sync {
-            self.feeds.remove(&dk);
+            self.forget_feed(dk);
             self.push(Output::CloseChannel(dk));
             self.push(Output::DropFeed(dk));
         }
@@ -102,8 +102,56 @@ impl Connection {
             }
             let _ = self.download_done(dk);
         }
-        if !self.config.live && self.feeds.remove(&dk).is_some() {
+        if !self.config.live && self.forget_feed(dk) {
             self.push(Output::DropFeed(dk));
+        }
+    }
+
+    /// Stops tracking a feed; false if it was not tracked.
+    pub(super) fn forget_feed(&mut self, dk: DiscoveryKey) -> bool {
+        match self.feeds.remove(&dk) {
+            Some(feed) => {
+                if !feed.in_sync {
+                    self.feeds_out_of_sync = self.feeds_out_of_sync.saturating_sub(1);
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Records whether both sides hold the same length of a feed, complete.
+    pub(super) fn note_sync(&mut self, dk: DiscoveryKey, info: crate::proto::FeedInfo) {
+        let Some(feed) = self.feeds.get_mut(&dk) else {
+            return;
+        };
+        let in_sync = feed.sync.remote.is_some()
+            && feed.sync.idle()
+            && info.contiguous_length == info.length
+            && feed.sync.remote_length() == info.length
+            && feed.remote_contiguous >= info.length;
+        if in_sync != feed.in_sync {
+            feed.in_sync = in_sync;
+            if in_sync {
+                self.feeds_out_of_sync = self.feeds_out_of_sync.saturating_sub(1);
+            } else {
+                self.feeds_out_of_sync += 1;
+                self.synced_reported = false;
+            }
+        }
+    }
+
+    /// Live: reports `Synced` when the exchange settled and every agreed feed is in sync.
+    pub(super) fn report_synced(&mut self) {
+        let settled = self.exchange.as_ref().is_some_and(|e| e.settled());
+        if settled
+            && !self.synced_reported
+            && self.feeds_out_of_sync == 0
+            && self.queued_downloads.is_empty()
+            && self.waiting.is_empty()
+        {
+            self.synced_reported = true;
+            self.emit(crate::ReplicationEvent::Synced);
         }
     }
 }

@@ -494,3 +494,43 @@ fn at_most_the_scheduled_feeds_sync_at_once_and_every_feed_arrives() {
         .count();
     assert!(by_initiator >= 190, "{by_initiator} closes");
 }
+
+#[test]
+fn live_peers_report_synced_each_time_they_catch_up() {
+    let live = |initiator| config(initiator).live(true);
+    let synced = |pair: &Pair, side: usize| {
+        pair.peers[side]
+            .events
+            .iter()
+            .filter(|e| matches!(e, ReplicationEvent::Synced))
+            .count()
+    };
+    let (a, b) = (key(1), key(2));
+    let stores = [
+        feeds(&[(a, FakeFeed::full(30))]),
+        feeds(&[(b, FakeFeed::full(4))]),
+    ];
+    let mut pair = Pair::new([live(true), live(false)], stores, Link::default(), 9);
+    pair.connect();
+    pair.run_for(Duration::from_secs(5), MAX_STEPS);
+    for side in 0..2 {
+        assert_eq!(
+            synced(&pair, side),
+            1,
+            "side {side}: {:?}",
+            pair.peers[side].events
+        );
+        assert_eq!(pair.peers[side].feeds[&a], FakeFeed::full(30));
+        assert_eq!(pair.peers[side].feeds[&b], FakeFeed::full(4));
+    }
+    // Nothing changes: no new report.
+    pair.run_for(Duration::from_secs(60), MAX_STEPS);
+    assert_eq!(synced(&pair, 0), 1);
+    // An append: both catch up again and say so once more.
+    pair.append(1, b, 3);
+    pair.run_for(Duration::from_secs(5), MAX_STEPS);
+    for side in 0..2 {
+        assert_eq!(synced(&pair, side), 2, "side {side}");
+        assert_eq!(pair.peers[side].feeds[&b], FakeFeed::full(7));
+    }
+}
