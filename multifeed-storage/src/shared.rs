@@ -34,9 +34,19 @@ impl SharedCore {
         }
     }
 
+    /// How many handles on this core exist (clones of it): 1 means only the caller's.
+    pub fn handles(&self) -> usize {
+        Arc::strong_count(&self.inner)
+    }
+
     /// Locks the hypercore.
     pub async fn lock(&self) -> async_lock::MutexGuard<'_, Hypercore> {
         self.inner.core.lock().await
+    }
+
+    /// Locks the hypercore if nobody holds its lock now.
+    pub fn try_lock(&self) -> Option<async_lock::MutexGuard<'_, Hypercore>> {
+        self.inner.core.try_lock()
     }
 
     /// The change counter: it grows on every [`notify_changed`](Self::notify_changed).

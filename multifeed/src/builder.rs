@@ -25,6 +25,7 @@ pub(crate) struct Config {
     pub(crate) event_capacity: usize,
     pub(crate) encryption_key: Option<[u8; 32]>,
     pub(crate) max_remote_feeds: usize,
+    pub(crate) max_open_feeds: usize,
 }
 
 /// Builds a [`Multifeed`] with options; from [`Multifeed::builder`].
@@ -47,6 +48,7 @@ impl Default for MultifeedBuilder {
                 event_capacity: 1024,
                 encryption_key: None,
                 max_remote_feeds: 1_000_000,
+                max_open_feeds: 1024,
             },
         }
     }
@@ -58,6 +60,16 @@ impl MultifeedBuilder {
     /// [`Error::TooManyFeeds`](crate::Error::TooManyFeeds). Local writers do not count.
     pub fn max_remote_feeds(mut self, max: usize) -> Self {
         self.config.max_remote_feeds = max;
+        self
+    }
+
+    /// The most hypercores kept open at once (default 1,024). Past it, the feeds used least
+    /// recently that nobody is using are closed and opened again on their next use, so memory
+    /// follows the feeds in use, not the size of the store: an open feed of a few entries
+    /// costs about 25 KB (hypercore's bitfield page, tree and oplog state), a closed one about
+    /// 1 KB (its record). Feeds a replication is syncing, or a stream waits on, stay open.
+    pub fn max_open_feeds(mut self, max: usize) -> Self {
+        self.config.max_open_feeds = max.max(1);
         self
     }
 

@@ -65,6 +65,7 @@ impl Multifeed {
             recovery,
             config,
             replications: crate::running::Running::default(),
+            open_cores: std::sync::Mutex::default(),
             next_connection: std::sync::atomic::AtomicU64::new(0),
             lock: std::sync::Mutex::new(lock),
         };
@@ -187,12 +188,28 @@ impl Multifeed {
         let core = SharedCore::new(core);
         let slot = Arc::new(FeedSlot::new(record.clone(), CoreState::Open(core)));
         self.inner.table_mut().insert(slot.clone());
+        self.inner.opened(slot.clone());
         let _ = self.inner.events.try_broadcast(Event::Feed {
             key: record.key,
             name: record.name,
             origin: record.origin,
         });
         Ok(Feed::new(slot, self.inner.clone()))
+    }
+
+    /// How many feeds have their hypercore open now (at most about
+    /// [`max_open_feeds`](crate::MultifeedBuilder::max_open_feeds), plus those in use).
+    pub fn open_feeds(&self) -> usize {
+        self.inner
+            .table()
+            .list
+            .iter()
+            .filter(|slot| {
+                slot.core
+                    .try_lock()
+                    .is_none_or(|state| matches!(*state, CoreState::Open(_)))
+            })
+            .count()
     }
 
     /// Every feed, in a stable order: creation or arrival.

@@ -44,9 +44,22 @@ pub(crate) struct FeedSlot {
     pub(crate) restored_length: std::sync::OnceLock<Option<u64>>,
     /// A local feed whose core has no secret key (restored after its oplog was lost).
     pub(crate) read_only: std::sync::atomic::AtomicBool,
+    /// Used since the open-core bound last looked at it (a second chance before closing).
+    pub(crate) used: AtomicBool,
+    /// The length and contiguous length its core had when it was closed to free memory
+    /// (nothing changes a closed core), so the replication's feed list needs no open.
+    pub(crate) closed_lengths: std::sync::Mutex<Option<(u64, u64)>>,
 }
 
 impl FeedSlot {
+    /// Whether its core was never closed to free memory.
+    fn closed_lengths_is_none(&self) -> bool {
+        self.closed_lengths
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .is_none()
+    }
+
     pub(crate) fn new(record: FeedRecord, core: CoreState) -> Self {
         Self {
             discovery_key: hypercore_protocol::discovery_key(&record.key),
@@ -55,8 +68,54 @@ impl FeedSlot {
             tree: async_lock::Mutex::new(None),
             restored_length: std::sync::OnceLock::new(),
             read_only: std::sync::atomic::AtomicBool::new(false),
+            used: AtomicBool::new(true),
+            closed_lengths: std::sync::Mutex::new(None),
         }
     }
+}
+
+/// What [`close_idle`] did.
+enum Closing {
+    Closed,
+    /// In use: it stays open.
+    Busy,
+    /// Not open any more (closed or removed meanwhile).
+    Gone,
+}
+
+/// Closes the slot's core if nobody but the multifeed holds it (without waiting for a lock:
+/// a held lock means it is in use).
+fn close_idle(slot: &FeedSlot) -> Closing {
+    let Some(mut state) = slot.core.try_lock() else {
+        return Closing::Busy;
+    };
+    let lengths = match &*state {
+        CoreState::Open(core) if core.handles() == 1 => match core.try_lock() {
+            Some(locked) => {
+                let info = locked.info();
+                let mut contiguous = 0;
+                while contiguous < info.length && locked.has(contiguous) {
+                    contiguous += 1;
+                }
+                (info.length, contiguous)
+            }
+            None => return Closing::Busy,
+        },
+        CoreState::Open(_) => return Closing::Busy,
+        _ => return Closing::Gone,
+    };
+    *slot
+        .closed_lengths
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(lengths);
+    *state = CoreState::Unopened;
+    Closing::Closed
+}
+
+/// The cores open now, oldest first, for the bound on open cores (`max_open_feeds`).
+#[derive(Debug, Default)]
+pub(crate) struct OpenCores {
+    queue: std::collections::VecDeque<Arc<FeedSlot>>,
 }
 
 #[derive(Debug)]
@@ -78,6 +137,8 @@ pub(crate) struct Inner {
     pub(crate) replications: crate::running::Running,
     /// The number the next replication gets in its peer events.
     pub(crate) next_connection: std::sync::atomic::AtomicU64,
+    /// The cores open now (see [`Inner::opened`]).
+    pub(crate) open_cores: std::sync::Mutex<OpenCores>,
     /// The advisory lock on a disk root; released by `close`.
     pub(crate) lock: std::sync::Mutex<Option<std::fs::File>>,
 }
@@ -129,15 +190,77 @@ impl Inner {
         }
     }
 
+    /// A core was opened (or created open): it counts against the bound on open cores, and
+    /// idle ones are closed until the bound holds again. A core is idle when nobody holds it
+    /// but the multifeed (no connection syncs it, no stream waits on it, no call uses it) and
+    /// it was not used since the bound last looked (a second chance, CLOCK-style). Closing
+    /// one drops the hypercore: everything it acknowledged is in its files already (as after
+    /// a crash, which the oplog recovers), and its next use opens it again.
+    pub(crate) fn opened(&self, slot: Arc<FeedSlot>) {
+        let mut open = self
+            .open_cores
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        open.queue.push_back(slot);
+        self.trim(&mut open);
+    }
+
+    /// Closes idle cores until the bound on open cores holds again (after a replication
+    /// let go of the cores it held, say).
+    pub(crate) fn trim_open_cores(&self) {
+        let mut open = self
+            .open_cores
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        self.trim(&mut open);
+    }
+
+    fn trim(&self, open: &mut OpenCores) {
+        let max = self.config.max_open_feeds;
+        // Each slot is looked at most twice per call: bounded work, even when all are busy.
+        let mut budget = 2 * open.queue.len();
+        while open.queue.len() > max && budget > 0 {
+            budget -= 1;
+            let Some(slot) = open.queue.pop_front() else {
+                break;
+            };
+            if slot.used.swap(false, Ordering::Relaxed) {
+                open.queue.push_back(slot);
+                continue;
+            }
+            match close_idle(&slot) {
+                Closing::Closed | Closing::Gone => {}
+                Closing::Busy => open.queue.push_back(slot),
+            }
+        }
+    }
+
+    /// The feed's length and contiguous length without opening its core when it was closed
+    /// to free memory; `None` when only its core can tell.
+    pub(crate) fn closed_lengths(&self, slot: &FeedSlot) -> Option<(u64, u64)> {
+        let state = slot.core.try_lock()?;
+        match &*state {
+            CoreState::Unopened => *slot
+                .closed_lengths
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+            _ => None,
+        }
+    }
+
     /// The feed's hypercore, opened on first use.
-    pub(crate) async fn core(&self, slot: &FeedSlot) -> Result<SharedCore, Error> {
+    pub(crate) async fn core(&self, slot: &Arc<FeedSlot>) -> Result<SharedCore, Error> {
         self.ensure_open()?;
+        slot.used.store(true, Ordering::Relaxed);
         let mut state = slot.core.lock().await;
         match &*state {
             CoreState::Open(core) => Ok(core.clone()),
             CoreState::Closed => Err(Error::Closed),
             CoreState::Unopened => {
-                if slot.record.origin == FeedOrigin::Local {
+                // Checked at its first open in this process; a core closed to free memory opens
+                // again without the checks.
+                let first_open = slot.closed_lengths_is_none();
+                if slot.record.origin == FeedOrigin::Local && first_open {
                     // Appends logged after a damaged oplog entry are cut when the feed opens:
                     // their length is kept first, so they count as missing, not as never
                     // written (and no append signs over them before a peer brings them back).
@@ -200,6 +323,8 @@ impl Inner {
                 }
                 let core = SharedCore::new(core);
                 *state = CoreState::Open(core.clone());
+                drop(state);
+                self.opened(slot.clone());
                 Ok(core)
             }
         }

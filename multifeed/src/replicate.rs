@@ -228,6 +228,8 @@ impl Multifeed {
             // `close` ended it: nothing of it runs any more.
             Err(futures::future::Aborted) => Err(Error::Closed),
         };
+        // The cores this replication held are let go: idle ones past the bound close.
+        self.inner.trim_open_cores();
         if connected.load(Ordering::Relaxed) {
             self.inner.emit(Event::PeerDisconnected {
                 connection,
@@ -349,7 +351,15 @@ impl FeedHost for Host {
         let mut feeds = Vec::new();
         for feed in self.multi.feeds() {
             // A damaged feed is not offered; the others still are.
-            if let Ok(info) = feed.info().await {
+            // A feed closed to free memory is listed without opening it again.
+            if let Some((length, contiguous_length)) = self.multi.inner.closed_lengths(feed.slot())
+            {
+                feeds.push(LocalFeed {
+                    key: *feed.key(),
+                    length,
+                    contiguous_length,
+                });
+            } else if let Ok(info) = feed.info().await {
                 feeds.push(LocalFeed {
                     key: *feed.key(),
                     length: info.length,

@@ -775,3 +775,56 @@ async fn damage_to_either_oplog_header_slot_hides_no_entry_before_the_last_batch
     }
     Ok(())
 }
+
+#[async_std::test]
+async fn at_most_max_open_feeds_stay_open_and_closed_feeds_open_again_on_use() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let a = Multifeed::builder()
+        .disk(dir.path())
+        .max_open_feeds(8)
+        .open()
+        .await?;
+    let mut writers = Vec::new();
+    for i in 0..40u32 {
+        let feed = a.writer(&format!("w{i}")).await?;
+        feed.append(&i.to_le_bytes()).await?;
+        writers.push(feed);
+    }
+    assert!(a.open_feeds() <= 8, "{} open", a.open_feeds());
+    // Every feed still reads and appends: a closed one opens again.
+    for (i, feed) in writers.iter().enumerate() {
+        assert_eq!(feed.get(0).await?, Some((i as u32).to_le_bytes().to_vec()));
+        feed.append(b"more").await?;
+        assert_eq!(feed.len().await?, 2);
+    }
+    assert!(a.open_feeds() <= 8, "{} open", a.open_feeds());
+    // A replica gets all of it, with the bound on both sides.
+    let b = Multifeed::builder()
+        .memory()
+        .max_open_feeds(8)
+        .open()
+        .await?;
+    let (left, right) = async_std::os::unix::net::UnixStream::pair()?;
+    let (ra, rb) = futures::join!(
+        a.replicate(left, multifeed::ReplicateOptions::new(true)),
+        b.replicate(right, multifeed::ReplicateOptions::new(false)),
+    );
+    ra?;
+    rb?;
+    for feed in &writers {
+        let copy = b.feed(feed.key())?.ok_or("a feed reached b")?;
+        assert_eq!(copy.len().await?, 2);
+        assert_eq!(copy.get(1).await?, Some(b"more".to_vec()));
+    }
+    assert!(b.open_feeds() <= 8, "{} open on b", b.open_feeds());
+    a.close().await?;
+    // Nothing was lost by closing cores: everything reads back after a reopen.
+    let reopened = Multifeed::open_disk(dir.path()).await?;
+    for feed in &writers {
+        assert_eq!(
+            reopened.feed(feed.key())?.ok_or("the feed")?.len().await?,
+            2
+        );
+    }
+    Ok(())
+}
