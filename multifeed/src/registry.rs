@@ -216,6 +216,13 @@ impl Inner {
     }
 
     fn trim(&self, open: &mut OpenCores) {
+        // A factory that would hand a closed core fresh, empty stores on its next open (a
+        // closure making a new store per call) keeps every core open: closing one would lose
+        // the feed.
+        if !self.factory.reopens_same_store() {
+            open.queue.clear();
+            return;
+        }
         let max = self.config.max_open_feeds;
         // Each slot is looked at most twice per call: bounded work, even when all are busy.
         let mut budget = 2 * open.queue.len();

@@ -34,6 +34,7 @@ pub struct ReplicateOptions {
     max_queued_requests: Option<usize>,
     max_new_feeds: Option<usize>,
     max_in_flight: Option<usize>,
+    max_syncing_feeds: Option<usize>,
 }
 
 impl fmt::Debug for ReplicateOptions {
@@ -68,6 +69,7 @@ impl ReplicateOptions {
             max_queued_requests: None,
             max_new_feeds: None,
             max_in_flight: None,
+            max_syncing_feeds: None,
         }
     }
 
@@ -109,6 +111,13 @@ impl ReplicateOptions {
     /// Block requests in flight per feed (default 256).
     pub fn max_in_flight(mut self, max: usize) -> Self {
         self.max_in_flight = Some(max);
+        self
+    }
+
+    /// Feeds downloaded at once on this connection (default 256); the others wait their turn.
+    /// Non-live, a feed's channel closes once both sides hold it complete.
+    pub fn max_syncing_feeds(mut self, max: usize) -> Self {
+        self.max_syncing_feeds = Some(max);
         self
     }
 
@@ -296,6 +305,9 @@ impl Multifeed {
         }
         if let Some(max) = options.max_in_flight {
             config = config.max_in_flight(max);
+        }
+        if let Some(max) = options.max_syncing_feeds {
+            config = config.max_syncing_feeds(max);
         }
         let inner = self.inner.clone();
         let forward = async move {

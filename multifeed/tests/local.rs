@@ -828,3 +828,32 @@ async fn at_most_max_open_feeds_stay_open_and_closed_feeds_open_again_on_use() -
     }
     Ok(())
 }
+
+#[async_std::test]
+async fn a_factory_that_makes_new_stores_per_open_keeps_every_core_open() -> TestResult {
+    // Every open of a path gives a fresh, empty store: a closed core would come back empty.
+    let factory = multifeed::FnFactory::new(|_path: &str| {
+        Box::pin(async {
+            Ok(
+                Box::new(random_access_memory::RandomAccessMemory::new(4096))
+                    as multifeed_storage::BoxedStore,
+            )
+        })
+    });
+    let multi = Multifeed::builder()
+        .storage(factory)
+        .max_open_feeds(4)
+        .open()
+        .await?;
+    let mut writers = Vec::new();
+    for i in 0..20u32 {
+        let feed = multi.writer(&format!("w{i}")).await?;
+        feed.append(&i.to_le_bytes()).await?;
+        writers.push(feed);
+    }
+    for (i, feed) in writers.iter().enumerate() {
+        assert_eq!(feed.get(0).await?, Some((i as u32).to_le_bytes().to_vec()));
+    }
+    assert_eq!(multi.open_feeds(), 20);
+    Ok(())
+}
