@@ -389,7 +389,14 @@ impl Connection {
     pub(crate) fn check_synced(&mut self, now: Instant) -> Result<(), ReplicateError> {
         self.report_remote_set();
         if self.config.live {
-            self.report_synced();
+            // Caught up: a non-live peer may finish (a live one never does). Sent once.
+            if self.report_synced() {
+                let actions = match self.exchange.as_mut() {
+                    Some(exchange) => exchange.local_synced(),
+                    None => Vec::new(),
+                };
+                self.apply(now, actions)?;
+            }
             return Ok(());
         }
         if self.exchange.is_none() {

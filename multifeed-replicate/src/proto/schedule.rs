@@ -141,8 +141,9 @@ impl Connection {
         }
     }
 
-    /// Live: reports `Synced` when the exchange settled and every agreed feed is in sync.
-    pub(super) fn report_synced(&mut self) {
+    /// Live: reports `Synced` when the exchange settled and every agreed feed is in sync;
+    /// returns whether it did.
+    pub(super) fn report_synced(&mut self) -> bool {
         let settled = self.exchange.as_ref().is_some_and(|e| e.settled());
         if settled
             && !self.synced_reported
@@ -152,6 +153,8 @@ impl Connection {
         {
             self.synced_reported = true;
             self.emit(crate::ReplicationEvent::Synced);
+            return true;
         }
+        false
     }
 }

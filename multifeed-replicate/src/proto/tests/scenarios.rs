@@ -534,3 +534,32 @@ fn live_peers_report_synced_each_time_they_catch_up() {
         assert_eq!(pair.peers[side].feeds[&b], FakeFeed::full(7));
     }
 }
+
+#[test]
+fn a_non_live_peer_finishes_against_a_live_one_once_both_hold_the_union() {
+    let (a, b) = (key(1), key(2));
+    let stores = [
+        feeds(&[(a, FakeFeed::full(12))]),
+        feeds(&[(b, FakeFeed::full(5))]),
+    ];
+    let configs = [config(true), config(false).live(true)];
+    let mut pair = Pair::new(configs, stores, Link::default(), 10);
+    pair.connect();
+    // Ends by itself (the non-live side finishes), long before any timeout.
+    for _ in 0..MAX_STEPS {
+        if pair.peers[0].ended() || !pair.step() {
+            break;
+        }
+    }
+    assert!(pair.peers[0].conn.is_done(), "{:?}", pair.peers[0].error);
+    assert!(
+        pair.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        pair.elapsed()
+    );
+    for peer in &pair.peers {
+        assert!(peer.error.is_none(), "{:?}", peer.error);
+        assert_eq!(peer.feeds[&a], FakeFeed::full(12));
+        assert_eq!(peer.feeds[&b], FakeFeed::full(5));
+    }
+}
