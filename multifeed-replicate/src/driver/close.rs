@@ -12,6 +12,9 @@ use super::Driver;
 
 /// How long we wait for the peer to close the root channel after we closed ours.
 const LINGER: Duration = Duration::from_secs(5);
+/// After a key mismatch: how long we wait for the peer to hang up, so that our root channel's
+/// open (which tells it why) leaves before we drop the connection.
+const MISMATCH_LINGER: Duration = Duration::from_secs(1);
 const BARRIER: &str = "multifeed-close-barrier";
 
 impl Driver {
@@ -21,10 +24,16 @@ impl Driver {
     /// only after everything queued before them was handed to the transport: a barrier. After a
     /// normal end we then close the root channel and wait (bounded) for the peer to close it too,
     /// so neither side drops the connection while the other still reads.
+    ///
+    /// After an error, `until_peer_hangs_up` waits (bounded) for the connection to end: the
+    /// barrier of the command queue only says our open was queued for the transport, not that
+    /// it left, and a peer that never sees our root channel cannot tell a key mismatch from a
+    /// dropped connection.
     pub(super) async fn close_gracefully(
         &mut self,
         events: &mut mpsc::UnboundedReceiver<io::Result<Event>>,
         normal: bool,
+        until_peer_hangs_up: bool,
     ) {
         if self.flush_outbox().await.is_err() {
             return;
@@ -51,11 +60,22 @@ impl Driver {
         }
         let mut root_closed_by_peer = self.conn.peer_closed_root();
         let mut linger = futures::FutureExt::fuse(async_io::Timer::after(LINGER));
+        if until_peer_hangs_up {
+            linger = futures::FutureExt::fuse(async_io::Timer::after(MISMATCH_LINGER));
+        }
+        let mut hung_up = false;
         loop {
-            if barriers == 0 {
-                if !normal {
+            if barriers == 0 && !normal {
+                if !until_peer_hangs_up {
                     return;
                 }
+                // Everything queued goes out, then our write side closes; we wait for theirs.
+                if !std::mem::replace(&mut hung_up, true) {
+                    if let Some(close) = &self.close {
+                        close.close();
+                    }
+                }
+            } else if barriers == 0 {
                 if let Some(root) = self.channels.remove(&root_dk).filter(|_| !plain) {
                     if root.close().await.is_err() {
                         return;
@@ -73,7 +93,7 @@ impl Driver {
                     Some(Ok(Event::LocalSignal((name, _)))) if name == BARRIER => barriers -= 1,
                     Some(Ok(Event::Close(dk))) if dk == root_dk => {
                         root_closed_by_peer = true;
-                        if barriers == 0 {
+                        if barriers == 0 && normal {
                             return;
                         }
                     }

@@ -211,7 +211,7 @@ impl Driver {
             self.emit(progress);
         }
         self.flush_outbox().await?;
-        self.close_gracefully(&mut events, true).await;
+        self.close_gracefully(&mut events, true, false).await;
         Ok(*self.conn.summary())
     }
 
@@ -228,7 +228,8 @@ impl Driver {
                 Err(err) => {
                     // Let the peer see our channel opens before we go, so it can tell why
                     // (a key mismatch shows on both sides).
-                    self.close_gracefully(events, false).await;
+                    let mismatch = matches!(err, ReplicateError::KeyMismatch);
+                    self.close_gracefully(events, false, mismatch).await;
                     Step::End(Err(err))
                 }
             },
