@@ -1,0 +1,393 @@
+//! `multifeed`: a store of many hypercores from the terminal, synced with peers over TCP.
+//!
+//! ```text
+//! multifeed --dir alice init
+//! multifeed --dir alice append notes "hello"
+//! multifeed --dir alice share --listen 127.0.0.1:7000     # serves live until stopped
+//! multifeed --dir bob sync --connect 127.0.0.1:7000       # the union, both ways
+//! multifeed --dir bob cat notes
+//! ```
+//!
+//! Every command takes `--dir DIR` (or `MULTIFEED_DIR`; default `./.multifeed`) or `--temp`
+//! (a store in memory), and `--json` (one JSON object per line on stdout). The shared key comes
+//! from `MULTIFEED_KEY` (64 hex digits) or `--key-file`, never from the command line. Exit
+//! codes: 0 done, 1 error (one line on stderr, with its code), 2 timeout.
+
+mod output;
+mod sync;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use futures::StreamExt;
+use multifeed::{Feed, Multifeed, ReadMode};
+
+use output::Output;
+
+/// A store of many hypercores by many authors, synced with peers.
+#[derive(Debug, Parser)]
+#[command(name = "multifeed", version, about)]
+struct Cli {
+    /// The store's directory.
+    #[arg(
+        long,
+        global = true,
+        env = "MULTIFEED_DIR",
+        default_value = ".multifeed"
+    )]
+    dir: PathBuf,
+    /// A store in memory, gone when the command ends (for trying things out).
+    #[arg(long, global = true, conflicts_with = "dir")]
+    temp: bool,
+    /// One JSON object per line on stdout.
+    #[arg(long, global = true)]
+    json: bool,
+    /// A file holding the shared key (64 hex digits); else `MULTIFEED_KEY`; else the public
+    /// default key of JS multifeed.
+    #[arg(long, global = true)]
+    key_file: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Creates the store (its directory and index).
+    Init,
+    /// Feeds, writers, entries and bytes in the store.
+    Info,
+    /// Every feed: key, length, and the writer name of local ones.
+    Feeds {
+        /// Also its contiguous length, bytes and whether it is writable here.
+        #[arg(short, long)]
+        long: bool,
+    },
+    /// Appends to the local writer NAME (created on first use): VALUE, or each line of stdin
+    /// as one batch when VALUE is `-` or left out.
+    Append {
+        /// The writer's local name.
+        name: String,
+        /// The entry (`-` or nothing: the lines of stdin).
+        value: Option<String>,
+    },
+    /// Prints the entries of a feed (its key in hex, or a local writer's name).
+    Cat {
+        /// A feed key (64 hex digits) or a local writer name.
+        feed: String,
+        /// The first index.
+        #[arg(long, default_value_t = 0)]
+        start: u64,
+        /// Past the last index.
+        #[arg(long)]
+        end: Option<u64>,
+        /// Keep printing entries as they arrive.
+        #[arg(long)]
+        live: bool,
+    },
+    /// Listens on ADDR and serves live replications to every peer that connects, until
+    /// stopped. Prints the address first.
+    Share {
+        /// Where to listen.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: String,
+    },
+    /// Connects to a peer and syncs: both end with the union of their feeds.
+    Sync {
+        /// The peer's address (`host:port`).
+        #[arg(long)]
+        connect: String,
+        /// Stay connected and keep syncing new entries.
+        #[arg(long)]
+        live: bool,
+        /// Give up after this many seconds (exit code 2).
+        #[arg(long)]
+        timeout: Option<f64>,
+    },
+}
+
+/// What can go wrong, as one line with a code.
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error("{0}")]
+    Multifeed(#[from] multifeed::Error),
+    #[error("no store at {0} (run `multifeed --dir {0} init` first)")]
+    NoStore(String),
+    #[error("no feed {0} in this store")]
+    NoFeed(String),
+    #[error("the shared key must be 64 hex digits ({0})")]
+    BadKey(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("timed out after {0} s")]
+    Timeout(f64),
+}
+
+impl CliError {
+    fn code(&self) -> &'static str {
+        match self {
+            Self::Multifeed(err) => err.code(),
+            Self::NoStore(_) => "ERR_NO_STORE",
+            Self::NoFeed(_) => "ERR_NO_FEED",
+            Self::BadKey(_) => "ERR_BAD_KEY",
+            Self::Io { .. } => "ERR_IO",
+            Self::Timeout(_) => "ERR_TIMEOUT",
+        }
+    }
+
+    fn exit_code(&self) -> u8 {
+        if self.code() == "ERR_TIMEOUT" {
+            2
+        } else {
+            1
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let out = Output::new(cli.json);
+    match async_std::task::block_on(run(cli, &out)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            out.error(&err.to_string(), err.code());
+            ExitCode::from(err.exit_code())
+        }
+    }
+}
+
+async fn run(cli: Cli, out: &Output) -> Result<(), CliError> {
+    let key = shared_key(cli.key_file.as_deref())?;
+    let multi = open(&cli, key).await?;
+    let result = command(&cli, &multi, key, out).await;
+    // Everything written reaches the files before the process ends.
+    let closed = multi.close().await;
+    result?;
+    Ok(closed?)
+}
+
+async fn command(
+    cli: &Cli,
+    multi: &Multifeed,
+    key: Option<[u8; 32]>,
+    out: &Output,
+) -> Result<(), CliError> {
+    match &cli.command {
+        Command::Init => {
+            out.line(
+                &format!("store ready at {}", cli.dir.display()),
+                serde_json::json!({ "event": "init", "dir": cli.dir.display().to_string() }),
+            );
+            Ok(())
+        }
+        Command::Info => info(cli, multi, out).await,
+        Command::Feeds { long } => feeds(multi, *long, out).await,
+        Command::Append { name, value } => append(multi, name, value.as_deref(), out).await,
+        Command::Cat {
+            feed,
+            start,
+            end,
+            live,
+        } => cat(multi, feed, *start, *end, *live, out).await,
+        Command::Share { listen } => sync::share(multi, listen, key, out).await,
+        Command::Sync {
+            connect,
+            live,
+            timeout,
+        } => sync::sync(multi, connect, *live, *timeout, key, out).await,
+    }
+}
+
+/// The shared key from `--key-file` or `MULTIFEED_KEY`, if either is given.
+fn shared_key(file: Option<&std::path::Path>) -> Result<Option<[u8; 32]>, CliError> {
+    let text = match file {
+        Some(path) => std::fs::read_to_string(path).map_err(|source| CliError::Io {
+            what: format!("reading {}", path.display()),
+            source,
+        })?,
+        None => match std::env::var("MULTIFEED_KEY") {
+            Ok(text) => text,
+            Err(_) => return Ok(None),
+        },
+    };
+    let bytes = hex::decode(text.trim()).map_err(|err| CliError::BadKey(err.to_string()))?;
+    let key: [u8; 32] = bytes
+        .try_into()
+        .map_err(|bytes: Vec<u8>| CliError::BadKey(format!("{} bytes", bytes.len())))?;
+    Ok(Some(key))
+}
+
+async fn open(cli: &Cli, key: Option<[u8; 32]>) -> Result<Multifeed, CliError> {
+    let mut builder = Multifeed::builder();
+    if let Some(key) = key {
+        builder = builder.encryption_key(key);
+    }
+    if cli.temp {
+        return Ok(builder.memory().open().await?);
+    }
+    // Every command but `init` needs a store that exists: a typo must not create one.
+    let exists = std::fs::read_dir(&cli.dir).is_ok_and(|mut entries| entries.next().is_some());
+    if !exists && !matches!(cli.command, Command::Init) {
+        return Err(CliError::NoStore(cli.dir.display().to_string()));
+    }
+    Ok(builder.disk(&cli.dir).open().await?)
+}
+
+async fn info(cli: &Cli, multi: &Multifeed, out: &Output) -> Result<(), CliError> {
+    let feeds = multi.feeds();
+    let (mut entries, mut bytes, mut writers) = (0u64, 0u64, 0usize);
+    for feed in &feeds {
+        let info = feed.info().await?;
+        entries += info.length;
+        bytes += info.byte_length;
+        writers += usize::from(feed.name().is_some());
+    }
+    let disk = if cli.temp { 0 } else { dir_size(&cli.dir) };
+    out.line(
+        &format!(
+            "{} feeds ({writers} writers here), {entries} entries, {bytes} bytes of entries, {disk} bytes on disk",
+            feeds.len()
+        ),
+        serde_json::json!({
+            "feeds": feeds.len(),
+            "writers": writers,
+            "entries": entries,
+            "bytes": bytes,
+            "disk_bytes": disk,
+        }),
+    );
+    Ok(())
+}
+
+fn dir_size(path: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|entry| match entry.metadata() {
+            Ok(meta) if meta.is_dir() => dir_size(&entry.path()),
+            Ok(meta) => meta.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+async fn feeds(multi: &Multifeed, long: bool, out: &Output) -> Result<(), CliError> {
+    for feed in multi.feeds() {
+        let info = feed.info().await?;
+        let name = feed.name().unwrap_or("");
+        let text = if long {
+            format!(
+                "{} {:>8} {:>8} {:>10} {} {name}",
+                feed.key_hex(),
+                info.length,
+                info.contiguous_length,
+                info.byte_length,
+                if info.writable { "w" } else { "-" },
+            )
+        } else {
+            format!("{} {:>8} {name}", feed.key_hex(), info.length)
+        };
+        out.line(
+            &text,
+            serde_json::json!({
+                "key": feed.key_hex(),
+                "name": feed.name(),
+                "length": info.length,
+                "contiguous_length": info.contiguous_length,
+                "bytes": info.byte_length,
+                "writable": info.writable,
+            }),
+        );
+    }
+    Ok(())
+}
+
+async fn append(
+    multi: &Multifeed,
+    name: &str,
+    value: Option<&str>,
+    out: &Output,
+) -> Result<(), CliError> {
+    let entries: Vec<Vec<u8>> = match value {
+        Some(value) if value != "-" => vec![value.as_bytes().to_vec()],
+        _ => {
+            let mut lines = Vec::new();
+            for line in std::io::stdin().lines() {
+                let line = line.map_err(|source| CliError::Io {
+                    what: "reading stdin".to_owned(),
+                    source,
+                })?;
+                lines.push(line.into_bytes());
+            }
+            lines
+        }
+    };
+    let feed = multi.writer(name).await?;
+    let range = feed.append_batch(&entries).await?;
+    out.line(
+        &format!(
+            "appended {} entries to {name} ({}): {}..{}",
+            entries.len(),
+            feed.key_hex(),
+            range.start,
+            range.end
+        ),
+        serde_json::json!({
+            "event": "appended",
+            "key": feed.key_hex(),
+            "name": name,
+            "start": range.start,
+            "end": range.end,
+        }),
+    );
+    Ok(())
+}
+
+/// A feed by its hex key or a local writer's name.
+fn find_feed(multi: &Multifeed, feed: &str) -> Result<Feed, CliError> {
+    if let Some(found) = multi.feeds().into_iter().find(|f| f.name() == Some(feed)) {
+        return Ok(found);
+    }
+    let by_key = match hex::decode(feed) {
+        Ok(bytes) if bytes.len() == 32 => multi.feed(&bytes)?,
+        _ => None,
+    };
+    by_key.ok_or_else(|| CliError::NoFeed(feed.to_owned()))
+}
+
+async fn cat(
+    multi: &Multifeed,
+    feed: &str,
+    start: u64,
+    end: Option<u64>,
+    live: bool,
+    out: &Output,
+) -> Result<(), CliError> {
+    let feed = find_feed(multi, feed)?;
+    let mode = if live {
+        ReadMode::Live
+    } else {
+        ReadMode::Snapshot
+    };
+    let mut entries = match end {
+        Some(end) => feed.read_stream(start..end, mode),
+        None => feed.read_stream(start.., mode),
+    };
+    while let Some(entry) = entries.next().await {
+        let (index, bytes) = entry?;
+        let (text, encoding) = match String::from_utf8(bytes) {
+            Ok(text) => (text, "utf8"),
+            Err(err) => (hex::encode(err.into_bytes()), "hex"),
+        };
+        out.line(
+            &text,
+            serde_json::json!({ "index": index, "value": text, "encoding": encoding }),
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,236 @@
+//! The `multifeed` binary, run as a user would: several processes, one store each, on
+//! 127.0.0.1. Every wait is bounded and says what it waited for.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_multifeed");
+
+fn multifeed(dir: &Path, args: &[&str]) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .arg("--dir")
+        .arg(dir)
+        .args(args)
+        .env_remove("MULTIFEED_KEY")
+        .env_remove("MULTIFEED_DIR");
+    command
+}
+
+/// Runs to its end, waiting at most 60 s (the commands here end within seconds).
+fn run(mut command: Command) -> Output {
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawned");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    rx.recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| panic!("the command did not end within 60 s: {command:?}"))
+        .expect("output")
+}
+
+fn ok(command: Command) -> String {
+    let out = run(command);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+/// `feeds --json` as (key, length) pairs, sorted.
+fn feeds(dir: &Path) -> Vec<(String, u64)> {
+    let mut feeds: Vec<(String, u64)> = ok(multifeed(dir, &["--json", "feeds"]))
+        .lines()
+        .map(|line| {
+            let value: serde_json::Value = serde_json::from_str(line).expect("json");
+            (
+                value["key"].as_str().expect("key").to_owned(),
+                value["length"].as_u64().expect("length"),
+            )
+        })
+        .collect();
+    feeds.sort();
+    feeds
+}
+
+/// A `share` process and the address it printed.
+struct Sharing {
+    child: Child,
+    addr: String,
+}
+
+impl Sharing {
+    fn start(dir: &Path) -> Self {
+        let mut child = multifeed(dir, &["--json", "share"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("share started");
+        let stdout = child.stdout.take().expect("stdout");
+        // The first line is the address (read on a thread, so the wait is bounded).
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("share printed its address within 30 s");
+        let value: serde_json::Value = serde_json::from_str(&line).expect("json");
+        let addr = value["addr"].as_str().expect("addr").to_owned();
+        Self { child, addr }
+    }
+}
+
+impl Drop for Sharing {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn share_and_sync_give_both_stores_the_union() {
+    let (a, b) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let (a, b) = (a.path().join("alice"), b.path().join("bob"));
+    ok(multifeed(&a, &["init"]));
+    ok(multifeed(&b, &["init"]));
+    ok(multifeed(&a, &["append", "notes", "hello"]));
+    let mut lines = multifeed(&a, &["append", "notes"]);
+    lines.stdin(Stdio::piped());
+    let mut child = lines
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("append from stdin");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"two\nthree\n")
+        .expect("written");
+    assert!(child.wait().expect("appended").success());
+    ok(multifeed(&b, &["append", "todo", "milk"]));
+
+    let sharing = Sharing::start(&a);
+    let synced = ok(multifeed(
+        &b,
+        &["--json", "sync", "--connect", &sharing.addr],
+    ));
+    let event: serde_json::Value = serde_json::from_str(synced.trim()).expect("json");
+    assert_eq!(event["event"], "synced");
+    assert_eq!(event["blocks_received"], 3);
+    // The share process holds its store: stop it before reading the store.
+    drop(sharing);
+    let union = feeds(&b);
+    assert_eq!(union.len(), 2);
+    assert_eq!(feeds(&a), union, "both hold the union");
+    assert!(union.iter().any(|(_, length)| *length == 3));
+    let notes = ok(multifeed(&b, &["cat", &union_key(&a, "notes")]));
+    assert_eq!(notes, "hello\ntwo\nthree\n");
+}
+
+/// The key of a local writer, from `feeds --json`.
+fn union_key(dir: &Path, name: &str) -> String {
+    ok(multifeed(dir, &["--json", "feeds"]))
+        .lines()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).expect("json"))
+        .find(|value| value["name"] == name)
+        .and_then(|value| value["key"].as_str().map(str::to_owned))
+        .expect("the writer's key")
+}
+
+#[test]
+fn a_wrong_shared_key_fails_on_the_syncing_side_and_leaves_both_stores_as_they_were() {
+    let (a, b) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    ok(multifeed(a.path(), &["init"]));
+    ok(multifeed(b.path(), &["init"]));
+    ok(multifeed(a.path(), &["append", "w", "secret"]));
+    let sharing = Sharing::start(a.path());
+    let mut sync = multifeed(b.path(), &["sync", "--connect", &sharing.addr]);
+    sync.env("MULTIFEED_KEY", "11".repeat(32));
+    let out = run(sync);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("ERR_KEY_MISMATCH"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    drop(sharing);
+    assert!(feeds(b.path()).is_empty(), "nothing written");
+}
+
+#[test]
+fn bad_input_is_one_clear_line_with_its_code_and_writes_nothing() {
+    let dir = tempfile::tempdir().expect("dir");
+    let missing = dir.path().join("nowhere");
+    // A missing store: not created by a typo.
+    let out = run(multifeed(&missing, &["feeds"]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ERR_NO_STORE"));
+    assert!(!missing.exists(), "nothing created");
+    // A shared key that is not hex.
+    let store = dir.path().join("store");
+    ok(multifeed(&store, &["init"]));
+    let mut bad_key = multifeed(&store, &["info"]);
+    bad_key.env("MULTIFEED_KEY", "not-hex");
+    let out = run(bad_key);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ERR_BAD_KEY"));
+    // A feed that is not there.
+    let out = run(multifeed(&store, &["cat", "nobody"]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ERR_NO_FEED"));
+    // A dead address: nothing listens on the port of a listener we closed.
+    let dead = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bound");
+        listener.local_addr().expect("addr").to_string()
+    };
+    let out = run(multifeed(&store, &["sync", "--connect", &dead]));
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("ERR_IO") && stderr.lines().count() == 1,
+        "{stderr}"
+    );
+    assert!(feeds(&store).is_empty());
+}
+
+#[test]
+fn a_peer_that_never_answers_ends_with_exit_code_2_after_the_timeout() {
+    let dir = tempfile::tempdir().expect("dir");
+    ok(multifeed(dir.path(), &["init"]));
+    // Accepts the connection and says nothing.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bound");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let silent = std::thread::spawn(move || listener.accept().map(|(socket, _)| socket));
+    let started = Instant::now();
+    let out = run(multifeed(
+        dir.path(),
+        &["sync", "--connect", &addr, "--timeout", "1"],
+    ));
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ERR_TIMEOUT"));
+    assert!(started.elapsed() < Duration::from_secs(20));
+    drop(silent.join());
+}
