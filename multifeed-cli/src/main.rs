@@ -84,6 +84,10 @@ enum Command {
         /// Keep printing entries as they arrive.
         #[arg(long)]
         live: bool,
+        /// Sync live with the peer at this address meanwhile (entries it gets print as they
+        /// arrive; a feed not here yet is waited for).
+        #[arg(long)]
+        connect: Option<String>,
     },
     /// Listens on ADDR and serves live replications to every peer that connects, until
     /// stopped. Prints the address first.
@@ -91,6 +95,9 @@ enum Command {
         /// Where to listen.
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: String,
+        /// Also append each line typed on stdin to the local writer NAME (peers get it live).
+        #[arg(long, value_name = "NAME")]
+        append: Option<String>,
     },
     /// Connects to a peer and syncs: both end with the union of their feeds.
     Sync {
@@ -191,8 +198,20 @@ async fn command(
             start,
             end,
             live,
-        } => cat(multi, feed, *start, *end, *live, out).await,
-        Command::Share { listen } => sync::share(multi, listen, key, out).await,
+            connect,
+        } => {
+            if let Some(addr) = connect {
+                sync::in_background(multi, addr, key);
+            }
+            let wait = connect.is_some();
+            cat(multi, feed, *start, *end, *live || wait, wait, out).await
+        }
+        Command::Share { listen, append } => {
+            if let Some(name) = append {
+                appending_lines(multi, name, *out).await?;
+            }
+            sync::share(multi, listen, key, out).await
+        }
         Command::Sync {
             connect,
             live,
@@ -348,6 +367,28 @@ async fn append(
     Ok(())
 }
 
+/// Appends each line of stdin to the writer `name`, on a task of its own, until stdin ends.
+async fn appending_lines(multi: &Multifeed, name: &str, out: Output) -> Result<(), CliError> {
+    let feed = multi.writer(name).await?;
+    async_std::task::spawn(async move {
+        use futures::AsyncBufReadExt;
+        let mut lines = async_std::io::BufReader::new(async_std::io::stdin()).lines();
+        while let Some(Ok(line)) = lines.next().await {
+            match feed.append(line.as_bytes()).await {
+                Ok(index) => out.line(
+                    &format!("appended {index}"),
+                    serde_json::json!({ "event": "appended", "key": feed.key_hex(), "index": index }),
+                ),
+                Err(err) => out.line(
+                    &format!("append failed: {err} [{}]", err.code()),
+                    serde_json::json!({ "event": "error", "code": err.code(), "message": err.to_string() }),
+                ),
+            }
+        }
+    });
+    Ok(())
+}
+
 /// A feed by its hex key or a local writer's name.
 fn find_feed(multi: &Multifeed, feed: &str) -> Result<Feed, CliError> {
     if let Some(found) = multi.feeds().into_iter().find(|f| f.name() == Some(feed)) {
@@ -366,9 +407,22 @@ async fn cat(
     start: u64,
     end: Option<u64>,
     live: bool,
+    wait_for_feed: bool,
     out: &Output,
 ) -> Result<(), CliError> {
-    let feed = find_feed(multi, feed)?;
+    let mut events = multi.events();
+    let feed = loop {
+        match find_feed(multi, feed) {
+            Ok(found) => break found,
+            // Syncing: the feed may come from the peer.
+            Err(CliError::NoFeed(_)) if wait_for_feed => {
+                if events.next().await.is_none() {
+                    return Err(CliError::NoFeed(feed.to_owned()));
+                }
+            }
+            Err(err) => return Err(err),
+        }
+    };
     let mode = if live {
         ReadMode::Live
     } else {

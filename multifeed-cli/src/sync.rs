@@ -123,3 +123,22 @@ pub(crate) async fn sync(
     );
     Ok(())
 }
+
+/// Syncs live with `addr` on a task of its own (for `cat --connect`); its end is reported.
+pub(crate) fn in_background(multi: &Multifeed, addr: &str, key: Option<[u8; 32]>) {
+    let multi = multi.clone();
+    let addr = addr.to_owned();
+    async_std::task::spawn(async move {
+        let result = match TcpStream::connect(&addr).await {
+            Ok(stream) => multi
+                .replicate(stream, options(true, true, key))
+                .await
+                .map(|_| ())
+                .map_err(|err| (err.to_string(), err.code())),
+            Err(err) => Err((format!("connecting to {addr}: {err}"), "ERR_IO")),
+        };
+        if let Err((message, code)) = result {
+            eprintln!("sync with {addr} ended: {message} [{code}]");
+        }
+    });
+}

@@ -70,8 +70,12 @@ struct Sharing {
 
 impl Sharing {
     fn start(dir: &Path) -> Self {
-        let mut child = multifeed(dir, &["--json", "share"])
-            .stdin(Stdio::null())
+        Self::start_with(dir, &[], Stdio::null())
+    }
+
+    fn start_with(dir: &Path, args: &[&str], stdin: Stdio) -> Self {
+        let mut child = multifeed(dir, &[&["--json", "share"], args].concat())
+            .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -233,4 +237,49 @@ fn a_peer_that_never_answers_ends_with_exit_code_2_after_the_timeout() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("ERR_TIMEOUT"));
     assert!(started.elapsed() < Duration::from_secs(20));
     drop(silent.join());
+}
+
+#[test]
+fn cat_live_prints_what_a_sharing_process_appends_as_it_is_typed() {
+    use std::io::Write;
+    let (a, b) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    ok(multifeed(a.path(), &["init"]));
+    ok(multifeed(b.path(), &["init"]));
+    ok(multifeed(a.path(), &["append", "chat", "first"]));
+    let key = union_key(a.path(), "chat");
+    let mut sharing = Sharing::start_with(a.path(), &["--append", "chat"], Stdio::piped());
+    let mut typing = sharing.child.stdin.take().expect("stdin");
+    let mut cat = multifeed(
+        b.path(),
+        &["cat", &key, "--live", "--connect", &sharing.addr],
+    )
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .spawn()
+    .expect("cat started");
+    let stdout = cat.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let next = |what: &str| {
+        rx.recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("cat printed {what} within 30 s"))
+    };
+    assert_eq!(next("the entry already there"), "first");
+    typing.write_all(b"typed later\n").expect("typed");
+    typing.flush().expect("flushed");
+    assert_eq!(next("the entry typed in the other process"), "typed later");
+    let _ = cat.kill();
+    let _ = cat.wait();
+    drop(typing);
 }
