@@ -110,6 +110,16 @@ enum Command {
         /// Give up after this many seconds (exit code 2).
         #[arg(long)]
         timeout: Option<f64>,
+        /// The peer is a plain Hypercore 10 peer (a JS `hypercore`), not a multifeed: download
+        /// this feed (its key in hex) from it. May be given several times.
+        #[arg(long = "hypercore", value_name = "KEY")]
+        hypercore: Vec<String>,
+    },
+    /// Serves live replications headless, like `share`, printing nothing but errors.
+    Seed {
+        /// Where to listen.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: String,
     },
 }
 
@@ -124,6 +134,8 @@ enum CliError {
     NoFeed(String),
     #[error("the shared key must be 64 hex digits ({0})")]
     BadKey(String),
+    #[error("a feed key is 64 hex digits, not {0:?}")]
+    BadFeedKey(String),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -139,7 +151,7 @@ impl CliError {
             Self::Multifeed(err) => err.code(),
             Self::NoStore(_) => "ERR_NO_STORE",
             Self::NoFeed(_) => "ERR_NO_FEED",
-            Self::BadKey(_) => "ERR_BAD_KEY",
+            Self::BadKey(_) | Self::BadFeedKey(_) => "ERR_BAD_KEY",
             Self::Io { .. } => "ERR_IO",
             Self::Timeout(_) => "ERR_TIMEOUT",
         }
@@ -216,7 +228,15 @@ async fn command(
             connect,
             live,
             timeout,
-        } => sync::sync(multi, connect, *live, *timeout, key, out).await,
+            hypercore,
+        } => {
+            let plain = hypercore
+                .iter()
+                .map(|key| parse_feed_key(key))
+                .collect::<Result<Vec<_>, _>>()?;
+            sync::sync(multi, connect, *live, *timeout, key, plain, out).await
+        }
+        Command::Seed { listen } => sync::share(multi, listen, key, &Output::quiet()).await,
     }
 }
 
@@ -387,6 +407,14 @@ async fn appending_lines(multi: &Multifeed, name: &str, out: Output) -> Result<(
         }
     });
     Ok(())
+}
+
+/// A feed key given in hex.
+fn parse_feed_key(text: &str) -> Result<[u8; 32], CliError> {
+    hex::decode(text)
+        .ok()
+        .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+        .ok_or_else(|| CliError::BadFeedKey(text.to_owned()))
 }
 
 /// A feed by its hex key or a local writer's name.

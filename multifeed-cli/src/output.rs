@@ -6,16 +6,29 @@ use std::io::Write;
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Output {
     json: bool,
+    /// Results are not printed (errors still are).
+    quiet: bool,
 }
 
 impl Output {
     pub(crate) fn new(json: bool) -> Self {
-        Self { json }
+        Self { json, quiet: false }
+    }
+
+    /// Prints errors only.
+    pub(crate) fn quiet() -> Self {
+        Self {
+            json: false,
+            quiet: true,
+        }
     }
 
     /// One result: `text` for people, `value` with `--json`; flushed at once (a peer or a
     /// script may be waiting for it).
     pub(crate) fn line(&self, text: &str, value: serde_json::Value) {
+        if self.quiet {
+            return;
+        }
         let mut stdout = std::io::stdout().lock();
         let _ = if self.json {
             writeln!(stdout, "{value}")

@@ -83,8 +83,13 @@ pub(crate) async fn sync(
     live: bool,
     timeout: Option<f64>,
     key: Option<[u8; 32]>,
+    plain: Vec<[u8; 32]>,
     out: &Output,
 ) -> Result<(), CliError> {
+    let mut options = options(true, live, key);
+    if !plain.is_empty() {
+        options = options.hypercore_peer(plain);
+    }
     let run = async {
         let stream = TcpStream::connect(addr)
             .await
@@ -92,7 +97,7 @@ pub(crate) async fn sync(
                 what: format!("connecting to {addr}"),
                 source,
             })?;
-        Ok::<_, CliError>(multi.replicate(stream, options(true, live, key)).await?)
+        Ok::<_, CliError>(multi.replicate(stream, options).await?)
     };
     let summary = match timeout {
         Some(seconds) => {

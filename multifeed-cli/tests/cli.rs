@@ -283,3 +283,56 @@ fn cat_live_prints_what_a_sharing_process_appends_as_it_is_typed() {
     let _ = cat.wait();
     drop(typing);
 }
+
+/// The JS interop peer (`interop/js`), its packages installed on first use.
+fn js_peer(args: &[&str]) -> Child {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../interop/js");
+    if !dir.join("node_modules/hypercore").exists() {
+        let status = Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+            .current_dir(&dir)
+            .status()
+            .expect("npm is needed for the JS interop test");
+        assert!(status.success(), "npm ci in interop/js");
+    }
+    Command::new("node")
+        .arg(dir.join("peer.js"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("node is needed for the JS interop test")
+}
+
+#[test]
+fn sync_hypercore_fetches_a_feed_from_a_plain_js_hypercore() {
+    let mut js = js_peer(&["serve", "25"]);
+    let stdout = js.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the JS peer printed its key and port within 60 s");
+    let served: serde_json::Value = serde_json::from_str(&line).expect("json");
+    let key = served["key"].as_str().expect("key").to_owned();
+    let addr = format!("127.0.0.1:{}", served["port"]);
+    let dir = tempfile::tempdir().expect("dir");
+    ok(multifeed(dir.path(), &["init"]));
+    let synced = ok(multifeed(
+        dir.path(),
+        &["--json", "sync", "--connect", &addr, "--hypercore", &key],
+    ));
+    let event: serde_json::Value = serde_json::from_str(synced.trim()).expect("json");
+    assert_eq!(event["blocks_received"], 25, "{event}");
+    assert_eq!(feeds(dir.path()), vec![(key.clone(), 25)]);
+    let last = ok(multifeed(dir.path(), &["cat", &key, "--start", "24"]));
+    assert_eq!(last, "js entry 24\n");
+    // Closing its stdin ends the JS peer.
+    drop(js.stdin.take());
+    let _ = js.wait();
+}
