@@ -43,6 +43,13 @@ struct Cli {
     /// One JSON object per line on stdout.
     #[arg(long, global = true)]
     json: bool,
+    /// More log lines on stderr (`-v`: connections, `-vv`: feeds, `-vvv`: everything);
+    /// `RUST_LOG` overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Errors only on stderr.
+    #[arg(short, long, global = true)]
+    quiet: bool,
     /// A file holding the shared key (64 hex digits); else `MULTIFEED_KEY`; else the public
     /// default key of JS multifeed.
     #[arg(long, global = true)]
@@ -168,6 +175,7 @@ impl CliError {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    logging(cli.verbose, cli.quiet);
     let out = Output::new(cli.json);
     match async_std::task::block_on(run(cli, &out)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -176,6 +184,41 @@ fn main() -> ExitCode {
             ExitCode::from(err.exit_code())
         }
     }
+}
+
+/// Log lines of the library on stderr: warnings by default, more with `-v`, none but errors with
+/// `-q`; `RUST_LOG` decides when it is set.
+fn logging(verbose: u8, quiet: bool) {
+    let ours = match (quiet, verbose) {
+        (true, _) => "error",
+        (false, 0) => "warn",
+        (false, 1) => "info",
+        (false, 2) => "debug",
+        _ => "trace",
+    };
+    // The protocol and hypercore crates log every frame: theirs only with `-vvv`.
+    let others = match (quiet, verbose) {
+        (true, _) => "error",
+        (false, 0..=2) => "warn",
+        _ => "trace",
+    };
+    let directives = [
+        "multifeed",
+        "multifeed_replicate",
+        "multifeed_storage",
+        "multifeed_meta",
+    ]
+    .iter()
+    .fold(others.to_owned(), |all, krate| {
+        format!("{all},{krate}={ours}")
+    });
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(directives));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
 }
 
 async fn run(cli: Cli, out: &Output) -> Result<(), CliError> {

@@ -42,6 +42,17 @@ pub(crate) async fn run(
     let commands = protocol.commands();
     let (events_tx, events_rx) = mpsc::unbounded::<io::Result<Event>>();
     let pump = pump::pump(protocol, events_tx, backlog.clone());
+    let span = tracing::info_span!(
+        "replication",
+        initiator = config.initiator,
+        live = config.live,
+        mode = if config.plain_feeds.is_some() {
+            "hypercore"
+        } else {
+            "multifeed"
+        },
+        peer = tracing::field::Empty,
+    );
     let events = config.events.take();
     let stop = config.stop.clone();
     let live = config.live;
@@ -67,11 +78,25 @@ pub(crate) async fn run(
         outbox_weight: 0,
     };
     // Both live on the heap: the driver's state machine is large.
-    let logic = Box::pin(driver.run(events_rx, stop, subscribe));
-    match futures::future::select(logic, Box::pin(pump)).await {
+    let logic = Box::pin(tracing::Instrument::instrument(
+        driver.run(events_rx, stop, subscribe),
+        span.clone(),
+    ));
+    let result = match futures::future::select(logic, Box::pin(pump)).await {
         futures::future::Either::Left((result, _)) => result,
         futures::future::Either::Right((err, _)) => Err(err),
+    };
+    let _entered = span.enter();
+    match &result {
+        Ok(summary) => tracing::info!(
+            blocks_received = summary.blocks_received,
+            blocks_sent = summary.blocks_sent,
+            feeds_received = summary.feeds_received,
+            "replication done"
+        ),
+        Err(err) => tracing::warn!(code = err.code(), error = %err, "replication failed"),
     }
+    result
 }
 
 /// What one item from the protocol's event queue means for the run.
@@ -244,7 +269,12 @@ impl Driver {
     async fn on_event(&mut self, event: Event) -> Result<(), ReplicateError> {
         let now = Instant::now();
         match event {
-            Event::Handshake(remote_key) => self.conn.handle_handshake(now, remote_key)?,
+            Event::Handshake(remote_key) => {
+                let peer = hex::encode(&remote_key[..8]);
+                tracing::Span::current().record("peer", peer.as_str());
+                tracing::info!("connected");
+                self.conn.handle_handshake(now, remote_key)?
+            }
             Event::DiscoveryKey(dk) => self.conn.handle_discovery_key(now, dk)?,
             Event::Channel(mut channel) => {
                 let dk = *channel.discovery_key();
@@ -370,6 +400,7 @@ impl Driver {
     }
 
     fn emit(&mut self, event: ReplicationEvent) {
+        trace_event(&event);
         let Some(sender) = &mut self.events else {
             return;
         };
@@ -446,6 +477,32 @@ impl Driver {
         }
         self.conn.handle_written(self.backlog.outgoing());
         Ok(())
+    }
+}
+
+/// Logs what the application is told (nothing per block above `trace`).
+fn trace_event(event: &ReplicationEvent) {
+    match event {
+        ReplicationEvent::RemoteHandshake { .. } => tracing::info!("exchange handshake accepted"),
+        ReplicationEvent::RemoteFeeds(keys) => tracing::debug!(feeds = keys.len(), "feeds agreed"),
+        ReplicationEvent::FeedAdded(key) => {
+            tracing::debug!(feed = %hex::encode(&key[..8]), "feed added")
+        }
+        ReplicationEvent::FeedUnavailable { key, reason } => {
+            tracing::warn!(feed = %hex::encode(&key[..8]), reason = %reason, "feed unavailable")
+        }
+        ReplicationEvent::Downloaded { key, range, blocks } => tracing::debug!(
+            feed = %hex::encode(&key[..8]),
+            start = range.start,
+            end = range.end,
+            blocks,
+            "downloaded"
+        ),
+        ReplicationEvent::Synced => tracing::info!("in sync"),
+        ReplicationEvent::Progress {
+            blocks_done,
+            blocks_known,
+        } => tracing::trace!(blocks_done, blocks_known, "progress"),
     }
 }
 

@@ -44,6 +44,7 @@ impl Driver {
                 self.queue_request(dk, id, fork, block, upgrade);
             }
             Output::OpenChannel(key) => {
+                tracing::trace!(feed = %hex::encode(&key[..8]), "open channel");
                 // What we queued (the exchange's offers) must reach the peer before the open.
                 self.flush_outbox().await?;
                 self.commands
