@@ -196,11 +196,12 @@ fn logging(verbose: u8, quiet: bool) {
         (false, 2) => "debug",
         _ => "trace",
     };
-    // The protocol and hypercore crates log every frame: theirs only with `-vvv`.
-    let others = match (quiet, verbose) {
-        (true, _) => "error",
-        (false, 0..=2) => "warn",
-        _ => "trace",
+    // The protocol and hypercore crates log every frame, and each error they return (which
+    // reaches the user as our own error line): theirs only with `-vvv`.
+    let others = if !quiet && verbose >= 3 {
+        "trace"
+    } else {
+        "off"
     };
     let directives = [
         "multifeed",

@@ -94,7 +94,8 @@ pub(crate) async fn run(
             feeds_received = summary.feeds_received,
             "replication done"
         ),
-        Err(err) => tracing::warn!(code = err.code(), error = %err, "replication failed"),
+        // The application reports the error; this is the trace of where it happened.
+        Err(err) => tracing::info!(code = err.code(), error = %err, "replication failed"),
     }
     result
 }
