@@ -278,7 +278,9 @@ async fn command(
                 .iter()
                 .map(|key| parse_feed_key(key))
                 .collect::<Result<Vec<_>, _>>()?;
-            sync::sync(multi, connect, *live, *timeout, key, plain, out).await
+            let progress = sync::Progress::new(multi, out, cli.quiet);
+            let options = sync::sync_options(*live, key, plain);
+            sync::sync(multi, connect, *timeout, options, progress, out).await
         }
         Command::Seed { listen } => sync::share(multi, listen, key, &Output::quiet()).await,
     }

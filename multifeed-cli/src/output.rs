@@ -15,6 +15,11 @@ impl Output {
         Self { json, quiet: false }
     }
 
+    /// Whether results are JSON lines.
+    pub(crate) fn is_json(&self) -> bool {
+        self.json
+    }
+
     /// Prints errors only.
     pub(crate) fn quiet() -> Self {
         Self {

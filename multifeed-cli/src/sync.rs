@@ -76,20 +76,29 @@ pub(crate) async fn share(
     Ok(())
 }
 
-/// Connects to `addr` and syncs (until both hold the union, or until stopped when `live`).
+/// How a sync replicates: live or not, with a shared key, against a plain Hypercore peer.
+pub(crate) fn sync_options(
+    live: bool,
+    key: Option<[u8; 32]>,
+    plain: Vec<[u8; 32]>,
+) -> ReplicateOptions {
+    let options = options(true, live, key);
+    if plain.is_empty() {
+        options
+    } else {
+        options.hypercore_peer(plain)
+    }
+}
+
+/// Connects to `addr` and syncs (until both hold the union, or until stopped when live).
 pub(crate) async fn sync(
     multi: &Multifeed,
     addr: &str,
-    live: bool,
     timeout: Option<f64>,
-    key: Option<[u8; 32]>,
-    plain: Vec<[u8; 32]>,
+    options: ReplicateOptions,
+    progress: Progress,
     out: &Output,
 ) -> Result<(), CliError> {
-    let mut options = options(true, live, key);
-    if !plain.is_empty() {
-        options = options.hypercore_peer(plain);
-    }
     let run = async {
         let stream = TcpStream::connect(addr)
             .await
@@ -104,10 +113,14 @@ pub(crate) async fn sync(
             let limit = Duration::from_secs_f64(seconds.max(0.0));
             async_std::future::timeout(limit, run)
                 .await
-                .map_err(|_| CliError::Timeout(seconds))??
+                .map_err(|_| CliError::Timeout(seconds))
+                .and_then(|result| result)
         }
-        None => run.await?,
+        None => run.await,
     };
+    // The bar (or the progress events) end before the result line.
+    progress.finish().await;
+    let summary = summary?;
     out.line(
         &format!(
             "synced with {addr}: {} feeds and {} blocks received, {} feeds and {} blocks sent",
@@ -146,4 +159,91 @@ pub(crate) fn in_background(multi: &Multifeed, addr: &str, key: Option<[u8; 32]>
             eprintln!("sync with {addr} ended: {message} [{code}]");
         }
     });
+}
+
+/// Progress of a sync: a bar on stderr when it is a terminal (not with `--json` or `-q`), or
+/// `progress` events with `--json` (at most ten a second).
+pub(crate) struct Progress {
+    task: Option<async_std::task::JoinHandle<()>>,
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Progress {
+    pub(crate) fn new(multi: &Multifeed, out: &Output, quiet: bool) -> Self {
+        use std::io::IsTerminal;
+        let bar = (!quiet && !out.is_json() && std::io::stderr().is_terminal()).then(|| {
+            // Drawn from the first progress on (the total is not known before).
+            let bar = indicatif::ProgressBar::with_draw_target(
+                Some(0),
+                indicatif::ProgressDrawTarget::hidden(),
+            );
+            let style = indicatif::ProgressStyle::with_template(
+                "{spinner} {msg} [{bar:30}] {pos}/{len} blocks ({per_sec})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+            bar.set_style(style.progress_chars("=> "));
+            bar.set_message("0 feeds");
+            bar
+        });
+        if bar.is_none() && !out.is_json() {
+            return Self { task: None, bar };
+        }
+        let mut events = multi.events();
+        let shown = bar.clone();
+        let out = *out;
+        let task = async_std::task::spawn(async move {
+            let (mut feeds, mut last_json) = (0u64, None::<std::time::Instant>);
+            while let Some(event) = events.next().await {
+                match event {
+                    multifeed::Event::Feed { .. } => {
+                        feeds += 1;
+                        if let Some(bar) = &shown {
+                            bar.set_message(format!("{feeds} feeds"));
+                        }
+                    }
+                    multifeed::Event::Progress {
+                        blocks_done,
+                        blocks_known,
+                    } => {
+                        if let Some(bar) = &shown {
+                            if bar.is_hidden() {
+                                bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+                                bar.enable_steady_tick(Duration::from_millis(120));
+                            }
+                            bar.set_length(blocks_known);
+                            bar.set_position(blocks_done);
+                        } else if last_json
+                            .is_none_or(|at| at.elapsed() >= Duration::from_millis(100))
+                        {
+                            last_json = Some(std::time::Instant::now());
+                            out.line(
+                                "",
+                                serde_json::json!({
+                                    "event": "progress",
+                                    "blocks_done": blocks_done,
+                                    "blocks_known": blocks_known,
+                                    "feeds_added": feeds,
+                                }),
+                            );
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        });
+        Self {
+            task: Some(task),
+            bar,
+        }
+    }
+
+    /// The sync ended: no more progress is shown.
+    pub(crate) async fn finish(self) {
+        if let Some(task) = self.task {
+            task.cancel().await;
+        }
+        if let Some(bar) = self.bar {
+            bar.finish_and_clear();
+        }
+    }
 }

@@ -135,7 +135,7 @@ fn share_and_sync_give_both_stores_the_union() {
         &b,
         &["--json", "sync", "--connect", &sharing.addr],
     ));
-    let event: serde_json::Value = serde_json::from_str(synced.trim()).expect("json");
+    let event = last_event(&synced);
     assert_eq!(event["event"], "synced");
     assert_eq!(event["blocks_received"], 3);
     // The share process holds its store: stop it before reading the store.
@@ -146,6 +146,20 @@ fn share_and_sync_give_both_stores_the_union() {
     assert!(union.iter().any(|(_, length)| *length == 3));
     let notes = ok(multifeed(&b, &["cat", &union_key(&a, "notes")]));
     assert_eq!(notes, "hello\ntwo\nthree\n");
+}
+
+/// The last of the JSON lines a `--json` sync printed (the result; progress events before it).
+fn last_event(out: &str) -> serde_json::Value {
+    let events: Vec<serde_json::Value> = out
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("every line is one JSON object"))
+        .collect();
+    let (last, before) = events.split_last().expect("a result line");
+    assert!(
+        before.iter().all(|e| e["event"] == "progress"),
+        "{events:?}"
+    );
+    last.clone()
 }
 
 /// The key of a local writer, from `feeds --json`.
@@ -258,9 +272,15 @@ fn cat_live_prints_what_a_sharing_process_appends_as_it_is_typed() {
     )
     .stdin(Stdio::null())
     .stdout(Stdio::piped())
-    .stderr(Stdio::null())
+    .stderr(Stdio::piped())
     .spawn()
     .expect("cat started");
+    let stderr = cat.stderr.take().expect("stderr");
+    let errors = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut BufReader::new(stderr), &mut text);
+        text
+    });
     let stdout = cat.stdout.take().expect("stdout");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -273,14 +293,23 @@ fn cat_live_prints_what_a_sharing_process_appends_as_it_is_typed() {
     });
     let next = |what: &str| {
         rx.recv_timeout(Duration::from_secs(30))
-            .unwrap_or_else(|_| panic!("cat printed {what} within 30 s"))
+            .map_err(|_| what.to_owned())
     };
-    assert_eq!(next("the entry already there"), "first");
-    typing.write_all(b"typed later\n").expect("typed");
-    typing.flush().expect("flushed");
-    assert_eq!(next("the entry typed in the other process"), "typed later");
+    let seen = next("the entry already there").and_then(|first| {
+        typing.write_all(b"typed later\n").expect("typed");
+        typing.flush().expect("flushed");
+        Ok((first, next("the entry typed in the other process")?))
+    });
     let _ = cat.kill();
     let _ = cat.wait();
+    let errors = errors.join().unwrap_or_default();
+    match seen {
+        Ok((first, later)) => {
+            assert_eq!(first, "first");
+            assert_eq!(later, "typed later");
+        }
+        Err(what) => panic!("cat did not print {what} within 30 s; its stderr: {errors}"),
+    }
     drop(typing);
 }
 
@@ -327,7 +356,7 @@ fn sync_hypercore_fetches_a_feed_from_a_plain_js_hypercore() {
         dir.path(),
         &["--json", "sync", "--connect", &addr, "--hypercore", &key],
     ));
-    let event: serde_json::Value = serde_json::from_str(synced.trim()).expect("json");
+    let event = last_event(&synced);
     assert_eq!(event["blocks_received"], 25, "{event}");
     assert_eq!(feeds(dir.path()), vec![(key.clone(), 25)]);
     let last = ok(multifeed(dir.path(), &["cat", &key, "--start", "24"]));

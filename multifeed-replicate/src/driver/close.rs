@@ -63,18 +63,14 @@ impl Driver {
         if until_peer_hangs_up {
             linger = futures::FutureExt::fuse(async_io::Timer::after(MISMATCH_LINGER));
         }
-        let mut hung_up = false;
         loop {
             if barriers == 0 && !normal {
                 if !until_peer_hangs_up {
                     return;
                 }
-                // Everything queued goes out, then our write side closes; we wait for theirs.
-                if !std::mem::replace(&mut hung_up, true) {
-                    if let Some(close) = &self.close {
-                        close.close();
-                    }
-                }
+                // We keep the connection until the peer hangs up (it will: our root open tells
+                // it the key differs) or the linger ends. Shutting our write side here could
+                // overtake the open, still in the protocol's queue.
             } else if barriers == 0 {
                 if let Some(root) = self.channels.remove(&root_dk).filter(|_| !plain) {
                     if root.close().await.is_err() {

@@ -30,6 +30,9 @@ impl Connection {
         } else {
             self.want_local_feeds(LocalFeedsFor::PlainStart);
         }
+        for dk in std::mem::take(&mut self.early_opens) {
+            self.handle_discovery_key(now, dk)?;
+        }
         Ok(())
     }
 
@@ -40,6 +43,14 @@ impl Connection {
         dk: DiscoveryKey,
     ) -> Result<(), ReplicateError> {
         self.clock.received(now);
+        // The protocol can report a peer's open before the handshake itself: our root channel
+        // is not asked for yet, so a key mismatch could not show on the peer's side.
+        if !self.clock.is_noise_done() {
+            if self.early_opens.len() < MAX_UNKNOWN_CHANNELS {
+                self.early_opens.push(dk);
+            }
+            return Ok(());
+        }
         if dk == self.root_dk && self.exchange.is_some() {
             self.push(Output::OpenChannel(self.config.encryption_key));
             return Ok(());

@@ -62,6 +62,11 @@ impl Clock {
         self.noise_done = true;
     }
 
+    /// Whether the Noise handshake was reported.
+    pub(crate) fn is_noise_done(&self) -> bool {
+        self.noise_done
+    }
+
     pub(crate) fn exchange_done(&mut self) {
         self.exchange_done = true;
     }

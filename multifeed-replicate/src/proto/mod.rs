@@ -106,6 +106,9 @@ pub(crate) struct Connection {
     unannounced: BTreeSet<DiscoveryKey>,
     /// Channels the peer opened for feeds we have not agreed to.
     unknown_channels: HashSet<DiscoveryKey>,
+    /// Channels the peer opened before the protocol reported the Noise handshake (handled
+    /// right after it, once our root channel is asked for).
+    early_opens: Vec<DiscoveryKey>,
     /// Feeds new to us being fetched into probes, not yet verified.
     probes: usize,
     /// New feeds waiting for a probe slot (and their targets).
@@ -194,6 +197,7 @@ impl Connection {
             deferred: VecDeque::new(),
             unannounced: BTreeSet::new(),
             unknown_channels: HashSet::new(),
+            early_opens: Vec::new(),
             probes: 0,
             waiting: VecDeque::new(),
             feeds_added: 0,

@@ -563,3 +563,22 @@ fn a_non_live_peer_finishes_against_a_live_one_once_both_hold_the_union() {
         assert_eq!(peer.feeds[&b], FakeFeed::full(5));
     }
 }
+
+#[test]
+fn a_peer_open_reported_before_the_handshake_still_shows_a_key_mismatch_on_both_sides() {
+    let stores = [BTreeMap::new(), BTreeMap::new()];
+    let other = config(false).encryption_key([9; 32]);
+    let mut pair = Pair::new([config(true), other], stores, Link::default(), 1);
+    // The protocol reports the first side's root open to the second before the handshake.
+    let root = hypercore_protocol::discovery_key(&crate::DEFAULT_ENCRYPTION_KEY);
+    pair.inject(1, crate::proto::sim::Wire::Open(root));
+    pair.connect();
+    pair.run(MAX_STEPS);
+    for (side, peer) in pair.peers.iter().enumerate() {
+        let err = peer.error.as_ref().expect("an error on both sides");
+        assert!(
+            matches!(err, ReplicateError::KeyMismatch),
+            "side {side}: {err}"
+        );
+    }
+}
