@@ -194,3 +194,16 @@ pub async fn check(
     }
     Ok(())
 }
+
+/// This process's peak resident memory so far, in MB (`VmHWM`; 0 where `/proc` has none).
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb * 1024.0 / 1e6)
+}

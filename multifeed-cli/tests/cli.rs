@@ -62,6 +62,19 @@ fn feeds(dir: &Path) -> Vec<(String, u64)> {
     feeds
 }
 
+/// The first line a process prints, waiting at most 60 s (read on a thread: the wait is
+/// bounded even if the process prints nothing).
+fn first_line(stdout: impl std::io::Read + Send + 'static, what: &str) -> String {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    rx.recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| panic!("printed {what} within 60 s"))
+}
+
 /// A `share` process and the address it printed.
 struct Sharing {
     child: Child,
@@ -81,16 +94,7 @@ impl Sharing {
             .spawn()
             .expect("share started");
         let stdout = child.stdout.take().expect("stdout");
-        // The first line is the address (read on a thread, so the wait is bounded).
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("share printed its address within 30 s");
+        let line = first_line(stdout, "share's address");
         let value: serde_json::Value = serde_json::from_str(&line).expect("json");
         let addr = value["addr"].as_str().expect("addr").to_owned();
         Self { child, addr }
@@ -337,16 +341,10 @@ fn js_peer(args: &[&str]) -> Child {
 #[test]
 fn sync_hypercore_fetches_a_feed_from_a_plain_js_hypercore() {
     let mut js = js_peer(&["serve", "25"]);
-    let stdout = js.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let line = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("the JS peer printed its key and port within 60 s");
+    let line = first_line(
+        js.stdout.take().expect("stdout"),
+        "the JS peer's key and port",
+    );
     let served: serde_json::Value = serde_json::from_str(&line).expect("json");
     let key = served["key"].as_str().expect("key").to_owned();
     let addr = format!("127.0.0.1:{}", served["port"]);

@@ -13,7 +13,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use multifeed_benches::{check, prepare, replicate, workload, StorageKind, WORKLOADS};
+use multifeed_benches::{check, peak_rss_mb, prepare, replicate, workload, StorageKind, WORKLOADS};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -191,18 +191,6 @@ fn appends() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     Ok(())
-}
-
-fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb * 1024.0 / 1e6)
 }
 
 fn run_rust(name: &str, kind: &str) -> Result<(f64, f64), Box<dyn std::error::Error>> {

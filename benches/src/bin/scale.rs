@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use futures::{AsyncRead, AsyncWrite};
 use multifeed::{Multifeed, ReplicateOptions, ValueEncoding};
+use multifeed_benches::peak_rss_mb;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -176,16 +177,4 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
     fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.io).poll_close(cx)
     }
-}
-
-fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb * 1024.0 / 1e6)
 }
