@@ -363,3 +363,65 @@ fn sync_hypercore_fetches_a_feed_from_a_plain_js_hypercore() {
     drop(js.stdin.take());
     let _ = js.wait();
 }
+
+#[test]
+fn a_sync_killed_midway_completes_when_run_again() {
+    use std::io::Write;
+    let (a, b) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    ok(multifeed(a.path(), &["init"]));
+    ok(multifeed(b.path(), &["init"]));
+    let mut append = multifeed(a.path(), &["append", "log"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("append started");
+    let lines: String = (0..20_000).map(|i| format!("entry {i}\n")).collect();
+    append
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(lines.as_bytes())
+        .expect("written");
+    assert!(append.wait().expect("appended").success());
+    let sharing = Sharing::start(a.path());
+    // Killed once it reported its first progress: part of the feed is stored.
+    let mut first = multifeed(b.path(), &["--json", "sync", "--connect", &sharing.addr])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("sync started");
+    let progress = first_line(
+        first.stdout.take().expect("stdout"),
+        "a first progress event",
+    );
+    let _ = first.kill();
+    let _ = first.wait();
+    let event: serde_json::Value = serde_json::from_str(&progress).expect("json");
+    assert_eq!(event["event"], "progress", "{progress}");
+    let held: Vec<serde_json::Value> = ok(multifeed(b.path(), &["--json", "feeds"]))
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("json"))
+        .collect();
+    let contiguous = held
+        .first()
+        .map_or(0, |feed| feed["contiguous_length"].as_u64().unwrap_or(0));
+    assert!(
+        contiguous < 20_000,
+        "the first sync was cut short ({contiguous} entries held)"
+    );
+    // Run again: it completes.
+    let synced = last_event(&ok(multifeed(
+        b.path(),
+        &["--json", "sync", "--connect", &sharing.addr],
+    )));
+    assert_eq!(synced["event"], "synced");
+    drop(sharing);
+    let key = union_key(a.path(), "log");
+    assert_eq!(feeds(b.path()), vec![(key.clone(), 20_000)]);
+    let last = ok(multifeed(b.path(), &["cat", &key, "--start", "19999"]));
+    assert_eq!(last, "entry 19999\n");
+}
