@@ -122,11 +122,38 @@ enum Command {
         #[arg(long = "hypercore", value_name = "KEY")]
         hypercore: Vec<String>,
     },
+    /// A local writer's key pair: export it, or import one (to write as the same feed from
+    /// another store). Secrets go to stdout or a file, and come from stdin or a file, never
+    /// the command line.
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
+    },
     /// Serves live replications headless, like `share`, printing nothing but errors.
     Seed {
         /// Where to listen.
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysAction {
+    /// Prints the writer's secret key (64 hex digits), or writes it to `--out` (mode 0600).
+    Export {
+        /// The writer's local name.
+        name: String,
+        /// A file to write it to instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Creates the writer NAME from a secret key read from stdin or `--file`.
+    Import {
+        /// The local name to give it.
+        name: String,
+        /// A file holding the secret key (64 hex digits); else stdin.
+        #[arg(long)]
+        file: Option<PathBuf>,
     },
 }
 
@@ -143,6 +170,8 @@ enum CliError {
     BadKey(String),
     #[error("a feed key is 64 hex digits, not {0:?}")]
     BadFeedKey(String),
+    #[error("{0} is not a writer of this store (its secret key is not here)")]
+    NotAWriter(String),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -158,6 +187,7 @@ impl CliError {
             Self::Multifeed(err) => err.code(),
             Self::NoStore(_) => "ERR_NO_STORE",
             Self::NoFeed(_) => "ERR_NO_FEED",
+            Self::NotAWriter(_) => "ERR_NOT_WRITABLE",
             Self::BadKey(_) | Self::BadFeedKey(_) => "ERR_BAD_KEY",
             Self::Io { .. } => "ERR_IO",
             Self::Timeout(_) => "ERR_TIMEOUT",
@@ -282,6 +312,7 @@ async fn command(
             let options = sync::sync_options(*live, key, plain);
             sync::sync(multi, connect, *timeout, options, progress, out).await
         }
+        Command::Keys { action } => keys(multi, action, out).await,
         Command::Seed { listen } => sync::share(multi, listen, key, &Output::quiet()).await,
     }
 }
@@ -453,6 +484,84 @@ async fn appending_lines(multi: &Multifeed, name: &str, out: Output) -> Result<(
         }
     });
     Ok(())
+}
+
+async fn keys(multi: &Multifeed, action: &KeysAction, out: &Output) -> Result<(), CliError> {
+    match action {
+        KeysAction::Export { name, out: file } => {
+            let feed = multi
+                .feeds()
+                .into_iter()
+                .find(|f| f.name() == Some(name.as_str()))
+                .ok_or_else(|| CliError::NoFeed(name.clone()))?;
+            let secret = feed
+                .signing_key()
+                .await?
+                .ok_or_else(|| CliError::NotAWriter(name.clone()))?;
+            let secret = hex::encode(secret.to_bytes());
+            match file {
+                Some(path) => {
+                    write_secret(path, &secret)?;
+                    out.line(
+                        &format!("wrote the secret key of {name} to {}", path.display()),
+                        serde_json::json!({ "event": "exported", "name": name, "key": feed.key_hex() }),
+                    );
+                }
+                None => out.line(
+                    &secret,
+                    serde_json::json!({ "name": name, "key": feed.key_hex(), "secret": secret }),
+                ),
+            }
+            Ok(())
+        }
+        KeysAction::Import { name, file } => {
+            let text = match file {
+                Some(path) => std::fs::read_to_string(path).map_err(|source| CliError::Io {
+                    what: format!("reading {}", path.display()),
+                    source,
+                })?,
+                None => {
+                    std::io::read_to_string(std::io::stdin()).map_err(|source| CliError::Io {
+                        what: "reading stdin".to_owned(),
+                        source,
+                    })?
+                }
+            };
+            let bytes =
+                hex::decode(text.trim()).map_err(|err| CliError::BadKey(err.to_string()))?;
+            let bytes: [u8; 32] = bytes
+                .try_into()
+                .map_err(|bytes: Vec<u8>| CliError::BadKey(format!("{} bytes", bytes.len())))?;
+            let feed = multi
+                .writer_with_keypair(name, multifeed::SigningKey::from_bytes(&bytes))
+                .await?;
+            out.line(
+                &format!("imported {name} ({})", feed.key_hex()),
+                serde_json::json!({ "event": "imported", "name": name, "key": feed.key_hex() }),
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Writes a secret to a new file only its owner can read.
+fn write_secret(path: &std::path::Path, secret: &str) -> Result<(), CliError> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path).map_err(|source| CliError::Io {
+        what: format!("creating {}", path.display()),
+        source,
+    })?;
+    writeln!(file, "{secret}").map_err(|source| CliError::Io {
+        what: format!("writing {}", path.display()),
+        source,
+    })
 }
 
 /// A feed key given in hex.

@@ -425,3 +425,74 @@ fn a_sync_killed_midway_completes_when_run_again() {
     let last = ok(multifeed(b.path(), &["cat", &key, "--start", "19999"]));
     assert_eq!(last, "entry 19999\n");
 }
+
+#[test]
+fn a_writer_exported_from_one_store_and_imported_into_another_writes_the_same_feed() {
+    use std::io::Write;
+    let (a, b) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    ok(multifeed(a.path(), &["init"]));
+    ok(multifeed(b.path(), &["init"]));
+    ok(multifeed(a.path(), &["append", "me", "from a"]));
+    let secret_file = a.path().join("me.key");
+    ok(multifeed(
+        a.path(),
+        &[
+            "keys",
+            "export",
+            "me",
+            "--out",
+            secret_file.to_str().expect("utf-8"),
+        ],
+    ));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&secret_file)
+            .expect("file")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "only its owner reads the secret");
+    }
+    // Imported from stdin: the same key, writable there.
+    let mut import = multifeed(b.path(), &["--json", "keys", "import", "me"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("import started");
+    let secret = std::fs::read(&secret_file).expect("secret");
+    import
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(&secret)
+        .expect("written");
+    let out = import.wait_with_output().expect("imported");
+    assert!(out.status.success());
+    let key = union_key(a.path(), "me");
+    let imported: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(imported["key"], key.as_str());
+    ok(multifeed(b.path(), &["append", "me", "from b"]));
+    assert_eq!(union_key(b.path(), "me"), key);
+    // A feed that is not a writer here has no secret to export; a bad secret is refused.
+    let out = run(multifeed(a.path(), &["keys", "export", "nobody"]));
+    assert_eq!(out.status.code(), Some(1));
+    let mut bad = multifeed(b.path(), &["keys", "import", "other"]);
+    bad.stdin(Stdio::piped());
+    let mut child = bad
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawned");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"zz\n")
+        .expect("written");
+    let out = child.wait_with_output().expect("ended");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ERR_BAD_KEY"));
+}

@@ -366,6 +366,15 @@ impl Feed {
         })
     }
 
+    /// The secret key this feed is signed with, if it is a writer of ours (to move the writer
+    /// to another store with [`Multifeed::writer_with_keypair`](crate::Multifeed::writer_with_keypair)).
+    /// Whoever holds it can sign entries as this feed: keep it secret.
+    pub async fn signing_key(&self) -> Result<Option<crate::SigningKey>, Error> {
+        let core = self.core().await?;
+        let core = core.lock().await;
+        Ok(core.key_pair().secret.clone())
+    }
+
     /// Whether entry `index` is stored here.
     pub async fn has(&self, index: u64) -> Result<bool, Error> {
         Ok(self.core().await?.lock().await.has(index))
