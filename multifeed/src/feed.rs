@@ -353,10 +353,7 @@ impl Feed {
         let core = self.core().await?;
         let core = core.lock().await;
         let info = core.info();
-        let mut contiguous = 0;
-        while contiguous < info.length && core.has(contiguous) {
-            contiguous += 1;
-        }
+        let (_, contiguous) = crate::registry::held_lengths(&core);
         Ok(FeedInfo {
             length: info.length,
             contiguous_length: contiguous,

@@ -74,6 +74,17 @@ impl FeedSlot {
     }
 }
 
+/// A core's length and the entries it holds from 0 without a gap, counted by its bitfield
+/// (hypercore 0.16's own contiguous length can claim blocks a lost bitfield no longer has).
+pub(crate) fn held_lengths(core: &hypercore::Hypercore) -> (u64, u64) {
+    let length = core.info().length;
+    let mut contiguous = 0;
+    while contiguous < length && core.has(contiguous) {
+        contiguous += 1;
+    }
+    (length, contiguous)
+}
+
 /// What [`close_idle`] did.
 enum Closing {
     Closed,
@@ -91,14 +102,7 @@ fn close_idle(slot: &FeedSlot) -> Closing {
     };
     let lengths = match &*state {
         CoreState::Open(core) if core.handles() == 1 => match core.try_lock() {
-            Some(locked) => {
-                let info = locked.info();
-                let mut contiguous = 0;
-                while contiguous < info.length && locked.has(contiguous) {
-                    contiguous += 1;
-                }
-                (info.length, contiguous)
-            }
+            Some(locked) => held_lengths(&locked),
             None => return Closing::Busy,
         },
         CoreState::Open(_) => return Closing::Busy,

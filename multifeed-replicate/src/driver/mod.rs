@@ -15,7 +15,7 @@ use hypercore_protocol::{discovery_key, Channel, CommandTx, Event, Message, Prot
 use multifeed_storage::SharedCore;
 
 use crate::adapter;
-use crate::backlog::{Backlog, OUTGOING_HIGH};
+use crate::backlog::Backlog;
 use crate::close::CloseSignal;
 use crate::proto::{Connection, DiscoveryKey, Output, MAX_OUTBOX, MAX_OUTBOX_WEIGHT};
 use crate::transport::{weight_of_message, FrameLimits, Guard};
@@ -180,7 +180,8 @@ impl Driver {
             // both.)
             self.backlog.input_taken();
             let waiting = self.conn.is_waiting_for_transport();
-            if waiting && !self.outgoing_full() {
+            self.conn.handle_transport_backlog(self.backlog.outgoing());
+            if self.conn.can_drain() {
                 self.conn.handle_drained(self.backlog.outgoing());
                 self.drain().await?;
                 continue;
@@ -390,7 +391,7 @@ impl Driver {
 
     /// Our copy of a feed changed (append, or blocks from another connection).
     async fn on_local_change(&mut self, dk: DiscoveryKey) -> Result<(), ReplicateError> {
-        self.conn.handle_transport_backlog(self.transport_backlog());
+        self.conn.handle_transport_backlog(self.backlog.outgoing());
         if let Some(core) = self.cores.get(&dk).cloned() {
             let core = core.lock().await;
             self.conn.handle_local_change(dk, &*core);
@@ -421,15 +422,6 @@ impl Driver {
                 self.unsent_progress = Some(err.into_inner());
             }
         }
-    }
-
-    fn transport_backlog(&self) -> u64 {
-        self.backlog.outgoing()
-    }
-
-    /// Whether what waits for the transport is above the high-water mark.
-    fn outgoing_full(&self) -> bool {
-        self.backlog.outgoing() + self.outbox_weight > OUTGOING_HIGH
     }
 
     /// Queues a request whose node count is known.

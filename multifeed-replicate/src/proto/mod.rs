@@ -318,6 +318,12 @@ impl Connection {
         !self.deferred.is_empty() || !self.unannounced.is_empty()
     }
 
+    /// Whether what waits can go out now: the transport is below the high-water mark (as
+    /// last reported with [`handle_transport_backlog`](Self::handle_transport_backlog)).
+    pub(crate) fn can_drain(&self) -> bool {
+        self.is_waiting_for_transport() && !self.outgoing_full()
+    }
+
     /// A time passed: a timeout that expired ends the connection; a live keep-alive is due.
     pub(crate) fn handle_timeout(&mut self, now: Instant) -> Result<(), ReplicateError> {
         let live_exchange = self.exchange.is_some() && self.config.live;
