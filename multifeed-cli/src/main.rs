@@ -6,6 +6,9 @@
 //! multifeed --dir alice share --listen 127.0.0.1:7000     # serves live until stopped
 //! multifeed --dir bob sync --connect 127.0.0.1:7000       # the union, both ways
 //! multifeed --dir bob cat notes
+//!
+//! multifeed --dir alice share --iroh                      # prints a ticket: endpoint…
+//! multifeed --dir bob sync --ticket endpoint…             # from anywhere, through NATs
 //! ```
 //!
 //! Every command takes `--dir DIR` (or `MULTIFEED_DIR`; default `./.multifeed`) or `--temp`
@@ -91,26 +94,29 @@ enum Command {
         /// Keep printing entries as they arrive.
         #[arg(long)]
         live: bool,
-        /// Sync live with the peer at this address meanwhile (entries it gets print as they
-        /// arrive; a feed not here yet is waited for).
-        #[arg(long)]
-        connect: Option<String>,
+        /// Sync live with this peer meanwhile (`--connect ADDR` or `--ticket T`): entries it
+        /// gets print as they arrive; a feed not here yet is waited for.
+        #[command(flatten)]
+        peer: PeerArgs,
     },
-    /// Listens on ADDR and serves live replications to every peer that connects, until
-    /// stopped. Prints the address first.
+    /// Listens and serves live replications to every peer that connects, until stopped.
+    /// Prints the address (TCP) or the ticket (`--iroh`) first.
     Share {
-        /// Where to listen.
-        #[arg(long, default_value = "127.0.0.1:0")]
-        listen: String,
+        /// Where to listen (TCP default `127.0.0.1:0`; with `--iroh`, the UDP address to bind,
+        /// default all interfaces).
+        #[arg(long)]
+        listen: Option<String>,
         /// Also append each line typed on stdin to the local writer NAME (peers get it live).
         #[arg(long, value_name = "NAME")]
         append: Option<String>,
+        #[command(flatten)]
+        iroh: IrohArgs,
     },
     /// Connects to a peer and syncs: both end with the union of their feeds.
     Sync {
-        /// The peer's address (`host:port`).
-        #[arg(long)]
-        connect: String,
+        /// The peer (`--connect ADDR` or `--ticket T`; one is needed).
+        #[command(flatten)]
+        peer: PeerArgs,
         /// Stay connected and keep syncing new entries.
         #[arg(long)]
         live: bool,
@@ -119,7 +125,7 @@ enum Command {
         timeout: Option<f64>,
         /// The peer is a plain Hypercore 10 peer (a JS `hypercore`), not a multifeed: download
         /// this feed (its key in hex) from it. May be given several times.
-        #[arg(long = "hypercore", value_name = "KEY")]
+        #[arg(long = "hypercore", value_name = "KEY", conflicts_with = "ticket")]
         hypercore: Vec<String>,
     },
     /// A local writer's key pair: export it, or import one (to write as the same feed from
@@ -131,10 +137,53 @@ enum Command {
     },
     /// Serves live replications headless, like `share`, printing nothing but errors.
     Seed {
-        /// Where to listen.
-        #[arg(long, default_value = "127.0.0.1:0")]
-        listen: String,
+        /// Where to listen (as for `share`).
+        #[arg(long)]
+        listen: Option<String>,
+        #[command(flatten)]
+        iroh: IrohArgs,
     },
+}
+
+/// The peer to dial, for `sync` and `cat`: a TCP address or an iroh ticket.
+#[derive(Debug, clap::Args)]
+struct PeerArgs {
+    /// The peer's TCP address (`host:port`).
+    #[arg(long, conflicts_with = "ticket")]
+    connect: Option<String>,
+    /// The peer's iroh ticket (`endpoint…`, printed by `share --iroh`).
+    #[arg(long)]
+    ticket: Option<String>,
+    /// With `--ticket`: no relay and no address lookup, only the ticket's direct addresses.
+    #[arg(long, requires = "ticket")]
+    no_relay: bool,
+    /// With `--ticket`: the local UDP address to bind (default all interfaces).
+    #[arg(long, requires = "ticket")]
+    bind: Option<String>,
+}
+
+impl PeerArgs {
+    /// The peer given, if any.
+    fn peer(&self) -> Result<Option<sync::Peer>, CliError> {
+        if let Some(ticket) = &self.ticket {
+            return Ok(Some(sync::Peer::Iroh {
+                ticket: ticket.parse()?,
+                config: iroh_config(self.no_relay, self.bind.as_deref())?,
+            }));
+        }
+        Ok(self.connect.clone().map(sync::Peer::Tcp))
+    }
+}
+
+/// iroh instead of TCP, for `share` and `seed`.
+#[derive(Debug, clap::Args)]
+struct IrohArgs {
+    /// Serve over iroh (QUIC, relays, hole punching): print a ticket instead of an address.
+    #[arg(long)]
+    iroh: bool,
+    /// With `--iroh`: no relay and no address lookup; the ticket holds direct addresses only.
+    #[arg(long, requires = "iroh")]
+    no_relay: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -179,6 +228,12 @@ enum CliError {
     },
     #[error("timed out after {0} s")]
     Timeout(f64),
+    #[error("{0}")]
+    Iroh(#[from] multifeed_iroh::Error),
+    #[error("not a socket address: {0:?}")]
+    BadAddr(String),
+    #[error("{0}")]
+    Usage(String),
 }
 
 impl CliError {
@@ -191,6 +246,9 @@ impl CliError {
             Self::BadKey(_) | Self::BadFeedKey(_) => "ERR_BAD_KEY",
             Self::Io { .. } => "ERR_IO",
             Self::Timeout(_) => "ERR_TIMEOUT",
+            Self::Iroh(err) => err.code(),
+            Self::BadAddr(_) => "ERR_BAD_ADDR",
+            Self::Usage(_) => "ERR_USAGE",
         }
     }
 
@@ -204,7 +262,15 @@ impl CliError {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Usage errors exit with 1 like every other error (clap's own default, 2, means timeout
+    // here); `--help` and `--version` print to stdout and exit with 0.
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            let _ = err.print();
+            return ExitCode::from(u8::from(err.use_stderr()));
+        }
+    };
     logging(cli.verbose, cli.quiet);
     let out = Output::new(cli.json);
     match async_std::task::block_on(run(cli, &out)) {
@@ -238,6 +304,7 @@ fn logging(verbose: u8, quiet: bool) {
         "multifeed_replicate",
         "multifeed_storage",
         "multifeed_meta",
+        "multifeed_iroh",
     ]
     .iter()
     .fold(others.to_owned(), |all, krate| {
@@ -284,22 +351,27 @@ async fn command(
             start,
             end,
             live,
-            connect,
+            peer,
         } => {
-            if let Some(addr) = connect {
-                sync::in_background(multi, addr, key);
+            let peer = peer.peer()?;
+            let wait = peer.is_some();
+            if let Some(peer) = peer {
+                sync::in_background(multi, peer, key);
             }
-            let wait = connect.is_some();
             cat(multi, feed, *start, *end, *live || wait, wait, out).await
         }
-        Command::Share { listen, append } => {
+        Command::Share {
+            listen,
+            append,
+            iroh,
+        } => {
             if let Some(name) = append {
                 appending_lines(multi, name, *out).await?;
             }
-            sync::share(multi, listen, key, out).await
+            serve(multi, listen.as_deref(), iroh, key, out).await
         }
         Command::Sync {
-            connect,
+            peer,
             live,
             timeout,
             hypercore,
@@ -308,13 +380,51 @@ async fn command(
                 .iter()
                 .map(|key| parse_feed_key(key))
                 .collect::<Result<Vec<_>, _>>()?;
+            let Some(peer) = peer.peer()? else {
+                return Err(CliError::Usage(
+                    "sync needs a peer: --connect ADDR or --ticket T".to_owned(),
+                ));
+            };
             let progress = sync::Progress::new(multi, out, cli.quiet);
             let options = sync::sync_options(*live, key, plain);
-            sync::sync(multi, connect, *timeout, options, progress, out).await
+            sync::sync(multi, peer, *timeout, options, progress, out).await
         }
         Command::Keys { action } => keys(multi, action, out).await,
-        Command::Seed { listen } => sync::share(multi, listen, key, &Output::quiet()).await,
+        Command::Seed { listen, iroh } => {
+            serve(multi, listen.as_deref(), iroh, key, &Output::quiet()).await
+        }
     }
+}
+
+/// `share` and `seed`: over TCP, or over iroh.
+async fn serve(
+    multi: &Multifeed,
+    listen: Option<&str>,
+    iroh: &IrohArgs,
+    key: Option<[u8; 32]>,
+    out: &Output,
+) -> Result<(), CliError> {
+    if iroh.iroh {
+        let config = iroh_config(iroh.no_relay, listen)?;
+        sync::share_iroh(multi, config, !iroh.no_relay, key, out).await
+    } else {
+        sync::share(multi, listen.unwrap_or("127.0.0.1:0"), key, out).await
+    }
+}
+
+/// iroh's defaults, or direct addresses only (`--no-relay`); bound where asked.
+fn iroh_config(no_relay: bool, bind: Option<&str>) -> Result<multifeed_iroh::Config, CliError> {
+    let mut config = multifeed_iroh::Config::new();
+    if no_relay {
+        config = config.relays(false).address_lookup(false);
+    }
+    if let Some(addr) = bind {
+        let addr = addr
+            .parse()
+            .map_err(|_| CliError::BadAddr(addr.to_owned()))?;
+        config = config.bind_addr(addr);
+    }
+    Ok(config)
 }
 
 /// The shared key from `--key-file` or `MULTIFEED_KEY`, if either is given.

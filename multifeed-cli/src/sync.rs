@@ -1,10 +1,10 @@
-//! `share` and `sync`: replication with peers over TCP.
+//! `share` and `sync`: replication with peers over TCP or iroh.
 
 use std::time::Duration;
 
 use async_std::net::{TcpListener, TcpStream};
 use futures::StreamExt;
-use multifeed::{Multifeed, ReplicateOptions};
+use multifeed::{Multifeed, ReplicateOptions, ReplicateSummary};
 
 use crate::output::Output;
 use crate::CliError;
@@ -48,32 +48,108 @@ pub(crate) async fn share(
         let out = *out;
         async_std::task::spawn(async move {
             let result = multi.replicate(stream, options(false, true, key)).await;
-            match result {
-                Ok(summary) => out.line(
-                    &format!(
-                        "{peer}: done, {} blocks received, {} sent",
-                        summary.blocks_received, summary.blocks_sent
-                    ),
-                    serde_json::json!({
-                        "event": "peer-done",
-                        "peer": peer,
-                        "blocks_received": summary.blocks_received,
-                        "blocks_sent": summary.blocks_sent,
-                    }),
-                ),
-                Err(err) => out.line(
-                    &format!("{peer}: {err} [{}]", err.code()),
-                    serde_json::json!({
-                        "event": "peer-error",
-                        "peer": peer,
-                        "code": err.code(),
-                        "message": err.to_string(),
-                    }),
-                ),
-            }
+            peer_ended(&out, &peer, result.map_err(CliError::from));
         });
     }
     Ok(())
+}
+
+/// Serves live replications over iroh until the process ends; prints the ticket first (with
+/// relays, once the endpoint has a home relay, or after 10 s without one).
+pub(crate) async fn share_iroh(
+    multi: &Multifeed,
+    config: multifeed_iroh::Config,
+    relays: bool,
+    key: Option<[u8; 32]>,
+    out: &Output,
+) -> Result<(), CliError> {
+    let node = multifeed_iroh::Node::bind(config).await?;
+    if relays && !node.online(Duration::from_secs(10)).await {
+        tracing::warn!("no relay reached within 10 s: the ticket holds direct addresses only");
+    }
+    let ticket = node.ticket();
+    out.line(
+        &format!("sharing over iroh, ticket: {ticket}"),
+        serde_json::json!({ "event": "listening", "ticket": ticket.to_string(), "id": node.id() }),
+    );
+    let out = *out;
+    node.serve(multi.clone(), options(false, true, key), move |served| {
+        peer_ended(&out, &served.peer, served.result.map_err(CliError::from));
+    })
+    .await;
+    Ok(())
+}
+
+/// One line for a served peer's end.
+fn peer_ended(out: &Output, peer: &str, result: Result<ReplicateSummary, CliError>) {
+    match result {
+        Ok(summary) => out.line(
+            &format!(
+                "{peer}: done, {} blocks received, {} sent",
+                summary.blocks_received, summary.blocks_sent
+            ),
+            serde_json::json!({
+                "event": "peer-done",
+                "peer": peer,
+                "blocks_received": summary.blocks_received,
+                "blocks_sent": summary.blocks_sent,
+            }),
+        ),
+        Err(err) => out.line(
+            &format!("{peer}: {err} [{}]", err.code()),
+            serde_json::json!({
+                "event": "peer-error",
+                "peer": peer,
+                "code": err.code(),
+                "message": err.to_string(),
+            }),
+        ),
+    }
+}
+
+/// Whom a sync connects to.
+pub(crate) enum Peer {
+    /// A TCP address.
+    Tcp(String),
+    /// An iroh ticket, dialed from an endpoint configured so.
+    Iroh {
+        ticket: multifeed_iroh::Ticket,
+        config: multifeed_iroh::Config,
+    },
+}
+
+impl Peer {
+    /// How the result lines name it.
+    fn name(&self) -> String {
+        match self {
+            Self::Tcp(addr) => addr.clone(),
+            Self::Iroh { ticket, .. } => ticket.peer(),
+        }
+    }
+
+    async fn replicate(
+        self,
+        multi: &Multifeed,
+        options: ReplicateOptions,
+    ) -> Result<ReplicateSummary, CliError> {
+        match self {
+            Self::Tcp(addr) => {
+                let stream = TcpStream::connect(&addr)
+                    .await
+                    .map_err(|source| CliError::Io {
+                        what: format!("connecting to {addr}"),
+                        source,
+                    })?;
+                Ok(multi.replicate(stream, options).await?)
+            }
+            Self::Iroh { ticket, config } => {
+                let node = multifeed_iroh::Node::bind(config).await?;
+                let result = node.replicate(multi, &ticket, options).await;
+                node.close().await;
+                Ok(result?)
+            }
+        }
+    }
 }
 
 /// How a sync replicates: live or not, with a shared key, against a plain Hypercore peer.
@@ -90,24 +166,17 @@ pub(crate) fn sync_options(
     }
 }
 
-/// Connects to `addr` and syncs (until both hold the union, or until stopped when live).
+/// Connects to `peer` and syncs (until both hold the union, or until stopped when live).
 pub(crate) async fn sync(
     multi: &Multifeed,
-    addr: &str,
+    peer: Peer,
     timeout: Option<f64>,
     options: ReplicateOptions,
     progress: Progress,
     out: &Output,
 ) -> Result<(), CliError> {
-    let run = async {
-        let stream = TcpStream::connect(addr)
-            .await
-            .map_err(|source| CliError::Io {
-                what: format!("connecting to {addr}"),
-                source,
-            })?;
-        Ok::<_, CliError>(multi.replicate(stream, options).await?)
-    };
+    let addr = peer.name();
+    let run = peer.replicate(multi, options);
     let summary = match timeout {
         Some(seconds) => {
             let limit = Duration::from_secs_f64(seconds.max(0.0));
@@ -142,21 +211,14 @@ pub(crate) async fn sync(
     Ok(())
 }
 
-/// Syncs live with `addr` on a task of its own (for `cat --connect`); its end is reported.
-pub(crate) fn in_background(multi: &Multifeed, addr: &str, key: Option<[u8; 32]>) {
+/// Syncs live with `peer` on a task of its own (for `cat --connect` / `--ticket`); its end is
+/// reported.
+pub(crate) fn in_background(multi: &Multifeed, peer: Peer, key: Option<[u8; 32]>) {
     let multi = multi.clone();
-    let addr = addr.to_owned();
     async_std::task::spawn(async move {
-        let result = match TcpStream::connect(&addr).await {
-            Ok(stream) => multi
-                .replicate(stream, options(true, true, key))
-                .await
-                .map(|_| ())
-                .map_err(|err| (err.to_string(), err.code())),
-            Err(err) => Err((format!("connecting to {addr}: {err}"), "ERR_IO")),
-        };
-        if let Err((message, code)) = result {
-            eprintln!("sync with {addr} ended: {message} [{code}]");
+        let name = peer.name();
+        if let Err(err) = peer.replicate(&multi, options(true, true, key)).await {
+            eprintln!("sync with {name} ended: {err} [{}]", err.code());
         }
     });
 }

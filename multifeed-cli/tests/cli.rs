@@ -75,7 +75,7 @@ fn first_line(stdout: impl std::io::Read + Send + 'static, what: &str) -> String
         .unwrap_or_else(|_| panic!("printed {what} within 60 s"))
 }
 
-/// A `share` process and the address it printed.
+/// A `share` process and the address (TCP) or ticket (`--iroh`) it printed.
 struct Sharing {
     child: Child,
     addr: String,
@@ -96,7 +96,11 @@ impl Sharing {
         let stdout = child.stdout.take().expect("stdout");
         let line = first_line(stdout, "share's address");
         let value: serde_json::Value = serde_json::from_str(&line).expect("json");
-        let addr = value["addr"].as_str().expect("addr").to_owned();
+        let addr = value["addr"]
+            .as_str()
+            .or_else(|| value["ticket"].as_str())
+            .expect("an address or a ticket")
+            .to_owned();
         Self { child, addr }
     }
 }
@@ -150,6 +154,45 @@ fn share_and_sync_give_both_stores_the_union() {
     assert!(union.iter().any(|(_, length)| *length == 3));
     let notes = ok(multifeed(&b, &["cat", &union_key(&a, "notes")]));
     assert_eq!(notes, "hello\ntwo\nthree\n");
+}
+
+#[test]
+fn share_over_iroh_and_sync_by_ticket_give_both_stores_the_union() {
+    let (a, b) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let (a, b) = (a.path().join("alice"), b.path().join("bob"));
+    ok(multifeed(&a, &["init"]));
+    ok(multifeed(&b, &["init"]));
+    ok(multifeed(&a, &["append", "notes", "hello"]));
+    ok(multifeed(&b, &["append", "todo", "milk"]));
+    // Relays and address lookup off, bound to loopback: nothing leaves the machine.
+    let local = ["--iroh", "--no-relay", "--listen", "127.0.0.1:0"];
+    let sharing = Sharing::start_with(&a, &local, Stdio::null());
+    assert!(sharing.addr.starts_with("endpoint"), "{}", sharing.addr);
+    let synced = ok(multifeed(
+        &b,
+        &[
+            "--json",
+            "sync",
+            "--ticket",
+            &sharing.addr,
+            "--no-relay",
+            "--bind",
+            "127.0.0.1:0",
+        ],
+    ));
+    let event = last_event(&synced);
+    assert_eq!(event["event"], "synced");
+    assert_eq!(event["blocks_received"], 1);
+    assert_eq!(event["blocks_sent"], 1);
+    drop(sharing);
+    let union = feeds(&b);
+    assert_eq!(union.len(), 2);
+    assert_eq!(feeds(&a), union, "both hold the union");
+    let notes = ok(multifeed(&b, &["cat", &union_key(&a, "notes")]));
+    assert_eq!(notes, "hello\n");
 }
 
 /// The last of the JSON lines a `--json` sync printed (the result; progress events before it).
@@ -228,6 +271,27 @@ fn bad_input_is_one_clear_line_with_its_code_and_writes_nothing() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("ERR_IO") && stderr.lines().count() == 1,
+        "{stderr}"
+    );
+    assert!(feeds(&store).is_empty());
+    // A usage error is an error (1), not a timeout (2).
+    let out = run(multifeed(&store, &["sync"]));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ERR_USAGE"));
+    let out = run(multifeed(
+        &store,
+        &["sync", "--connect", &dead, "--ticket", "x"],
+    ));
+    assert_eq!(out.status.code(), Some(1));
+    // A ticket that is not one.
+    let out = run(multifeed(
+        &store,
+        &["sync", "--ticket", "endpointnotaticket"],
+    ));
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("ERR_BAD_TICKET") && stderr.lines().count() == 1,
         "{stderr}"
     );
     assert!(feeds(&store).is_empty());

@@ -78,6 +78,14 @@ impl Ending {
             let _ = tokio::time::timeout(CLOSE_LINGER, self.connection.closed()).await;
         }
         self.connection.close(VarInt::from_u32(0), b"done");
+        let stats = self.connection.stats();
+        tracing::info!(
+            peer = %self.connection.remote_id().fmt_short(),
+            udp_bytes_sent = stats.udp_tx.bytes,
+            udp_bytes_received = stats.udp_rx.bytes,
+            lost_packets = stats.lost_packets,
+            "iroh connection closed"
+        );
     }
 }
 
