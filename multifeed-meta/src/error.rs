@@ -106,6 +106,13 @@ pub enum MetaError {
     /// Received bytes are not a valid message.
     #[error("malformed message: {0}")]
     Decode(#[from] DecodeError),
+    /// A reconciliation message that negentropy cannot take, or a reconciliation that does
+    /// not end.
+    #[error("set reconciliation failed: {reason}")]
+    Reconcile {
+        /// What was wrong.
+        reason: &'static str,
+    },
 }
 
 impl MetaError {
@@ -117,7 +124,7 @@ impl MetaError {
             Self::KeyMismatch => "ERR_KEY_MISMATCH",
             Self::TooManyFeeds { .. } => "ERR_TOO_MANY_FEEDS",
             Self::UnexpectedMessage { .. } => "ERR_UNEXPECTED_MESSAGE",
-            Self::Decode(_) => "ERR_MALFORMED_MESSAGE",
+            Self::Decode(_) | Self::Reconcile { .. } => "ERR_MALFORMED_MESSAGE",
         }
     }
 }

@@ -1,14 +1,18 @@
-//! The exchange state machine: handshake, offers, requests, agreement, end of sync.
+//! The exchange state machine: handshake, reconciliation of the offered sets, offers,
+//! requests, agreement, end of sync.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use crate::message::{FeedKey, FeedOffer, Message, MAX_KEYS_PER_MESSAGE};
+use crate::reconcile::{incomplete_item_id, item_id, ItemId, Reconciler};
 use crate::MetaError;
 
 /// Our client name, as JS multifeed sends it.
 pub const CLIENT: &str = "MULTIFEED";
 /// The version of this exchange protocol. Peers with another major version are refused.
-pub const PROTOCOL_VERSION: semver::Version = semver::Version::new(1, 0, 0);
+///
+/// 2.0.0 reconciles the offered sets before offering (1.x offered every feed every time).
+pub const PROTOCOL_VERSION: semver::Version = semver::Version::new(2, 0, 0);
 
 /// Settings of one exchange.
 #[derive(Debug, Clone)]
@@ -23,6 +27,9 @@ pub struct ExchangeConfig {
     pub live: bool,
     /// The most feeds a peer may offer on one exchange (default 100,000).
     pub max_remote_feeds: usize,
+    /// Whether we drive the reconciliation (the replication's initiator); the other side
+    /// answers. Exactly one side of a connection must.
+    pub initiator: bool,
 }
 
 impl Default for ExchangeConfig {
@@ -33,6 +40,7 @@ impl Default for ExchangeConfig {
             user_data: Vec::new(),
             live: false,
             max_remote_feeds: 100_000,
+            initiator: false,
         }
     }
 }
@@ -52,7 +60,9 @@ pub enum Action {
     },
     /// The peer offered these feeds (new ones only); answer with [`Exchange::request`].
     RemoteOffered(Vec<FeedOffer>),
-    /// These feeds are agreed: replicate each on its own channel.
+    /// These feeds are agreed: replicate each on its own channel. Live, the feeds both sides
+    /// hold the same when they connect are agreed too, without a word (their later entries
+    /// come over their channels).
     Replicate(Vec<FeedKey>),
     /// Both sides are synced (non-live only): the exchange is over.
     Finished,
@@ -64,6 +74,17 @@ enum State {
     AwaitingHandshake,
     Ready,
     Finished,
+}
+
+/// Our first round: the reconciliation, then the offers of what the peer lacks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Round {
+    /// Not begun: no handshake yet, or nothing offered yet.
+    Waiting,
+    /// negentropy rounds under way (initiator), or waiting for the need list (responder).
+    Reconciling,
+    /// Our offers of the round are sent; later offers go out as they come.
+    Sent,
 }
 
 impl State {
@@ -82,10 +103,21 @@ impl State {
 pub struct Exchange {
     config: ExchangeConfig,
     state: State,
-    /// Offers made before the peer's handshake arrived.
+    /// Offers made before our first round began: the set we reconcile.
     queued: Vec<FeedOffer>,
-    /// Whether a round of offers waits for the handshake (even an empty one).
+    /// Feeds we hold with gaps (key and contiguous length), marked before the round began.
+    incomplete: HashMap<FeedKey, u64>,
+    /// Whether our first round waits for the handshake (even an empty one).
     round_queued: bool,
+    round: Round,
+    reconciler: Option<Reconciler>,
+    /// Offers made while our first round was under way: sent with it.
+    late: Vec<FeedOffer>,
+    /// Responder: the item ids the initiator asked for so far.
+    needed: HashSet<ItemId>,
+    /// Every feed we offer, with the length it was last offered at.
+    local: HashMap<FeedKey, u64>,
+    /// Feeds sent to the peer in manifests (the ones it may request).
     offered: HashMap<FeedKey, u64>,
     remote_offers: HashMap<FeedKey, u64>,
     /// Remote offers not yet answered with [`Exchange::request`].
@@ -106,7 +138,13 @@ impl Exchange {
             config,
             state: State::New,
             queued: Vec::new(),
+            incomplete: HashMap::new(),
             round_queued: false,
+            round: Round::Waiting,
+            reconciler: None,
+            late: Vec::new(),
+            needed: HashSet::new(),
+            local: HashMap::new(),
             offered: HashMap::new(),
             remote_offers: HashMap::new(),
             undecided: HashSet::new(),
@@ -132,24 +170,51 @@ impl Exchange {
         })]
     }
 
-    /// Offers feeds; already offered keys are skipped. Sent once the peer's handshake is accepted.
+    /// Offers feeds. Before the handshake they form the set we reconcile with the peer's;
+    /// after it, a feed is offered again only at a greater length and only while it is not
+    /// agreed (an agreed feed's later entries come over its channel).
     pub fn offer(&mut self, feeds: Vec<FeedOffer>) -> Vec<Action> {
         let mut fresh = Vec::new();
         for feed in feeds {
-            if let std::collections::hash_map::Entry::Vacant(slot) = self.offered.entry(feed.key) {
-                slot.insert(feed.length);
-                fresh.push(feed);
+            let known = self.local.get(&feed.key).copied();
+            if known.is_some_and(|length| length >= feed.length)
+                || (known.is_some() && self.agreed.contains(&feed.key))
+            {
+                continue;
+            }
+            self.local.insert(feed.key, feed.length);
+            fresh.push(feed);
+        }
+        match (self.state, self.round) {
+            (State::Ready | State::Finished, Round::Sent) => {
+                if fresh.is_empty() {
+                    return Vec::new();
+                }
+                self.manifests(fresh)
+            }
+            (State::Ready, Round::Reconciling) => {
+                self.late.extend(fresh);
+                Vec::new()
+            }
+            (State::Ready, Round::Waiting) => {
+                self.queued.extend(fresh);
+                self.round_queued = true;
+                self.begin_round().unwrap_or_default()
+            }
+            _ => {
+                self.queued.extend(fresh);
+                self.round_queued = true;
+                Vec::new()
             }
         }
-        if self.state == State::Ready {
-            if fresh.is_empty() {
-                return Vec::new();
-            }
-            return manifests(fresh);
+    }
+
+    /// Marks feeds we hold with gaps (key, contiguous length), before the handshake: they are
+    /// always offered, since the peer may fill the gaps.
+    pub fn mark_incomplete(&mut self, feeds: impl IntoIterator<Item = (FeedKey, u64)>) {
+        if self.round == Round::Waiting {
+            self.incomplete.extend(feeds);
         }
-        self.queued.extend(fresh);
-        self.round_queued = true;
-        Vec::new()
     }
 
     /// Requests the given remote offers; every offer not listed is declined.
@@ -254,15 +319,20 @@ impl Exchange {
                 self.state = State::Ready;
                 let mut actions = vec![Action::RemoteHandshake { version, user_data }];
                 if self.round_queued {
-                    self.round_queued = false;
-                    actions.extend(manifests(std::mem::take(&mut self.queued)));
+                    actions.extend(self.begin_round()?);
                 }
                 Ok(actions)
             }
             (State::Ready | State::Finished, Message::Manifest { feeds, complete }) => {
                 let mut fresh = Vec::new();
                 for feed in feeds {
-                    if self.remote_offers.contains_key(&feed.key) {
+                    if let Some(&length) = self.remote_offers.get(&feed.key) {
+                        // Offered again, longer, and not agreed yet: a new offer.
+                        if length < feed.length && !self.agreed.contains(&feed.key) {
+                            self.remote_offers.insert(feed.key, feed.length);
+                            self.undecided.insert(feed.key);
+                            fresh.push(feed);
+                        }
                         continue;
                     }
                     if self.remote_offers.len() >= self.config.max_remote_feeds {
@@ -323,6 +393,25 @@ impl Exchange {
                     vec![Action::Replicate(keys.clone())]
                 })
             }
+            (State::Ready, message @ (Message::Reconcile { .. } | Message::Need { .. })) => {
+                if self.round != Round::Reconciling {
+                    return Err(unexpected(self.state, &message));
+                }
+                match message {
+                    Message::Reconcile { data } if self.config.initiator => self.reconciled(&data),
+                    Message::Reconcile { data } => {
+                        let Some(reconciler) = self.reconciler.as_mut() else {
+                            return Err(unexpected(self.state, &Message::Reconcile { data }));
+                        };
+                        let answer = reconciler.answer(&data)?;
+                        Ok(vec![Action::Send(Message::Reconcile { data: answer })])
+                    }
+                    Message::Need { ids, complete } if !self.config.initiator => {
+                        self.needed(ids, complete)
+                    }
+                    other => Err(unexpected(self.state, &other)),
+                }
+            }
             (State::Ready, Message::Synced) => {
                 self.remote_synced = true;
                 Ok(self.check_finished())
@@ -330,6 +419,126 @@ impl Exchange {
             (State::Finished, Message::Synced) => Ok(Vec::new()),
             (state, message) => Err(unexpected(state, &message)),
         }
+    }
+
+    /// Starts our first round, once the handshake is accepted and the first offers are in:
+    /// the initiator sends negentropy's first message; the responder waits for it.
+    fn begin_round(&mut self) -> Result<Vec<Action>, MetaError> {
+        self.round_queued = false;
+        self.round = Round::Reconciling;
+        let initiator = self.config.initiator;
+        let items = std::mem::take(&mut self.queued)
+            .into_iter()
+            .map(|offer| {
+                let id = match self.incomplete.get(&offer.key) {
+                    Some(&contiguous) => incomplete_item_id(&offer.key, contiguous, initiator),
+                    None => item_id(&offer.key, offer.length),
+                };
+                (id, offer)
+            })
+            .collect();
+        self.incomplete = HashMap::new();
+        let mut reconciler = Reconciler::new(items)?;
+        let actions = if initiator {
+            vec![Action::Send(Message::Reconcile {
+                data: reconciler.initiate()?,
+            })]
+        } else {
+            Vec::new()
+        };
+        self.reconciler = Some(reconciler);
+        Ok(actions)
+    }
+
+    /// Initiator: the responder answered a round; the next round, or the end of ours.
+    fn reconciled(&mut self, answer: &[u8]) -> Result<Vec<Action>, MetaError> {
+        let max_need = self.config.max_remote_feeds;
+        let Some(reconciler) = self.reconciler.as_mut() else {
+            return Ok(Vec::new());
+        };
+        if let Some(next) = reconciler.step(answer, max_need)? {
+            return Ok(vec![Action::Send(Message::Reconcile { data: next })]);
+        }
+        let (have, need) = reconciler.outcome();
+        let lacking: HashSet<ItemId> = have
+            .iter()
+            .map(|offer| item_id(&offer.key, offer.length))
+            .collect();
+        // Ours the peer lacks (and the ones we hold with gaps, whose ids never match), then
+        // the peer's we lack.
+        let mut actions = self.end_round(have, &|id| lacking.contains(id));
+        let last = need.len().saturating_sub(1) / MAX_KEYS_PER_MESSAGE;
+        let mut chunks: Vec<Vec<ItemId>> = need
+            .chunks(MAX_KEYS_PER_MESSAGE)
+            .map(<[ItemId]>::to_vec)
+            .collect();
+        if chunks.is_empty() {
+            chunks.push(Vec::new());
+        }
+        for (i, ids) in chunks.into_iter().enumerate() {
+            actions.push(Action::Send(Message::Need {
+                ids,
+                complete: i == last,
+            }));
+        }
+        Ok(actions)
+    }
+
+    /// Responder: a part of the initiator's need list; the offers it names once complete.
+    fn needed(&mut self, ids: Vec<ItemId>, complete: bool) -> Result<Vec<Action>, MetaError> {
+        let Some(reconciler) = self.reconciler.as_ref() else {
+            return Ok(Vec::new());
+        };
+        // Only ids of our own items are kept: the list cannot grow past our set.
+        self.needed
+            .extend(ids.into_iter().filter(|id| reconciler.holds(id)));
+        if !complete {
+            return Ok(Vec::new());
+        }
+        let offers = reconciler.in_offered_order(self.needed.iter());
+        let needed = std::mem::take(&mut self.needed);
+        Ok(self.end_round(offers, &|id| needed.contains(id)))
+    }
+
+    /// Sends the offers of our first round (with the late ones), and, live, agrees on the
+    /// feeds both sides hold the same (the items the peer does not lack).
+    fn end_round(
+        &mut self,
+        offers: Vec<FeedOffer>,
+        lacking: &dyn Fn(&ItemId) -> bool,
+    ) -> Vec<Action> {
+        self.round = Round::Sent;
+        let common = match (&self.reconciler, self.config.live) {
+            (Some(reconciler), true) => reconciler.common(lacking),
+            _ => Vec::new(),
+        };
+        self.reconciler = None;
+        let mut offers = offers;
+        offers.extend(std::mem::take(&mut self.late));
+        let mut actions = self.manifests(offers);
+        let common: Vec<FeedKey> = common
+            .into_iter()
+            // A feed that grew meanwhile was offered at its new length instead.
+            .filter(|offer| !self.offered.contains_key(&offer.key))
+            .map(|offer| {
+                self.wanted.insert(offer.key, offer.length);
+                self.remote_offers.insert(offer.key, offer.length);
+                self.agreed.insert(offer.key);
+                offer.key
+            })
+            .collect();
+        if !common.is_empty() {
+            actions.push(Action::Replicate(common));
+        }
+        actions
+    }
+
+    /// One batch of offers as manifests within the key limit, the last one marked complete.
+    fn manifests(&mut self, feeds: Vec<FeedOffer>) -> Vec<Action> {
+        for feed in &feeds {
+            self.offered.insert(feed.key, feed.length);
+        }
+        manifests(feeds)
     }
 
     fn check_finished(&mut self) -> Vec<Action> {

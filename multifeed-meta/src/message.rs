@@ -27,6 +27,8 @@ const MANIFEST: u8 = 2;
 const REQUEST_FEEDS: u8 = 3;
 const REPLICATE_FEEDS: u8 = 4;
 const SYNCED: u8 = 5;
+const RECONCILE: u8 = 6;
+const NEED: u8 = 7;
 
 /// A feed offered to the peer, with its length when offered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -69,6 +71,19 @@ pub enum Message {
     },
     /// We hold every feed we requested, up to the offered lengths.
     Synced,
+    /// One negentropy round of the reconciliation of the offered sets (protocol 2).
+    Reconcile {
+        /// negentropy's message, at most [`MAX_RECONCILE_BYTES`](crate::MAX_RECONCILE_BYTES).
+        data: Vec<u8>,
+    },
+    /// Item ids of the responder's set that the initiator lacks: offer these (protocol 2);
+    /// `complete` ends the list.
+    Need {
+        /// The item ids.
+        ids: Vec<[u8; 32]>,
+        /// Whether this is the last part of the list.
+        complete: bool,
+    },
 }
 
 impl Message {
@@ -80,6 +95,8 @@ impl Message {
             Self::RequestFeeds { .. } => "REQUEST_FEEDS",
             Self::ReplicateFeeds { .. } => "REPLICATE_FEEDS",
             Self::Synced => "SYNCED",
+            Self::Reconcile { .. } => "RECONCILE",
+            Self::Need { .. } => "NEED",
         }
     }
 
@@ -118,6 +135,18 @@ impl Message {
                 }
             }
             Self::Synced => out.push(SYNCED),
+            Self::Reconcile { data } => {
+                out.push(RECONCILE);
+                put_bytes(&mut out, data);
+            }
+            Self::Need { ids, complete } => {
+                out.push(NEED);
+                out.push(u8::from(*complete));
+                put_varint(&mut out, ids.len() as u64);
+                for id in ids {
+                    out.extend_from_slice(id);
+                }
+            }
         }
         out
     }
@@ -146,11 +175,7 @@ impl Message {
                 }
             }
             MANIFEST => {
-                let complete = match r.take(1, "complete")?[0] {
-                    0 => false,
-                    1 => true,
-                    _ => return Err(DecodeError::InvalidFlag("complete")),
-                };
+                let complete = r.flag("complete")?;
                 // Each offer takes at least 33 bytes: bound the count by what remains.
                 let count = r.count(33)?;
                 let mut feeds = Vec::with_capacity(count);
@@ -183,6 +208,25 @@ impl Message {
                 }
             }
             SYNCED => Self::Synced,
+            RECONCILE => Self::Reconcile {
+                data: r
+                    .bytes("data", crate::reconcile::MAX_RECONCILE_BYTES)?
+                    .to_vec(),
+            },
+            NEED => {
+                let complete = r.flag("complete")?;
+                let count = r.count(32)?;
+                let mut ids = Vec::with_capacity(count);
+                let mut seen = HashSet::with_capacity(count);
+                for _ in 0..count {
+                    let id = r.key()?;
+                    if !seen.insert(id) {
+                        return Err(DecodeError::DuplicateKey);
+                    }
+                    ids.push(id);
+                }
+                Self::Need { ids, complete }
+            }
             other => return Err(DecodeError::UnknownType(other)),
         };
         if !r.0.is_empty() {
@@ -215,6 +259,14 @@ impl<'a> Reader<'a> {
         let (head, rest) = self.0.split_at(n);
         self.0 = rest;
         Ok(head)
+    }
+
+    fn flag(&mut self, field: &'static str) -> Result<bool, DecodeError> {
+        match self.take(1, field)?[0] {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(DecodeError::InvalidFlag(field)),
+        }
     }
 
     fn varint(&mut self, field: &'static str) -> Result<u64, DecodeError> {

@@ -15,7 +15,7 @@ fn offer(n: u8, length: u64) -> FeedOffer {
     }
 }
 
-fn handshake() -> Message {
+pub(crate) fn handshake() -> Message {
     Message::Handshake {
         client: CLIENT.into(),
         version: PROTOCOL_VERSION,
@@ -23,7 +23,7 @@ fn handshake() -> Message {
     }
 }
 
-fn sends(actions: &[Action]) -> Vec<Message> {
+pub(crate) fn sends(actions: &[Action]) -> Vec<Message> {
     actions
         .iter()
         .filter_map(|a| match a {
@@ -33,11 +33,54 @@ fn sends(actions: &[Action]) -> Vec<Message> {
         .collect()
 }
 
+pub(crate) fn initiator() -> ExchangeConfig {
+    ExchangeConfig {
+        initiator: true,
+        ..ExchangeConfig::default()
+    }
+}
+
+/// Runs an initiator and a responder through the handshake and the reconciliation, requesting
+/// nothing; returns both and the bytes each sent.
+pub(crate) fn past_first_round(
+    config: ExchangeConfig,
+    ours: Vec<FeedOffer>,
+    theirs: Vec<FeedOffer>,
+) -> (Exchange, Exchange, usize, usize) {
+    let mut a = Exchange::new(ExchangeConfig {
+        initiator: true,
+        ..config.clone()
+    });
+    let mut b = Exchange::new(ExchangeConfig {
+        initiator: false,
+        ..config
+    });
+    let mut to_b = sends(&a.start());
+    to_b.extend(sends(&a.offer(ours)));
+    let mut to_a = sends(&b.start());
+    to_a.extend(sends(&b.offer(theirs)));
+    let (mut sent_a, mut sent_b) = (0, 0);
+    for _ in 0..100 {
+        if to_a.is_empty() && to_b.is_empty() {
+            break;
+        }
+        for message in std::mem::take(&mut to_b) {
+            let bytes = message.encode();
+            sent_a += bytes.len();
+            to_a.extend(sends(&b.handle(&bytes).expect("valid for the responder")));
+        }
+        for message in std::mem::take(&mut to_a) {
+            let bytes = message.encode();
+            sent_b += bytes.len();
+            to_b.extend(sends(&a.handle(&bytes).expect("valid for the initiator")));
+        }
+    }
+    (a, b, sent_a, sent_b)
+}
+
+/// An initiator past its first round, with nothing offered either way.
 fn ready() -> Exchange {
-    let mut ex = Exchange::new(ExchangeConfig::default());
-    ex.start();
-    ex.handle_message(handshake()).expect("handshake accepted");
-    ex
+    past_first_round(ExchangeConfig::default(), vec![], vec![]).0
 }
 
 #[test]
@@ -57,6 +100,17 @@ fn every_message_round_trips() {
         },
         Message::ReplicateFeeds { keys: vec![] },
         Message::Synced,
+        Message::Reconcile {
+            data: vec![0x61, 0, 0],
+        },
+        Message::Need {
+            ids: vec![key(3), key(4)],
+            complete: true,
+        },
+        Message::Need {
+            ids: vec![],
+            complete: false,
+        },
     ];
     for message in messages {
         assert_eq!(Message::decode(&message.encode()), Ok(message));
@@ -139,15 +193,16 @@ fn handshake_checks_client_and_version() {
     let err = ex
         .handle_message(Message::Handshake {
             client: CLIENT.into(),
-            version: semver::Version::new(2, 0, 0),
+            version: semver::Version::new(1, 0, 0),
             user_data: vec![],
         })
         .unwrap_err();
+    // A 1.x peer offers every feed on every connection: refused.
     assert_eq!(
         err,
         MetaError::VersionMismatch {
-            ours: semver::Version::new(1, 0, 0),
-            theirs: semver::Version::new(2, 0, 0)
+            ours: semver::Version::new(2, 0, 0),
+            theirs: semver::Version::new(1, 0, 0)
         }
     );
     assert_eq!(err.code(), "ERR_VERSION_MISMATCH");
@@ -158,7 +213,7 @@ fn handshake_checks_client_and_version() {
     assert!(ex
         .handle_message(Message::Handshake {
             client: CLIENT.into(),
-            version: semver::Version::new(1, 7, 3),
+            version: semver::Version::new(2, 7, 3),
             user_data: vec![],
         })
         .is_ok());
@@ -190,6 +245,11 @@ fn every_state_and_message_pair() {
             Message::RequestFeeds { keys: vec![key(9)] },
             Message::ReplicateFeeds { keys: vec![] },
             Message::Synced,
+            Message::Reconcile { data: vec![0x61] },
+            Message::Need {
+                ids: vec![],
+                complete: true,
+            },
         ]
     };
     // (state builder, name, expected Ok per message in the order above)
@@ -209,19 +269,36 @@ fn every_state_and_message_pair() {
         ex
     };
     type Builder = Box<dyn Fn() -> Exchange>;
-    let table: Vec<(&str, Builder, [bool; 5])> = vec![
-        ("new", Box::new(new), [false, false, false, false, false]),
+    // The responder of a round under way takes RECONCILE and NEED.
+    let reconciling = || {
+        let mut ex = new();
+        ex.start();
+        ex.offer(vec![]);
+        ex.handle_message(handshake()).expect("handshake");
+        ex
+    };
+    let table: Vec<(&str, Builder, [bool; 7])> = vec![
+        ("new", Box::new(new), [false; 7]),
         (
             "awaiting",
             Box::new(awaiting),
-            [true, false, false, false, false],
+            [true, false, false, false, false, false, false],
         ),
-        // ReplicateFeeds with no outstanding request is a violation.
-        ("ready", Box::new(ready), [false, true, true, false, true]),
+        (
+            "reconciling",
+            Box::new(reconciling),
+            [false, true, true, false, true, true, true],
+        ),
+        // ReplicateFeeds with no outstanding request is a violation; so is reconciling again.
+        (
+            "ready",
+            Box::new(ready),
+            [false, true, true, false, true, false, false],
+        ),
         (
             "finished",
             Box::new(finished),
-            [false, true, true, false, true],
+            [false, true, true, false, true, false, false],
         ),
     ];
     for (name, build, expected) in table {
@@ -244,21 +321,27 @@ fn every_state_and_message_pair() {
 }
 
 #[test]
-fn offers_wait_for_the_handshake_and_are_never_repeated() {
-    let mut ex = Exchange::new(ExchangeConfig::default());
+fn offers_before_the_handshake_are_reconciled_and_later_ones_sent_once_per_length() {
+    let mut ex = Exchange::new(initiator());
     ex.start();
     assert!(ex.offer(vec![offer(1, 5), offer(1, 5)]).is_empty());
-    let actions = ex.handle_message(handshake()).expect("handshake");
-    let sent = sends(&actions);
-    assert_eq!(
-        sent,
-        vec![Message::Manifest {
-            feeds: vec![offer(1, 5)],
-            complete: true
-        }]
+    let sent = sends(&ex.handle_message(handshake()).expect("handshake"));
+    assert!(
+        matches!(sent.as_slice(), [Message::Reconcile { .. }]),
+        "the set is reconciled first, not offered: {sent:?}"
     );
-    assert!(ex.offer(vec![offer(1, 6)]).is_empty(), "no repeat");
-    assert_eq!(sends(&ex.offer(vec![offer(2, 0)])).len(), 1);
+
+    let mut ex = ready();
+    assert_eq!(sends(&ex.offer(vec![offer(2, 1)])).len(), 1);
+    assert!(ex.offer(vec![offer(2, 1)]).is_empty(), "no repeat");
+    assert_eq!(
+        sends(&ex.offer(vec![offer(2, 4)])),
+        vec![Message::Manifest {
+            feeds: vec![offer(2, 4)],
+            complete: true
+        }],
+        "offered again when longer (and not agreed)"
+    );
 }
 
 #[test]
@@ -403,7 +486,7 @@ fn drive(
 
 #[test]
 fn two_exchanges_agree_on_the_union_and_finish() {
-    let mut a = Exchange::new(ExchangeConfig::default());
+    let mut a = Exchange::new(initiator());
     let mut b = Exchange::new(ExchangeConfig::default());
     let mut to_b = sends(&a.start());
     let mut to_a = sends(&b.start());
@@ -419,7 +502,7 @@ fn two_exchanges_agree_on_the_union_and_finish() {
 
 #[test]
 fn empty_exchanges_finish() {
-    let mut a = Exchange::new(ExchangeConfig::default());
+    let mut a = Exchange::new(initiator());
     let mut b = Exchange::new(ExchangeConfig::default());
     let mut to_b = sends(&a.start());
     let mut to_a = sends(&b.start());
@@ -436,7 +519,10 @@ fn live_exchanges_take_later_offers_and_never_finish() {
         live: true,
         ..ExchangeConfig::default()
     };
-    let mut a = Exchange::new(live.clone());
+    let mut a = Exchange::new(ExchangeConfig {
+        initiator: true,
+        ..live.clone()
+    });
     let mut b = Exchange::new(live);
     let mut to_b = sends(&a.start());
     let mut to_a = sends(&b.start());
@@ -484,6 +570,8 @@ fn arb_message() -> impl Strategy<Value = Message> {
         keys().prop_map(|keys| Message::RequestFeeds { keys }),
         keys().prop_map(|keys| Message::ReplicateFeeds { keys }),
         Just(Message::Synced),
+        proptest::collection::vec(any::<u8>(), 0..200).prop_map(|data| Message::Reconcile { data }),
+        (keys(), any::<bool>()).prop_map(|(ids, complete)| Message::Need { ids, complete }),
     ]
 }
 

@@ -39,7 +39,7 @@ async fn version_mismatch_fails_on_both_sides() {
     let (ra, rb) = both(
         a,
         b,
-        ReplicateConfig::new(true).protocol_version(multifeed_meta::semver::Version::new(2, 0, 0)),
+        ReplicateConfig::new(true).protocol_version(multifeed_meta::semver::Version::new(1, 0, 0)),
         ReplicateConfig::new(false),
     )
     .await;

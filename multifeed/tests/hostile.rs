@@ -51,8 +51,10 @@ impl Session {
             .expect("root opened");
         let mut session = Self {
             peer,
+            // The Noise initiator drives the reconciliation too.
             exchange: Exchange::new(ExchangeConfig {
                 live,
+                initiator: true,
                 ..ExchangeConfig::default()
             }),
             offered: Vec::new(),

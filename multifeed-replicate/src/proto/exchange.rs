@@ -23,7 +23,7 @@ impl Connection {
             return Ok(());
         };
         let mut actions = exchange.start();
-        let feeds_held = feeds
+        let feeds_held: std::collections::HashMap<FeedKey, (u64, u64)> = feeds
             .iter()
             .map(|feed| (feed.key, (feed.length, feed.contiguous_length)))
             .collect();
@@ -38,8 +38,18 @@ impl Connection {
         for offer in &offers {
             self.known.insert(discovery_key(&offer.key), offer.key);
         }
+        // A feed held with gaps is always offered (the peer may fill them), even where the
+        // reconciliation finds the lengths equal.
+        let incomplete: Vec<(FeedKey, u64)> = offers
+            .iter()
+            .filter_map(|offer| {
+                let &(length, contiguous) = feeds_held.get(&offer.key)?;
+                (contiguous < length).then_some((offer.key, contiguous))
+            })
+            .collect();
         self.local_lengths = feeds_held;
         if let Some(exchange) = self.exchange.as_mut() {
+            exchange.mark_incomplete(incomplete);
             actions.extend(exchange.offer(offers));
         }
         self.apply(now, actions)

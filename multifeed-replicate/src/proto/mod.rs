@@ -170,6 +170,8 @@ impl Connection {
             let mut exchange_config = ExchangeConfig {
                 user_data: config.user_data.clone(),
                 live: config.live,
+                // The replication's initiator drives the reconciliation of the offered sets.
+                initiator: config.initiator,
                 ..ExchangeConfig::default()
             };
             if let Some(version) = &config.protocol_version {

@@ -1,0 +1,179 @@
+//! Range-based set reconciliation of the offered (key, length) sets, with negentropy.
+//!
+//! Each side's set holds one item per feed it offers. An item's id is the first 24 bytes of
+//! the feed key followed by the length (big-endian), so a feed held at another length is
+//! another item, and an equal feed is the same item on both sides. The replication's initiator
+//! drives negentropy's rounds: it sends fingerprints of ranges of ids, the responder answers
+//! each range whose fingerprint differs with finer ranges or with its ids, and so on. Equal sets
+//! agree in one round trip; d differences cost about O(d log n) bytes. At the end the
+//! initiator knows its items the responder lacks (`have`) and the responder's items it lacks
+//! (`need`); it offers the first and asks for the second. Everything else is held the same by
+//! both and is never sent.
+//!
+//! A feed held with gaps must always reach the other side (the peer may fill them), so its item
+//! carries, instead of its length, a value no complete feed has and that differs per side.
+
+use std::collections::HashMap;
+
+use negentropy::{Id, Negentropy, NegentropyStorageVector};
+
+use crate::message::{FeedKey, FeedOffer, MAX_MESSAGE_BYTES};
+use crate::MetaError;
+
+/// An item id: 24 bytes of the feed key, then 8 bytes of length.
+pub type ItemId = [u8; 32];
+
+/// The most bytes of one reconciliation message (negentropy's frame size limit).
+pub const MAX_RECONCILE_BYTES: usize = 48 * 1024;
+/// The most negentropy rounds one side takes part in; a peer that needs more is lying (a set of
+/// 10^9 items settles in about 8).
+pub const MAX_RECONCILE_ROUNDS: u32 = 64;
+
+const _: () = assert!(MAX_RECONCILE_BYTES + 16 < MAX_MESSAGE_BYTES);
+
+/// The id of a feed held complete at `length`.
+pub fn item_id(key: &FeedKey, length: u64) -> ItemId {
+    let mut id = [0u8; 32];
+    id[..24].copy_from_slice(&key[..24]);
+    id[24..].copy_from_slice(&length.to_be_bytes());
+    id
+}
+
+/// The id of a feed held with gaps (contiguous below its length): the top bit (no length has
+/// it) and one bit for the side, so it never matches an item of the peer.
+pub fn incomplete_item_id(key: &FeedKey, contiguous: u64, initiator: bool) -> ItemId {
+    let marker = (1u64 << 63) | (u64::from(initiator) << 62) | (contiguous & ((1 << 62) - 1));
+    item_id(key, marker)
+}
+
+/// One side's part of a reconciliation.
+pub(crate) struct Reconciler {
+    negentropy: Negentropy<'static, NegentropyStorageVector>,
+    /// Our items, with their place in the order they were offered.
+    items: HashMap<ItemId, (usize, FeedOffer)>,
+    rounds: u32,
+    /// Initiator: ids of ours the peer lacks.
+    have: Vec<Id>,
+    /// Initiator: ids of the peer's we lack.
+    need: Vec<Id>,
+}
+
+impl std::fmt::Debug for Reconciler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reconciler")
+            .field("items", &self.items.len())
+            .field("rounds", &self.rounds)
+            .finish_non_exhaustive()
+    }
+}
+
+fn failed(err: negentropy::Error) -> MetaError {
+    MetaError::Reconcile {
+        reason: match err {
+            negentropy::Error::ParseEndsPrematurely => "the message ends inside a range",
+            negentropy::Error::InvalidProtocolVersion
+            | negentropy::Error::UnsupportedProtocolVersion
+            | negentropy::Error::ProtocolVersionNotFound => "unknown negentropy protocol version",
+            negentropy::Error::UnexpectedMode(_) => "unknown range mode",
+            negentropy::Error::IdTooBig | negentropy::Error::InvalidIdSize => "malformed bound",
+            negentropy::Error::BadRange => "ranges out of order",
+            _ => "negentropy refused the message",
+        },
+    }
+}
+
+impl Reconciler {
+    /// A side holding `offers`, each with its item id.
+    pub(crate) fn new(offers: Vec<(ItemId, FeedOffer)>) -> Result<Self, MetaError> {
+        let mut storage = NegentropyStorageVector::with_capacity(offers.len());
+        let mut items = HashMap::with_capacity(offers.len());
+        for (place, (id, offer)) in offers.into_iter().enumerate() {
+            if items.insert(id, (place, offer)).is_none() {
+                storage.insert(0, Id::from_byte_array(id)).map_err(failed)?;
+            }
+        }
+        storage.seal().map_err(failed)?;
+        let negentropy = Negentropy::owned(storage, MAX_RECONCILE_BYTES as u64).map_err(failed)?;
+        Ok(Self {
+            negentropy,
+            items,
+            rounds: 0,
+            have: Vec::new(),
+            need: Vec::new(),
+        })
+    }
+
+    /// Initiator: the first message.
+    pub(crate) fn initiate(&mut self) -> Result<Vec<u8>, MetaError> {
+        self.rounds = 1;
+        self.negentropy.initiate().map_err(failed)
+    }
+
+    /// Responder: the answer to one of the initiator's messages.
+    pub(crate) fn answer(&mut self, query: &[u8]) -> Result<Vec<u8>, MetaError> {
+        self.count_round()?;
+        self.negentropy.reconcile(query).map_err(failed)
+    }
+
+    /// Initiator: takes the responder's answer; the next message, or `None` when the sets are
+    /// reconciled.
+    pub(crate) fn step(
+        &mut self,
+        answer: &[u8],
+        max_need: usize,
+    ) -> Result<Option<Vec<u8>>, MetaError> {
+        self.count_round()?;
+        let next = self
+            .negentropy
+            .reconcile_with_ids(answer, &mut self.have, &mut self.need)
+            .map_err(failed)?;
+        if self.need.len() > max_need {
+            return Err(MetaError::TooManyFeeds { limit: max_need });
+        }
+        Ok(next)
+    }
+
+    fn count_round(&mut self) -> Result<(), MetaError> {
+        self.rounds += 1;
+        if self.rounds > MAX_RECONCILE_ROUNDS {
+            return Err(MetaError::Reconcile {
+                reason: "more rounds than any honest set needs",
+            });
+        }
+        Ok(())
+    }
+
+    /// Initiator, once reconciled: our offers the peer lacks (in the order they were offered),
+    /// and the peer's ids we lack.
+    pub(crate) fn outcome(&mut self) -> (Vec<FeedOffer>, Vec<ItemId>) {
+        let have = std::mem::take(&mut self.have);
+        let have = self.in_offered_order(have.iter().map(|id| &**id));
+        let need = std::mem::take(&mut self.need)
+            .into_iter()
+            .map(|id| *id)
+            .collect();
+        (have, need)
+    }
+
+    /// Whether this id is one of our items.
+    pub(crate) fn holds(&self, id: &ItemId) -> bool {
+        self.items.contains_key(id)
+    }
+
+    /// Our offers with these ids, in the order they were offered (the order the application
+    /// listed its feeds in is the order they are scheduled in on the other side).
+    pub(crate) fn in_offered_order<'i>(
+        &self,
+        ids: impl Iterator<Item = &'i ItemId>,
+    ) -> Vec<FeedOffer> {
+        let mut offers: Vec<(usize, FeedOffer)> =
+            ids.filter_map(|id| self.items.get(id).copied()).collect();
+        offers.sort_by_key(|(place, _)| *place);
+        offers.into_iter().map(|(_, offer)| offer).collect()
+    }
+
+    /// Every offer of ours whose id is not in `lacking`: the ones both sides hold the same.
+    pub(crate) fn common(&self, lacking: &dyn Fn(&ItemId) -> bool) -> Vec<FeedOffer> {
+        self.in_offered_order(self.items.keys().filter(|id| !lacking(id)))
+    }
+}
