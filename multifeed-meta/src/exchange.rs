@@ -1,7 +1,9 @@
 //! The exchange state machine: handshake, reconciliation of the offered sets, offers,
 //! requests, agreement, end of sync.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
+
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 
 use crate::message::{FeedKey, FeedOffer, Message, MAX_KEYS_PER_MESSAGE};
 use crate::reconcile::{incomplete_item_id, item_id, ItemId, Reconciler};
@@ -174,7 +176,8 @@ impl Exchange {
     /// after it, a feed is offered again only at a greater length and only while it is not
     /// agreed (an agreed feed's later entries come over its channel).
     pub fn offer(&mut self, feeds: Vec<FeedOffer>) -> Vec<Action> {
-        let mut fresh = Vec::new();
+        self.local.reserve(feeds.len());
+        let mut fresh = Vec::with_capacity(feeds.len());
         for feed in feeds {
             let known = self.local.get(&feed.key).copied();
             if known.is_some_and(|length| length >= feed.length)

@@ -13,8 +13,6 @@
 //! A feed held with gaps must always reach the other side (the peer may fill them), so its item
 //! carries, instead of its length, a value no complete feed has and that differs per side.
 
-use std::collections::HashMap;
-
 use negentropy::{Id, Negentropy, NegentropyStorageVector};
 
 use crate::message::{FeedKey, FeedOffer, MAX_MESSAGE_BYTES};
@@ -49,8 +47,8 @@ pub fn incomplete_item_id(key: &FeedKey, contiguous: u64, initiator: bool) -> It
 /// One side's part of a reconciliation.
 pub(crate) struct Reconciler {
     negentropy: Negentropy<'static, NegentropyStorageVector>,
-    /// Our items, with their place in the order they were offered.
-    items: HashMap<ItemId, (usize, FeedOffer)>,
+    /// Our items sorted by id, with their place in the order they were offered.
+    items: Vec<(ItemId, usize, FeedOffer)>,
     rounds: u32,
     /// Initiator: ids of ours the peer lacks.
     have: Vec<Id>,
@@ -85,12 +83,18 @@ fn failed(err: negentropy::Error) -> MetaError {
 impl Reconciler {
     /// A side holding `offers`, each with its item id.
     pub(crate) fn new(offers: Vec<(ItemId, FeedOffer)>) -> Result<Self, MetaError> {
-        let mut storage = NegentropyStorageVector::with_capacity(offers.len());
-        let mut items = HashMap::with_capacity(offers.len());
-        for (place, (id, offer)) in offers.into_iter().enumerate() {
-            if items.insert(id, (place, offer)).is_none() {
-                storage.insert(0, Id::from_byte_array(id)).map_err(failed)?;
-            }
+        let mut items: Vec<(ItemId, usize, FeedOffer)> = offers
+            .into_iter()
+            .enumerate()
+            .map(|(place, (id, offer))| (id, place, offer))
+            .collect();
+        items.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
+        items.dedup_by(|later, first| later.0 == first.0);
+        let mut storage = NegentropyStorageVector::with_capacity(items.len());
+        for (id, _, _) in &items {
+            storage
+                .insert(0, Id::from_byte_array(*id))
+                .map_err(failed)?;
         }
         storage.seal().map_err(failed)?;
         let negentropy = Negentropy::owned(storage, MAX_RECONCILE_BYTES as u64).map_err(failed)?;
@@ -155,9 +159,18 @@ impl Reconciler {
         (have, need)
     }
 
+    fn item(&self, id: &ItemId) -> Option<(usize, FeedOffer)> {
+        let at = self
+            .items
+            .binary_search_by(|(item, _, _)| item.cmp(id))
+            .ok()?;
+        let (_, place, offer) = self.items[at];
+        Some((place, offer))
+    }
+
     /// Whether this id is one of our items.
     pub(crate) fn holds(&self, id: &ItemId) -> bool {
-        self.items.contains_key(id)
+        self.item(id).is_some()
     }
 
     /// Our offers with these ids, in the order they were offered (the order the application
@@ -166,14 +179,20 @@ impl Reconciler {
         &self,
         ids: impl Iterator<Item = &'i ItemId>,
     ) -> Vec<FeedOffer> {
-        let mut offers: Vec<(usize, FeedOffer)> =
-            ids.filter_map(|id| self.items.get(id).copied()).collect();
+        let mut offers: Vec<(usize, FeedOffer)> = ids.filter_map(|id| self.item(id)).collect();
         offers.sort_by_key(|(place, _)| *place);
         offers.into_iter().map(|(_, offer)| offer).collect()
     }
 
     /// Every offer of ours whose id is not in `lacking`: the ones both sides hold the same.
     pub(crate) fn common(&self, lacking: &dyn Fn(&ItemId) -> bool) -> Vec<FeedOffer> {
-        self.in_offered_order(self.items.keys().filter(|id| !lacking(id)))
+        let mut offers: Vec<(usize, FeedOffer)> = self
+            .items
+            .iter()
+            .filter(|(id, _, _)| !lacking(id))
+            .map(|&(_, place, offer)| (place, offer))
+            .collect();
+        offers.sort_by_key(|(place, _)| *place);
+        offers.into_iter().map(|(_, offer)| offer).collect()
     }
 }

@@ -17,6 +17,9 @@ pub struct LocalFeed {
     /// replication asks a peer only for feeds it lacks, that are longer there, or that are
     /// not complete here.
     pub contiguous_length: u64,
+    /// Its discovery key, if the host keeps it (`None`: the replication computes it, a keyed
+    /// BLAKE2b per feed and connection).
+    pub discovery_key: Option<[u8; 32]>,
 }
 
 /// The set of feeds a replication runs against (implemented by the `multifeed` facade).

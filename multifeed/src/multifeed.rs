@@ -281,6 +281,8 @@ impl Multifeed {
         let slots: Vec<Arc<FeedSlot>> = self.inner.table().list.clone();
         for slot in slots {
             let state = std::mem::replace(&mut *slot.core.lock().await, CoreState::Closed);
+            slot.idle_closed
+                .store(false, std::sync::atomic::Ordering::Release);
             // Wakes whoever waits for entries (live streams, wait_for_len): they see Closed.
             if let CoreState::Open(core) = state {
                 core.notify_changed();

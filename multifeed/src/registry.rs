@@ -49,6 +49,9 @@ pub(crate) struct FeedSlot {
     /// The length and contiguous length its core had when it was closed to free memory
     /// (nothing changes a closed core), so the replication's feed list needs no open.
     pub(crate) closed_lengths: std::sync::Mutex<Option<(u64, u64)>>,
+    /// Whether the core is closed to free memory now (set and cleared under the core's lock),
+    /// so listing feeds reads `closed_lengths` without taking that lock.
+    pub(crate) idle_closed: AtomicBool,
 }
 
 impl FeedSlot {
@@ -70,6 +73,7 @@ impl FeedSlot {
             read_only: std::sync::atomic::AtomicBool::new(false),
             used: AtomicBool::new(true),
             closed_lengths: std::sync::Mutex::new(None),
+            idle_closed: AtomicBool::new(false),
         }
     }
 }
@@ -113,6 +117,7 @@ fn close_idle(slot: &FeedSlot) -> Closing {
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(lengths);
     *state = CoreState::Unopened;
+    slot.idle_closed.store(true, Ordering::Release);
     Closing::Closed
 }
 
@@ -249,14 +254,15 @@ impl Inner {
     /// The feed's length and contiguous length without opening its core when it was closed
     /// to free memory; `None` when only its core can tell.
     pub(crate) fn closed_lengths(&self, slot: &FeedSlot) -> Option<(u64, u64)> {
-        let state = slot.core.try_lock()?;
-        match &*state {
-            CoreState::Unopened => *slot
-                .closed_lengths
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner()),
-            _ => None,
+        // A core that opens after this look had these lengths when it opened: nothing changes
+        // a closed core.
+        if !slot.idle_closed.load(Ordering::Acquire) {
+            return None;
         }
+        *slot
+            .closed_lengths
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// The feed's hypercore, opened on first use.
@@ -334,6 +340,7 @@ impl Inner {
                 }
                 let core = SharedCore::new(core);
                 *state = CoreState::Open(core.clone());
+                slot.idle_closed.store(false, Ordering::Release);
                 drop(state);
                 self.opened(slot.clone());
                 Ok(core)

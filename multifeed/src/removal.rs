@@ -43,6 +43,8 @@ impl Multifeed {
         let removed = match &slot {
             Some(slot) => {
                 let previous = std::mem::replace(&mut *slot.core.lock().await, CoreState::Closed);
+                slot.idle_closed
+                    .store(false, std::sync::atomic::Ordering::Release);
                 *slot.tree.lock().await = None;
                 if let CoreState::Open(core) = previous {
                     core.notify_changed();

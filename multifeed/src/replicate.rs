@@ -370,12 +370,14 @@ impl FeedHost for Host {
                     key: *feed.key(),
                     length,
                     contiguous_length,
+                    discovery_key: Some(*feed.discovery_key()),
                 });
             } else if let Ok(info) = feed.info().await {
                 feeds.push(LocalFeed {
                     key: *feed.key(),
                     length: info.length,
                     contiguous_length: info.contiguous_length,
+                    discovery_key: Some(*feed.discovery_key()),
                 });
             }
         }

@@ -78,6 +78,14 @@ async fn child(n: usize, disk: bool) -> Result<(), Box<dyn std::error::Error>> {
         return Err(format!("B holds {} feeds of {n}", b.feeds().len()).into());
     }
     let unchanged = sync(&a, &b).await?;
+    // For profiling the re-sync of equal stores: `SCALE_RESYNC_REPEAT=k` runs it k more times.
+    let repeat: usize = std::env::var("SCALE_RESYNC_REPEAT")
+        .ok()
+        .and_then(|k| k.parse().ok())
+        .unwrap_or(0);
+    for _ in 0..repeat {
+        sync(&a, &b).await?;
+    }
     for feed in writers.iter().take(100) {
         feed.append(br#"{"msg":"again"}"#).await?;
     }

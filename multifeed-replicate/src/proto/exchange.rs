@@ -23,20 +23,26 @@ impl Connection {
             return Ok(());
         };
         let mut actions = exchange.start();
-        let feeds_held: std::collections::HashMap<FeedKey, (u64, u64)> = feeds
+        let feeds_held: foldhash::HashMap<FeedKey, (u64, u64)> = feeds
             .iter()
             .map(|feed| (feed.key, (feed.length, feed.contiguous_length)))
             .collect();
-        let offers: Vec<FeedOffer> = feeds
-            .into_iter()
-            .filter(|feed| self.offers(&feed.key))
-            .map(|feed| FeedOffer {
+        let mut offers: Vec<FeedOffer> = Vec::with_capacity(feeds.len());
+        self.known.reserve(feeds.len());
+        for feed in feeds {
+            if !self.offers(&feed.key) {
+                continue;
+            }
+            // The peer may open any feed we offer; the host's discovery keys save a keyed
+            // BLAKE2b per feed and connection.
+            let dk = feed
+                .discovery_key
+                .unwrap_or_else(|| discovery_key(&feed.key));
+            self.known.insert(dk, feed.key);
+            offers.push(FeedOffer {
                 key: feed.key,
                 length: feed.length,
-            })
-            .collect();
-        for offer in &offers {
-            self.known.insert(discovery_key(&offer.key), offer.key);
+            });
         }
         // A feed held with gaps is always offered (the peer may fill them), even where the
         // reconciliation finds the lengths equal.

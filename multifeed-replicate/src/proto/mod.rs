@@ -137,7 +137,7 @@ pub(crate) struct Connection {
     queued_downloads: VecDeque<(FeedKey, u64)>,
     /// Our feeds' lengths and contiguous lengths when the exchange started (non-live: what we
     /// ask the peer for).
-    local_lengths: HashMap<FeedKey, (u64, u64)>,
+    local_lengths: foldhash::HashMap<FeedKey, (u64, u64)>,
     /// Waiting announcements and requests are being handed out, one at a time.
     draining: bool,
     /// What waits for the local feed list, in the order it was asked for.
@@ -213,7 +213,7 @@ impl Connection {
             synced_reported: false,
             syncing: HashSet::new(),
             queued_downloads: VecDeque::new(),
-            local_lengths: HashMap::new(),
+            local_lengths: foldhash::HashMap::default(),
             draining: false,
             local_feeds_for: VecDeque::new(),
             queued: (0, 0),

@@ -295,6 +295,7 @@ impl Peer {
                         key: *key,
                         length: feed.length,
                         contiguous_length: feed.info().contiguous_length,
+                        discovery_key: None,
                     })
                     .collect();
                 self.conn.handle_local_feeds(now, feeds)?;

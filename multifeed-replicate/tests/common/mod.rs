@@ -133,12 +133,14 @@ impl FeedHost for TestHost {
                 key,
                 length: info.length,
                 contiguous_length: info.contiguous_length,
+                discovery_key: None,
             });
         }
         out.extend(self.phantom.lock().unwrap().iter().map(|key| LocalFeed {
             key: *key,
             length: 1,
             contiguous_length: 1,
+            discovery_key: None,
         }));
         Ok(out)
     }
