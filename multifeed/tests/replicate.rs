@@ -302,6 +302,65 @@ async fn a_hub_forwards_a_third_peers_feed_to_a_live_peer() -> TestResult {
     Ok(())
 }
 
+/// A live hub and live peers with feeds of their own, as a community server has them: every
+/// peer ends up with every feed, each learned from the hub (the scale run of this is the
+/// `hub` bench: 20 peers of 500 feeds).
+#[async_std::test]
+async fn a_live_hub_gives_every_live_peer_every_feed() -> TestResult {
+    const PEERS: usize = 6;
+    const FEEDS: usize = 30;
+    let hub = Multifeed::open_memory().await?;
+    let mut peers = Vec::new();
+    let mut keys = Vec::new();
+    for p in 0..PEERS {
+        let peer = Multifeed::open_memory().await?;
+        for f in 0..FEEDS {
+            let feed = peer.writer(&format!("p{p}f{f}")).await?;
+            feed.append(format!("from peer {p}").as_bytes()).await?;
+            keys.push(*feed.key());
+        }
+        peers.push(peer);
+    }
+    let links: Vec<_> = peers.iter().map(|peer| connect_live(peer, &hub)).collect();
+    for peer in &peers {
+        for key in &keys {
+            wait_for_len(peer, *key, 1).await?;
+        }
+        assert_eq!(peer.feeds().len(), PEERS * FEEDS);
+    }
+    assert_eq!(hub.feeds().len(), PEERS * FEEDS);
+    for link in links {
+        for result in within("live replication to stop", link.stop()).await? {
+            result?;
+        }
+    }
+    Ok(())
+}
+
+/// Live, a side that only serves a feed leaves opening its channel to the downloader, in the
+/// downloader's turn. It used to open every agreed feed at once: more than 1,024 opens could
+/// overtake its REPLICATE_FEEDS and end the sync with ERR_PEER_LIMIT (the hub bench found it).
+#[async_std::test]
+async fn a_live_peer_takes_thousands_of_feeds_its_scheduler_opens_in_turn() -> TestResult {
+    const FEEDS: usize = 1_500;
+    let a = Multifeed::open_memory().await?;
+    let mut keys = Vec::new();
+    for f in 0..FEEDS {
+        let feed = a.writer(&format!("w{f}")).await?;
+        feed.append(b"one").await?;
+        keys.push(*feed.key());
+    }
+    let b = Multifeed::open_memory().await?;
+    let live = connect_live(&b, &a);
+    for key in &keys {
+        wait_for_len(&b, *key, 1).await?;
+    }
+    for result in within("live replication to stop", live.stop()).await? {
+        result?;
+    }
+    Ok(())
+}
+
 /// Waits (bounded) until `multi` holds entry `len - 1` of feed `key`.
 async fn wait_for_len(multi: &Multifeed, key: [u8; 32], len: u64) -> TestResult {
     let mut events = multi.events();

@@ -115,11 +115,15 @@ impl Connection {
                         match target {
                             // Only a download creates a feed, in its turn.
                             Some(target) => self.schedule_download(key, target)?,
-                            // Live, every agreed feed is tracked from the start (its later
-                            // entries come over it, and `Synced` counts it).
-                            None if self.config.live => self.track_feed(key, None, false)?,
-                            // One we only serve opens when the peer opens it.
-                            None => self.serve_when_opened(key)?,
+                            // One we only serve opens when the peer opens it, in the turn its
+                            // own scheduler gives it (opening all of ours at once would pass
+                            // the peer's bound, and could overtake our REPLICATE_FEEDS past
+                            // its limit of unknown channels). Live, `Synced` waits for it.
+                            None => {
+                                if !self.serve_when_opened(key)? && self.config.live {
+                                    self.unopened_served.insert(discovery_key(&key));
+                                }
+                            }
                         }
                     }
                     if self.remote_set_reported {

@@ -103,6 +103,7 @@ impl Connection {
         let dk = discovery_key(&key);
         self.known.insert(dk, key);
         self.unknown_channels.remove(&dk);
+        self.unopened_served.remove(&dk);
         if !self.feeds.contains_key(&dk) && self.unavailable.contains(&key) {
             return Ok(());
         }

@@ -113,6 +113,9 @@ pub(crate) struct Connection {
     probes: usize,
     /// New feeds waiting for a probe slot (and their targets).
     waiting: VecDeque<(FeedKey, Option<u64>)>,
+    /// Live: feeds we only serve whose channel the peer has not opened yet (the peer opens it
+    /// in its own scheduler's turn; `Synced` waits for them).
+    unopened_served: HashSet<DiscoveryKey>,
     /// Feeds this connection added to the host.
     feeds_added: usize,
     /// Blocks stored per feed since the last `Downloaded` events: key, index range, count.
@@ -202,6 +205,7 @@ impl Connection {
             early_opens: Vec::new(),
             probes: 0,
             waiting: VecDeque::new(),
+            unopened_served: HashSet::new(),
             feeds_added: 0,
             downloaded: HashMap::new(),
             remote_key: [0; 32],

@@ -35,14 +35,15 @@ impl Connection {
     }
 
     /// A feed we only serve: known, so that the peer's open of it is answered (at once if the
-    /// peer opened it already).
-    pub(super) fn serve_when_opened(&mut self, key: FeedKey) -> Result<(), ReplicateError> {
+    /// peer opened it already). Returns whether it is tracked now.
+    pub(super) fn serve_when_opened(&mut self, key: FeedKey) -> Result<bool, ReplicateError> {
         let dk = discovery_key(&key);
         self.known.insert(dk, key);
         if self.unknown_channels.remove(&dk) || self.feeds.contains_key(&dk) {
-            return self.track_feed(key, None, false);
+            self.track_feed(key, None, false)?;
+            return Ok(true);
         }
-        Ok(())
+        Ok(false)
     }
 
     /// A download reached what it can get here: its slot goes to the next in line. Returns
@@ -150,6 +151,7 @@ impl Connection {
             && self.feeds_out_of_sync == 0
             && self.queued_downloads.is_empty()
             && self.waiting.is_empty()
+            && self.unopened_served.is_empty()
         {
             self.synced_reported = true;
             self.emit(crate::ReplicationEvent::Synced);

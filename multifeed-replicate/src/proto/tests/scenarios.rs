@@ -496,6 +496,39 @@ fn at_most_the_scheduled_feeds_sync_at_once_and_every_feed_arrives() {
 }
 
 #[test]
+fn live_a_side_that_only_serves_opens_each_channel_after_the_downloader_does() {
+    let stores: BTreeMap<FeedKey, FakeFeed> =
+        (1..=200).map(|n| (key(n), FakeFeed::full(2))).collect();
+    let live = |initiator| config(initiator).live(true).max_syncing_feeds(8);
+    let mut pair = Pair::new(
+        [live(true), live(false)],
+        [stores.clone(), BTreeMap::new()],
+        Link::default(),
+        10,
+    );
+    pair.connect();
+    pair.run_for(Duration::from_secs(30), MAX_STEPS);
+    assert_eq!(pair.peers[1].feeds, stores, "side 1 holds every feed");
+    // Past the root channel (the first open each way), the serving side 0 never has opened
+    // more feed channels than the downloading side 1: it answers opens, in 1's turns. It used
+    // to open all 200 at once, past 1's bound (and, over a real protocol, past its limit of
+    // channels it had not agreed to yet).
+    let (mut by_server, mut by_downloader) = (0i64, 0i64);
+    for line in &pair.trace {
+        if line.contains("-> 1: open") {
+            by_server += 1;
+        } else if line.contains("-> 0: open") {
+            by_downloader += 1;
+        }
+        assert!(
+            by_server - 1 <= (by_downloader - 1).max(0),
+            "side 0 opened {by_server} channels before side 1 opened {by_downloader}"
+        );
+    }
+    assert!(by_downloader >= 200, "{by_downloader} opens");
+}
+
+#[test]
 fn live_peers_report_synced_each_time_they_catch_up() {
     let live = |initiator| config(initiator).live(true);
     let synced = |pair: &Pair, side: usize| {
