@@ -112,16 +112,20 @@ impl Drop for Sharing {
     }
 }
 
-#[test]
-fn share_and_sync_give_both_stores_the_union() {
-    let (a, b) = (
-        tempfile::tempdir().expect("dir"),
-        tempfile::tempdir().expect("dir"),
-    );
-    let (a, b) = (a.path().join("alice"), b.path().join("bob"));
+/// Alice's and Bob's stores in one temporary directory (kept while the test runs), Alice's with
+/// the entry "hello" in her writer `notes`.
+fn two_stores() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+    let dir = tempfile::tempdir().expect("dir");
+    let (a, b) = (dir.path().join("alice"), dir.path().join("bob"));
     ok(multifeed(&a, &["init"]));
     ok(multifeed(&b, &["init"]));
     ok(multifeed(&a, &["append", "notes", "hello"]));
+    (dir, a, b)
+}
+
+#[test]
+fn share_and_sync_give_both_stores_the_union() {
+    let (_dir, a, b) = two_stores();
     let mut lines = multifeed(&a, &["append", "notes"]);
     lines.stdin(Stdio::piped());
     let mut child = lines
@@ -158,14 +162,7 @@ fn share_and_sync_give_both_stores_the_union() {
 
 #[test]
 fn share_over_iroh_and_sync_by_ticket_give_both_stores_the_union() {
-    let (a, b) = (
-        tempfile::tempdir().expect("dir"),
-        tempfile::tempdir().expect("dir"),
-    );
-    let (a, b) = (a.path().join("alice"), b.path().join("bob"));
-    ok(multifeed(&a, &["init"]));
-    ok(multifeed(&b, &["init"]));
-    ok(multifeed(&a, &["append", "notes", "hello"]));
+    let (_dir, a, b) = two_stores();
     ok(multifeed(&b, &["append", "todo", "milk"]));
     // Relays and address lookup off, bound to loopback: nothing leaves the machine.
     let local = ["--iroh", "--no-relay", "--listen", "127.0.0.1:0"];

@@ -191,16 +191,7 @@ impl Message {
                 Self::Manifest { feeds, complete }
             }
             REQUEST_FEEDS | REPLICATE_FEEDS => {
-                let count = r.count(32)?;
-                let mut keys = Vec::with_capacity(count);
-                let mut seen = HashSet::with_capacity(count);
-                for _ in 0..count {
-                    let key = r.key()?;
-                    if !seen.insert(key) {
-                        return Err(DecodeError::DuplicateKey);
-                    }
-                    keys.push(key);
-                }
+                let keys = r.distinct_keys()?;
                 if kind == REQUEST_FEEDS {
                     Self::RequestFeeds { keys }
                 } else {
@@ -215,16 +206,7 @@ impl Message {
             },
             NEED => {
                 let complete = r.flag("complete")?;
-                let count = r.count(32)?;
-                let mut ids = Vec::with_capacity(count);
-                let mut seen = HashSet::with_capacity(count);
-                for _ in 0..count {
-                    let id = r.key()?;
-                    if !seen.insert(id) {
-                        return Err(DecodeError::DuplicateKey);
-                    }
-                    ids.push(id);
-                }
+                let ids = r.distinct_keys()?;
                 Self::Need { ids, complete }
             }
             other => return Err(DecodeError::UnknownType(other)),
@@ -311,6 +293,21 @@ impl<'a> Reader<'a> {
             return Err(DecodeError::Truncated("keys"));
         }
         Ok(count as usize)
+    }
+
+    /// A count, then that many 32-byte keys (or ids), none twice.
+    fn distinct_keys(&mut self) -> Result<Vec<FeedKey>, DecodeError> {
+        let count = self.count(32)?;
+        let mut keys = Vec::with_capacity(count);
+        let mut seen = HashSet::with_capacity(count);
+        for _ in 0..count {
+            let key = self.key()?;
+            if !seen.insert(key) {
+                return Err(DecodeError::DuplicateKey);
+            }
+            keys.push(key);
+        }
+        Ok(keys)
     }
 
     fn key(&mut self) -> Result<FeedKey, DecodeError> {
