@@ -360,20 +360,32 @@ struct Host {
 #[async_trait]
 impl FeedHost for Host {
     async fn local_feeds(&self) -> Result<Vec<LocalFeed>, HostError> {
-        let mut feeds = Vec::new();
-        for feed in self.multi.feeds() {
-            // A damaged feed is not offered; the others still are.
-            // A feed closed to free memory is listed without opening it again.
-            if let Some((length, contiguous_length)) = self.multi.inner.closed_lengths(feed.slot())
-            {
-                feeds.push(LocalFeed {
-                    key: *feed.key(),
+        // Feeds closed to free memory (most, in a large store) are listed from their slots
+        // without opening them and without a `Feed` handle; open ones are asked. The list keeps
+        // the store's order (the peer schedules downloads in it).
+        let mut open = Vec::new();
+        let mut feeds: Vec<Option<LocalFeed>> = {
+            let table = self.multi.inner.table();
+            let mut feeds = Vec::with_capacity(table.list.len());
+            for slot in &table.list {
+                let closed = self.multi.inner.closed_lengths(slot);
+                feeds.push(closed.map(|(length, contiguous_length)| LocalFeed {
+                    key: slot.record.key,
                     length,
                     contiguous_length,
-                    discovery_key: Some(*feed.discovery_key()),
-                });
-            } else if let Ok(info) = feed.info().await {
-                feeds.push(LocalFeed {
+                    discovery_key: Some(slot.discovery_key),
+                }));
+                if closed.is_none() {
+                    let feed = crate::Feed::new(slot.clone(), self.multi.inner.clone());
+                    open.push((feeds.len() - 1, feed));
+                }
+            }
+            feeds
+        };
+        for (place, feed) in open {
+            // A damaged feed is not offered; the others still are.
+            if let Ok(info) = feed.info().await {
+                feeds[place] = Some(LocalFeed {
                     key: *feed.key(),
                     length: info.length,
                     contiguous_length: info.contiguous_length,
@@ -381,7 +393,7 @@ impl FeedHost for Host {
                 });
             }
         }
-        Ok(feeds)
+        Ok(feeds.into_iter().flatten().collect())
     }
 
     async fn open_feed(&self, key: &FeedKey) -> Result<Option<SharedCore>, HostError> {

@@ -23,13 +23,15 @@ impl Connection {
             return Ok(());
         };
         let mut actions = exchange.start();
-        let feeds_held: foldhash::HashMap<FeedKey, (u64, u64)> = feeds
-            .iter()
-            .map(|feed| (feed.key, (feed.length, feed.contiguous_length)))
-            .collect();
+        let mut feeds_held: foldhash::HashMap<FeedKey, (u64, u64)> =
+            foldhash::HashMap::with_capacity_and_hasher(feeds.len(), Default::default());
         let mut offers: Vec<FeedOffer> = Vec::with_capacity(feeds.len());
+        // A feed held with gaps is always offered (the peer may fill them), even where the
+        // reconciliation finds the lengths equal.
+        let mut incomplete: Vec<(FeedKey, u64)> = Vec::new();
         self.known.reserve(feeds.len());
         for feed in feeds {
+            feeds_held.insert(feed.key, (feed.length, feed.contiguous_length));
             if !self.offers(&feed.key) {
                 continue;
             }
@@ -43,16 +45,10 @@ impl Connection {
                 key: feed.key,
                 length: feed.length,
             });
+            if feed.contiguous_length < feed.length {
+                incomplete.push((feed.key, feed.contiguous_length));
+            }
         }
-        // A feed held with gaps is always offered (the peer may fill them), even where the
-        // reconciliation finds the lengths equal.
-        let incomplete: Vec<(FeedKey, u64)> = offers
-            .iter()
-            .filter_map(|offer| {
-                let &(length, contiguous) = feeds_held.get(&offer.key)?;
-                (contiguous < length).then_some((offer.key, contiguous))
-            })
-            .collect();
         self.local_lengths = feeds_held;
         if let Some(exchange) = self.exchange.as_mut() {
             exchange.mark_incomplete(incomplete);

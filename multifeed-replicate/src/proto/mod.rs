@@ -87,7 +87,7 @@ pub(crate) struct Connection {
     /// Our root channel is open both ways.
     root_open: bool,
     /// Discovery keys we may open: the root, local feeds, agreed feeds.
-    known: HashMap<DiscoveryKey, FeedKey>,
+    known: foldhash::HashMap<DiscoveryKey, FeedKey>,
     feeds: HashMap<DiscoveryKey, FeedSync>,
     /// Downloads still short of their target (non-live).
     incomplete: HashSet<DiscoveryKey>,
@@ -190,7 +190,7 @@ impl Connection {
             root_dk: discovery_key(&config.encryption_key),
             exchange,
             root_open: false,
-            known: HashMap::new(),
+            known: foldhash::HashMap::default(),
             feeds: HashMap::new(),
             incomplete: HashSet::new(),
             summary: ReplicateSummary::default(),
