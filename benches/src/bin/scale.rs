@@ -18,6 +18,10 @@ use multifeed_benches::peak_rss_mb;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--resync-child") {
+        let (a, b) = (args.get(1).ok_or("DIR_A")?, args.get(2).ok_or("DIR_B")?);
+        return async_std::task::block_on(resync_child(a, b));
+    }
     if args.first().map(String::as_str) == Some("--child") {
         let n: usize = args.get(1).ok_or("--child N")?.parse()?;
         let disk = args.get(2).map(String::as_str) == Some("disk");
@@ -30,9 +34,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let storage = if disk { "disk" } else { "memory" };
     println!(
-        "| feeds | storage | first replication ms | bytes A→B / B→A | re-sync unchanged ms | bytes | re-sync 100 changed ms | bytes | peak RSS MB |"
+        "| feeds | storage | first replication ms | bytes A→B / B→A | re-sync unchanged ms | bytes | re-sync 100 changed ms | bytes | peak RSS MB | disk: equal re-sync in a fresh process, ms / peak RSS MB |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for n in sizes {
         let out = Command::new(std::env::current_exe()?)
             .args(["--child", &n.to_string(), storage])
@@ -99,6 +103,22 @@ async fn child(n: usize, disk: bool) -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let storage = if disk { "disk" } else { "memory" };
+    // Disk: the equal stores synced again by a process that only opens them, so its peak RSS
+    // is what syncing with an equal peer costs (not the first replication's).
+    let fresh = if disk {
+        a.close().await?;
+        b.close().await?;
+        let out = Command::new(std::env::current_exe()?)
+            .arg("--resync-child")
+            .args(dirs.iter().map(|dir| dir.path()))
+            .output()?;
+        if !out.status.success() {
+            return Err(format!("re-sync child: {}", String::from_utf8_lossy(&out.stderr)).into());
+        }
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    } else {
+        "-".to_owned()
+    };
     let row = |r: &Run| {
         format!(
             "{:.0} | {} / {}",
@@ -108,10 +128,31 @@ async fn child(n: usize, disk: bool) -> Result<(), Box<dyn std::error::Error>> {
         )
     };
     println!(
-        "| {n} | {storage} | {} | {} | {} | {:.0} |",
+        "| {n} | {storage} | {} | {} | {} | {:.0} | {fresh} |",
         row(&first),
         row(&unchanged),
         row(&changed),
+        peak_rss_mb()
+    );
+    Ok(())
+}
+
+/// Opens two equal disk stores and syncs them once; prints `ms / peak RSS MB`.
+async fn resync_child(a: &str, b: &str) -> Result<(), Box<dyn std::error::Error>> {
+    let a = Multifeed::builder()
+        .value_encoding(ValueEncoding::Json)
+        .disk(a)
+        .open()
+        .await?;
+    let b = Multifeed::builder()
+        .value_encoding(ValueEncoding::Json)
+        .disk(b)
+        .open()
+        .await?;
+    let run = sync(&a, &b).await?;
+    println!(
+        "{:.0} / {:.0}",
+        run.time.as_secs_f64() * 1e3,
         peak_rss_mb()
     );
     Ok(())
