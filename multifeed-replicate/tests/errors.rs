@@ -49,6 +49,21 @@ async fn version_mismatch_fails_on_both_sides() {
     }
 }
 
+/// Listing a large store can take longer than the handshake timeout: our HANDSHAKE goes out
+/// first, so neither side times out (the peer's HANDSHAKE waited for our listing before).
+#[async_std::test]
+async fn a_slow_feed_listing_does_not_time_out_the_handshake() {
+    let (a, b) = (TestHost::new(), TestHost::new());
+    let key = a.writer(3).await;
+    a.slow_listing(Duration::from_millis(900));
+    let quick =
+        |initiator| ReplicateConfig::new(initiator).handshake_timeout(Duration::from_millis(300));
+    let (ra, rb) = both(a, b.clone(), quick(true), quick(false)).await;
+    ra.expect("the slow side syncs");
+    rb.expect("its peer does not time out");
+    assert_eq!(b.entries(&key).await.len(), 3);
+}
+
 #[async_std::test]
 async fn client_mismatch_fails_on_both_sides() {
     let (a, b) = (TestHost::new(), TestHost::new());

@@ -150,11 +150,7 @@ async fn resync_child(a: &str, b: &str) -> Result<(), Box<dyn std::error::Error>
         .open()
         .await?;
     let run = sync(&a, &b).await?;
-    println!(
-        "{:.0} / {:.0}",
-        run.time.as_secs_f64() * 1e3,
-        peak_rss_mb()
-    );
+    println!("{:.0} / {:.0}", run.time.as_secs_f64() * 1e3, peak_rss_mb());
     Ok(())
 }
 

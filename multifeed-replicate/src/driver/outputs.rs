@@ -59,6 +59,8 @@ impl Driver {
                 }
             }
             Output::ListLocalFeeds => {
+                // What is queued (our HANDSHAKE) leaves while the host lists its feeds.
+                self.flush_outbox().await?;
                 let feeds = self
                     .host
                     .local_feeds()

@@ -98,6 +98,13 @@ impl Connection {
         self.clock.progress(now);
         if dk == self.root_dk && self.exchange.is_some() {
             self.root_open = true;
+            // Our HANDSHAKE goes out before the host lists its feeds: listing a large store
+            // can take longer than the peer's handshake timeout.
+            let actions = match self.exchange.as_mut() {
+                Some(exchange) => exchange.start(),
+                None => Vec::new(),
+            };
+            self.apply(now, actions)?;
             self.want_local_feeds(LocalFeedsFor::Exchange);
             return Ok(());
         }

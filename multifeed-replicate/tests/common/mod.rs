@@ -21,6 +21,8 @@ pub struct TestHost {
     feeds: Mutex<Vec<(FeedKey, SharedCore)>>,
     serve_as: Mutex<HashMap<FeedKey, SharedCore>>,
     phantom: Mutex<Vec<FeedKey>>,
+    /// How long listing the feeds takes (a large store on a slow disk).
+    listing_takes: Mutex<Option<std::time::Duration>>,
 }
 
 impl TestHost {
@@ -96,6 +98,11 @@ impl TestHost {
         self.feeds.lock().unwrap().push((key, shared));
     }
 
+    /// Makes listing the feeds take `time`.
+    pub fn slow_listing(&self, time: std::time::Duration) {
+        *self.listing_takes.lock().unwrap() = Some(time);
+    }
+
     /// Offers `keys` (with length 1) without holding them.
     pub fn offer_phantoms(&self, keys: Vec<FeedKey>) {
         self.phantom.lock().unwrap().extend(keys);
@@ -125,6 +132,10 @@ impl TestHost {
 #[async_trait]
 impl FeedHost for TestHost {
     async fn local_feeds(&self) -> Result<Vec<LocalFeed>, HostError> {
+        let takes = *self.listing_takes.lock().unwrap();
+        if let Some(time) = takes {
+            async_io::Timer::after(time).await;
+        }
         let feeds = self.feeds.lock().unwrap().clone();
         let mut out = Vec::new();
         for (key, core) in feeds {
