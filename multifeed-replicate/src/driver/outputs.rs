@@ -66,7 +66,9 @@ impl Driver {
                     .local_feeds()
                     .await
                     .map_err(ReplicateError::Host)?;
-                self.conn.handle_local_feeds(now, feeds)?;
+                // The time after listing: the core counts its own host's time apart.
+                self.conn
+                    .handle_local_feeds(std::time::Instant::now().max(now), feeds)?;
             }
             Output::OpenFeed(request) => self.open_feed(now, request).await?,
             Output::CreateProbe(request) => {

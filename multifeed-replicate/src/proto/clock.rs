@@ -67,6 +67,14 @@ impl Clock {
         self.noise_done
     }
 
+    /// Our own host took until `now` to list its feeds: the handshake deadline counts from here
+    /// (a large store on disk can take longer to list than the whole timeout).
+    pub(crate) fn host_ready(&mut self, now: Instant) {
+        if !self.exchange_done {
+            self.started = self.started.max(now);
+        }
+    }
+
     pub(crate) fn exchange_done(&mut self) {
         self.exchange_done = true;
     }

@@ -60,7 +60,10 @@ impl Connection {
             return Ok(());
         };
         match purpose {
-            LocalFeedsFor::Exchange => self.start_exchange(now, feeds),
+            LocalFeedsFor::Exchange => {
+                self.clock.host_ready(now);
+                self.start_exchange(now, feeds)
+            }
             LocalFeedsFor::PlainStart => {
                 self.index_local_feeds(&feeds);
                 for key in self.config.plain_feeds.clone().unwrap_or_default() {
