@@ -67,6 +67,9 @@ const CLOSE_LINGER: Duration = Duration::from_secs(3);
 /// How long dialing may take by default; see [`Config::connect_timeout`].
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// How many peers are served at once by default; see [`Config::max_peers`].
+const DEFAULT_MAX_PEERS: usize = 64;
+
 /// How an iroh [`Node`] reaches and is reached by peers.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -75,6 +78,7 @@ pub struct Config {
     bind: Option<SocketAddr>,
     secret_key: Option<[u8; 32]>,
     connect_timeout: Duration,
+    max_peers: usize,
 }
 
 impl Default for Config {
@@ -93,6 +97,7 @@ impl Config {
             bind: None,
             secret_key: None,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            max_peers: DEFAULT_MAX_PEERS,
         }
     }
 
@@ -127,6 +132,14 @@ impl Config {
     /// (iroh's own limit is 30 s). A dead ticket cannot be told from a slow path sooner.
     pub fn connect_timeout(mut self, limit: Duration) -> Self {
         self.connect_timeout = limit;
+        self
+    }
+
+    /// The most peers [`Node::serve`] replicates with at once (default 64); a connection past
+    /// the bound is refused, so a peer that opens connections cannot grow our tasks and memory
+    /// without bound.
+    pub fn max_peers(mut self, peers: usize) -> Self {
+        self.max_peers = peers.max(1);
         self
     }
 
@@ -207,13 +220,14 @@ pub struct Node {
     endpoint: Endpoint,
     runtime: Runtime,
     connect_timeout: Duration,
+    max_peers: usize,
 }
 
 impl Node {
     /// Binds an endpoint as `config` says.
     pub async fn bind(config: Config) -> Result<Self, Error> {
         let runtime = Runtime::current_or_own()?;
-        let connect_timeout = config.connect_timeout;
+        let (connect_timeout, max_peers) = (config.connect_timeout, config.max_peers);
         let endpoint = runtime
             .run(async move { build(config).await })
             .await
@@ -223,6 +237,7 @@ impl Node {
             endpoint,
             runtime,
             connect_timeout,
+            max_peers,
         })
     }
 
@@ -307,11 +322,22 @@ impl Node {
         let endpoint = self.endpoint.clone();
         let runtime = self.runtime.clone();
         let on_end = Arc::new(on_end);
+        let max_peers = self.max_peers;
         async move {
+            let serving = Arc::new(std::sync::atomic::AtomicUsize::new(0));
             let accepting = async move {
                 while let Some(incoming) = endpoint.accept().await {
+                    use std::sync::atomic::Ordering;
+                    if serving.fetch_add(1, Ordering::AcqRel) >= max_peers {
+                        serving.fetch_sub(1, Ordering::AcqRel);
+                        tracing::warn!(max_peers, "an iroh connection refused: peers at the bound");
+                        incoming.refuse();
+                        continue;
+                    }
+                    let slot = PeerSlot(serving.clone());
                     let (multi, options, on_end) = (multi.clone(), options.clone(), on_end.clone());
                     tokio::spawn(async move {
+                        let _slot = slot;
                         let (peer, stream) = match stream::accept(incoming).await {
                             Ok(accepted) => accepted,
                             Err((peer, err)) => {
@@ -378,6 +404,15 @@ async fn build(config: Config) -> Result<Endpoint, Error> {
         .map_err(|err| Error::Bind {
             reason: err.to_string(),
         })
+}
+
+/// One served peer, counted until its task ends.
+struct PeerSlot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);

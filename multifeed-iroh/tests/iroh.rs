@@ -33,7 +33,15 @@ async fn sharing(
     multi: &Multifeed,
     options: ReplicateOptions,
 ) -> (Node, futures::channel::mpsc::UnboundedReceiver<Served>) {
-    let node = Node::bind(Config::local()).await.expect("bind");
+    sharing_with(multi, options, Config::local()).await
+}
+
+async fn sharing_with(
+    multi: &Multifeed,
+    options: ReplicateOptions,
+    config: Config,
+) -> (Node, futures::channel::mpsc::UnboundedReceiver<Served>) {
+    let node = Node::bind(config).await.expect("bind");
     let (ends, ended) = futures::channel::mpsc::unbounded();
     let serving = node.serve(multi.clone(), options, move |served| {
         let _ = ends.unbounded_send(served);
@@ -186,4 +194,67 @@ async fn a_dead_ticket_is_a_connect_error() {
     .expect_err("nobody answers");
     assert_eq!(err.code(), "ERR_CONNECT", "{err}");
     assert_eq!(bob.feeds().len(), 1);
+}
+
+#[async_std::test]
+async fn peers_past_the_bound_are_refused_until_one_leaves() {
+    let alice = store("alice", 2).await;
+    let config = Config::local().max_peers(1);
+    let (shared, mut ended) =
+        sharing_with(&alice, ReplicateOptions::new(false).live(true), config).await;
+    let ticket = shared.ticket();
+    // The first peer stays, live, and holds alice's feed.
+    let first = store("first", 1).await;
+    let first_node = Node::bind(Config::local()).await.expect("bind");
+    let live = {
+        let (node, first, ticket) = (first_node.clone(), first.clone(), ticket.clone());
+        async_std::task::spawn(async move {
+            node.replicate(&first, &ticket, ReplicateOptions::new(true).live(true))
+                .await
+        })
+    };
+    let mut events = first.events();
+    let key = *alice.writer("alice").await.expect("writer").key();
+    async_std::future::timeout(WAIT, async {
+        while first.feed(key).ok().flatten().is_none() {
+            if events.next().await.is_none() {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("the first peer connects and learns alice's feed");
+    // A second peer is refused while the first is served.
+    let second = store("second", 1).await;
+    let patience = Duration::from_secs(5);
+    let second_node = Node::bind(Config::local().connect_timeout(patience))
+        .await
+        .expect("bind");
+    let err = async_std::future::timeout(
+        WAIT,
+        second_node.replicate(&second, &ticket, ReplicateOptions::new(true)),
+    )
+    .await
+    .expect("refused in time")
+    .expect_err("past the bound");
+    assert_eq!(err.code(), "ERR_CONNECT", "{err}");
+    // Once the first leaves, the second is served.
+    first_node.close().await;
+    let _ = async_std::future::timeout(WAIT, live)
+        .await
+        .expect("the live sync ends");
+    async_std::future::timeout(WAIT, ended.next())
+        .await
+        .expect("the sharing side hears the first peer leave")
+        .expect("a served peer");
+    let summary = async_std::future::timeout(
+        WAIT,
+        second_node.replicate(&second, &ticket, ReplicateOptions::new(true)),
+    )
+    .await
+    .expect("ends in time")
+    .expect("served now");
+    // Alice's two entries, and the first peer's one, which alice holds now.
+    assert_eq!(summary.blocks_received, 3);
+    shared.close().await;
 }

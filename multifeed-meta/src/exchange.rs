@@ -202,6 +202,8 @@ impl Exchange {
             (State::Ready, Round::Waiting) => {
                 self.queued.extend(fresh);
                 self.round_queued = true;
+                // Building a sealed negentropy set of our own offers cannot fail (its only
+                // errors are misuse of an unsealed or resealed set); nothing to report to a peer.
                 self.begin_round().unwrap_or_default()
             }
             _ => {
