@@ -337,26 +337,9 @@ impl Node {
                     let slot = PeerSlot(serving.clone());
                     let (multi, options, on_end) = (multi.clone(), options.clone(), on_end.clone());
                     tokio::spawn(async move {
-                        let _slot = slot;
-                        let (peer, stream) = match stream::accept(incoming).await {
-                            Ok(accepted) => accepted,
-                            Err((peer, err)) => {
-                                on_end(Served {
-                                    peer,
-                                    result: Err(err),
-                                });
-                                return;
-                            }
-                        };
-                        tracing::debug!(%peer, "iroh peer connected");
-                        let ending = stream.ending();
-                        let result = multi.replicate(stream, options).await;
-                        // The dialer hangs up; we close only if it does not.
-                        ending.close(false).await;
-                        on_end(Served {
-                            peer,
-                            result: result.map_err(Error::from),
-                        });
+                        let served = serve_one(incoming, &multi, options).await;
+                        drop(slot);
+                        on_end(served);
                     });
                 }
             };
@@ -372,6 +355,32 @@ impl Node {
         self.runtime
             .run(async move { endpoint.close().await })
             .await;
+    }
+}
+
+/// Completes one incoming connection and replicates over it; how it ended.
+async fn serve_one(
+    incoming: iroh::endpoint::Incoming,
+    multi: &Multifeed,
+    options: ReplicateOptions,
+) -> Served {
+    let (peer, stream) = match stream::accept(incoming).await {
+        Ok(accepted) => accepted,
+        Err((peer, err)) => {
+            return Served {
+                peer,
+                result: Err(err),
+            }
+        }
+    };
+    tracing::debug!(%peer, "iroh peer connected");
+    let ending = stream.ending();
+    let result = multi.replicate(stream, options).await;
+    // The dialer hangs up; we close only if it does not.
+    ending.close(false).await;
+    Served {
+        peer,
+        result: result.map_err(Error::from),
     }
 }
 

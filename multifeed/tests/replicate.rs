@@ -337,9 +337,10 @@ async fn a_live_hub_gives_every_live_peer_every_feed() -> TestResult {
     Ok(())
 }
 
-/// Live, a side that only serves a feed leaves opening its channel to the downloader, in the
-/// downloader's turn. It used to open every agreed feed at once: more than 1,024 opens could
-/// overtake its REPLICATE_FEEDS and end the sync with ERR_PEER_LIMIT (the hub bench found it).
+/// Live, thousands of feeds to an empty peer, opened in the downloader's turns (more than the
+/// peer's 1,024 unknown channels). A scale check: between two peers the opens did not overtake
+/// REPLICATE_FEEDS even before the fix; the hub bench found that, and the core scenario
+/// `live_a_side_that_only_serves_opens_each_channel_after_the_downloader_does` fails without it.
 #[async_std::test]
 async fn a_live_peer_takes_thousands_of_feeds_its_scheduler_opens_in_turn() -> TestResult {
     const FEEDS: usize = 1_500;

@@ -12,17 +12,16 @@ use super::{Connection, OpenFeed, Opened, Output, Purpose, EXTENSION};
 use crate::{LocalFeed, ReplicateError, ReplicationEvent};
 
 impl Connection {
-    /// The root channel is open and the local feeds are listed: start the exchange with our
+    /// The local feeds are listed (our HANDSHAKE left when the root channel opened): our
     /// offers.
     pub(super) fn start_exchange(
         &mut self,
         now: Instant,
         feeds: Vec<LocalFeed>,
     ) -> Result<(), ReplicateError> {
-        let Some(exchange) = self.exchange.as_mut() else {
+        if self.exchange.is_none() {
             return Ok(());
-        };
-        let mut actions = exchange.start();
+        }
         let mut feeds_held: foldhash::HashMap<FeedKey, (u64, u64)> =
             foldhash::HashMap::with_capacity_and_hasher(feeds.len(), Default::default());
         let mut offers: Vec<FeedOffer> = Vec::with_capacity(feeds.len());
@@ -50,10 +49,13 @@ impl Connection {
             }
         }
         self.local_lengths = feeds_held;
-        if let Some(exchange) = self.exchange.as_mut() {
-            exchange.mark_incomplete(incomplete);
-            actions.extend(exchange.offer(offers));
-        }
+        let actions = match self.exchange.as_mut() {
+            Some(exchange) => {
+                exchange.mark_incomplete(incomplete);
+                exchange.offer(offers)
+            }
+            None => Vec::new(),
+        };
         self.apply(now, actions)
     }
 
@@ -115,11 +117,7 @@ impl Connection {
                             // own scheduler gives it (opening all of ours at once would pass
                             // the peer's bound, and could overtake our REPLICATE_FEEDS past
                             // its limit of unknown channels). Live, `Synced` waits for it.
-                            None => {
-                                if !self.serve_when_opened(key)? && self.config.live {
-                                    self.unopened_served.insert(discovery_key(&key));
-                                }
-                            }
+                            None => self.serve_when_opened(key)?,
                         }
                     }
                     if self.remote_set_reported {

@@ -35,15 +35,17 @@ impl Connection {
     }
 
     /// A feed we only serve: known, so that the peer's open of it is answered (at once if the
-    /// peer opened it already). Returns whether it is tracked now.
-    pub(super) fn serve_when_opened(&mut self, key: FeedKey) -> Result<bool, ReplicateError> {
+    /// peer opened it already). Live, `Synced` waits until the peer opened it.
+    pub(super) fn serve_when_opened(&mut self, key: FeedKey) -> Result<(), ReplicateError> {
         let dk = discovery_key(&key);
         self.known.insert(dk, key);
         if self.unknown_channels.remove(&dk) || self.feeds.contains_key(&dk) {
-            self.track_feed(key, None, false)?;
-            return Ok(true);
+            return self.track_feed(key, None, false);
         }
-        Ok(false)
+        if self.config.live {
+            self.unopened_served.insert(dk);
+        }
+        Ok(())
     }
 
     /// A download reached what it can get here: its slot goes to the next in line. Returns
