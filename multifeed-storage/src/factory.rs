@@ -96,6 +96,16 @@ pub trait StorageFactory: Send + Sync + fmt::Debug + 'static {
         let _ = namespace;
     }
 
+    /// What the file at `path` looks like now (existence, size, identity, change time),
+    /// without opening or creating it, or `None` when the backend cannot tell (the default).
+    /// A factory that stamps files lets a root keep a lengths snapshot across a clean close
+    /// (see [`take_lengths_snapshot`](crate::take_lengths_snapshot)): any write to a file must
+    /// change its stamp. The disk factory stamps them.
+    fn file_stamp(&self, path: &str) -> Option<crate::FileStamp> {
+        let _ = path;
+        None
+    }
+
     /// Hands every write held back so far to the operating system (no fsync): called when a
     /// batch of replicated blocks is stored. The default does nothing.
     fn write_held(&self) -> Result<(), crate::StorageError> {
@@ -164,6 +174,22 @@ impl StorageFactory for DiskFactory {
         })
     }
 
+    fn file_stamp(&self, path: &str) -> Option<crate::FileStamp> {
+        let mut full = self.root.clone();
+        full.extend(path.split('/').filter(|part| !part.is_empty()));
+        // Writes held back for this file would change it: only a settled file is stamped.
+        if self.pool.holds_writes_for(&full) {
+            return None;
+        }
+        match std::fs::symlink_metadata(&full) {
+            Ok(meta) => Some(disk_stamp(&meta)),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                Some(crate::FileStamp::ABSENT)
+            }
+            Err(_) => None,
+        }
+    }
+
     fn feed_namespaces(&self) -> Vec<String> {
         let mut out = Vec::new();
         let Ok(prefixes) = std::fs::read_dir(self.root.join("feeds")) else {
@@ -226,6 +252,35 @@ impl StorageFactory for DiskFactory {
                 source,
             });
         Box::pin(async move { result })
+    }
+}
+
+/// A disk file's stamp: its size, inode and device, and its change time (`ctime`, which every
+/// write sets and `touch` cannot set back).
+#[cfg(unix)]
+fn disk_stamp(meta: &std::fs::Metadata) -> crate::FileStamp {
+    use std::os::unix::fs::MetadataExt;
+    crate::FileStamp {
+        exists: true,
+        len: meta.len(),
+        id: meta.ino() ^ meta.dev().rotate_left(32),
+        changed: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
+    }
+}
+
+/// A disk file's stamp: its size and modification time (no change time or inode here).
+#[cfg(not(unix))]
+fn disk_stamp(meta: &std::fs::Metadata) -> crate::FileStamp {
+    let changed = meta
+        .modified()
+        .ok()
+        .and_then(|time| time.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(i128::MIN, |since| since.as_nanos() as i128);
+    crate::FileStamp {
+        exists: true,
+        len: meta.len(),
+        id: 0,
+        changed,
     }
 }
 

@@ -11,6 +11,9 @@
 //! missing or damaged gives a typed error naming it when opened; the other feeds still open.
 //! Writer names are local and never leave the machine; no replication secret is ever stored here.
 //!
+//! A clean close can leave a [lengths snapshot](take_lengths_snapshot) of every feed, trusted at
+//! the next open only for feeds whose files are exactly as it saw them.
+//!
 //! Every feed's `oplog` and `bitfield` stores are guarded against defects of hypercore 0.16's
 //! reopen path (pending entries overwritten after a reopen, entries of an older header replayed,
 //! replicated entries misdecoded, bitfield pages misplaced beyond 32,768 entries): with the guard,
@@ -49,6 +52,10 @@
 mod error;
 mod factory;
 mod index;
+mod lengths;
+pub use lengths::{
+    take_lengths_snapshot, write_lengths_snapshot, FileStamp, SnapshotLengths, LENGTHS_PATH,
+};
 mod oplog;
 pub use oplog::oplog_tree_nodes;
 mod root;

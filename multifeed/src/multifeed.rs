@@ -50,6 +50,23 @@ impl Multifeed {
                 table.insert(Arc::new(FeedSlot::new(record, CoreState::Unopened)));
             }
         }
+        // The lengths the last clean close recorded, for the feeds whose files are as it left
+        // them: listing those needs no open. A snapshot that cannot be read is only a lost
+        // shortcut (and one that cannot be emptied is still checked against the files).
+        let known = multifeed_storage::take_lengths_snapshot(
+            &*factory,
+            table
+                .list
+                .iter()
+                .map(|slot| (&slot.record.key, slot.record.namespace.as_str())),
+        )
+        .await
+        .unwrap_or_default();
+        for slot in &table.list {
+            if let Some(lengths) = known.get(&slot.record.key) {
+                slot.set_known_lengths(lengths.length, lengths.contiguous_length);
+            }
+        }
         let (mut events, receiver) = async_broadcast::broadcast(config.event_capacity.max(1));
         events.set_overflow(true);
         events.set_await_active(false);
@@ -263,6 +280,12 @@ impl Multifeed {
 
     /// Closes every feed and file. Calling it again, or concurrently, is fine.
     ///
+    /// On disk it also records every feed's lengths (the lengths snapshot), so the next open
+    /// lists the store to a peer without opening each feed's hypercore: an equal re-sync after
+    /// a restart then costs what changed, not how many feeds there are. A feed whose files are
+    /// not exactly as this close left them (written, truncated, deleted or replaced since) is
+    /// opened and checked as before; see `multifeed_storage::take_lengths_snapshot`.
+    ///
     /// Any later use of this multifeed or its feeds fails with [`Error::Closed`].
     pub async fn close(&self) -> Result<(), Error> {
         self.inner.closed.store(true, Ordering::SeqCst);
@@ -270,6 +293,7 @@ impl Multifeed {
         self.inner.replications.end_all().await;
         let root = self.inner.root.lock().await.take();
         let mut result = Ok(());
+        let took_root = root.is_some();
         if let Some(mut root) = root {
             if self.inner.config.durability == multifeed_storage::Durability::Sync {
                 result = root.sync().await.map_err(Error::from);
@@ -279,16 +303,42 @@ impl Multifeed {
             }
         }
         let slots: Vec<Arc<FeedSlot>> = self.inner.table().list.clone();
+        let mut lengths = Vec::with_capacity(slots.len());
         for slot in slots {
-            let state = std::mem::replace(&mut *slot.core.lock().await, CoreState::Closed);
+            let mut state = slot.core.lock().await;
+            let known = match &*state {
+                CoreState::Open(core) => Some(crate::registry::held_lengths(&*core.lock().await)),
+                CoreState::Unopened => self.inner.closed_lengths(&slot),
+                CoreState::Closed => None,
+            };
+            let state = std::mem::replace(&mut *state, CoreState::Closed);
             slot.idle_closed
                 .store(false, std::sync::atomic::Ordering::Release);
             // Wakes whoever waits for entries (live streams, wait_for_len): they see Closed.
             if let CoreState::Open(core) = state {
                 core.notify_changed();
             }
+            if let Some((length, contiguous_length)) = known {
+                let lengths_now = multifeed_storage::SnapshotLengths {
+                    length,
+                    contiguous_length,
+                };
+                lengths.push((slot.clone(), lengths_now));
+            }
         }
         self.inner.factory.release();
+        // Once every write is with the backend: the next open lists these feeds without
+        // opening them, if their files are still as they are now. Only the call that closed
+        // the root writes it (a second, concurrent call saw the cores closed already).
+        if took_root && result.is_ok() {
+            let feeds = lengths.iter().map(|(slot, lengths)| {
+                (&slot.record.key, slot.record.namespace.as_str(), *lengths)
+            });
+            // A snapshot that could not be written (a full disk) is only a lost shortcut: the
+            // feeds' data is all stored, and a torn snapshot fails its checksum at the next open.
+            let _ = multifeed_storage::write_lengths_snapshot(&*self.inner.factory, feeds).await;
+            self.inner.factory.release();
+        }
         self.inner.events.close();
         // Another handle or process may open the root from here on.
         *self

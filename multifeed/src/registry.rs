@@ -49,20 +49,15 @@ pub(crate) struct FeedSlot {
     /// The length and contiguous length its core had when it was closed to free memory
     /// (nothing changes a closed core), so the replication's feed list needs no open.
     pub(crate) closed_lengths: std::sync::Mutex<Option<(u64, u64)>>,
-    /// Whether the core is closed to free memory now (set and cleared under the core's lock),
-    /// so listing feeds reads `closed_lengths` without taking that lock.
+    /// Whether the core is closed to free memory now, or was never opened but its lengths are
+    /// known from the lengths snapshot of the last clean close (set and cleared under the
+    /// core's lock), so listing feeds reads `closed_lengths` without taking that lock.
     pub(crate) idle_closed: AtomicBool,
+    /// Whether its core was opened in this process (with the checks of a first open).
+    pub(crate) opened: AtomicBool,
 }
 
 impl FeedSlot {
-    /// Whether its core was never closed to free memory.
-    fn closed_lengths_is_none(&self) -> bool {
-        self.closed_lengths
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .is_none()
-    }
-
     pub(crate) fn new(record: FeedRecord, core: CoreState) -> Self {
         Self {
             discovery_key: hypercore_protocol::discovery_key(&record.key),
@@ -74,7 +69,17 @@ impl FeedSlot {
             used: AtomicBool::new(true),
             closed_lengths: std::sync::Mutex::new(None),
             idle_closed: AtomicBool::new(false),
+            opened: AtomicBool::new(false),
         }
+    }
+
+    /// Its lengths, known without opening its core (from the last clean close's snapshot).
+    pub(crate) fn set_known_lengths(&self, length: u64, contiguous_length: u64) {
+        *self
+            .closed_lengths
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some((length, contiguous_length));
+        self.idle_closed.store(true, Ordering::Release);
     }
 }
 
@@ -276,7 +281,7 @@ impl Inner {
             CoreState::Unopened => {
                 // Checked at its first open in this process; a core closed to free memory opens
                 // again without the checks.
-                let first_open = slot.closed_lengths_is_none();
+                let first_open = !slot.opened.load(Ordering::Acquire);
                 if slot.record.origin == FeedOrigin::Local && first_open {
                     // Appends logged after a damaged oplog entry are cut when the feed opens:
                     // their length is kept first, so they count as missing, not as never
@@ -341,6 +346,7 @@ impl Inner {
                 let core = SharedCore::new(core);
                 *state = CoreState::Open(core.clone());
                 slot.idle_closed.store(false, Ordering::Release);
+                slot.opened.store(true, Ordering::Release);
                 drop(state);
                 self.opened(slot.clone());
                 Ok(core)

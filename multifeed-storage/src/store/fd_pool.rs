@@ -335,6 +335,15 @@ impl FdPool {
             .is_some_and(|(start, bytes)| start + bytes.len() as u64 > offset)
     }
 
+    /// Whether writes are held back for the file at `path` (without giving it an id).
+    pub(crate) fn holds_writes_for(&self, path: &Path) -> bool {
+        let inner = self.lock();
+        inner
+            .ids
+            .get(path)
+            .is_some_and(|id| inner.pending.contains_key(id))
+    }
+
     /// Whether anything is held back for file `id`.
     pub(crate) fn holds_any(&self, id: u64) -> bool {
         self.lock().pending.contains_key(&id)
