@@ -106,7 +106,9 @@ async fn child(n: usize, disk: bool) -> Result<(), Box<dyn std::error::Error>> {
     // Disk: the equal stores synced again by a process that only opens them, so its peak RSS
     // is what syncing with an equal peer costs (not the first replication's).
     let fresh = if disk {
+        let closing = Instant::now();
         a.close().await?;
+        let close_ms = closing.elapsed().as_secs_f64() * 1e3;
         b.close().await?;
         let out = Command::new(std::env::current_exe()?)
             .arg("--resync-child")
@@ -115,7 +117,10 @@ async fn child(n: usize, disk: bool) -> Result<(), Box<dyn std::error::Error>> {
         if !out.status.success() {
             return Err(format!("re-sync child: {}", String::from_utf8_lossy(&out.stderr)).into());
         }
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        format!(
+            "{} (A's close before it: {close_ms:.0} ms)",
+            String::from_utf8_lossy(&out.stdout).trim()
+        )
     } else {
         "-".to_owned()
     };
@@ -139,6 +144,7 @@ async fn child(n: usize, disk: bool) -> Result<(), Box<dyn std::error::Error>> {
 
 /// Opens two equal disk stores and syncs them once; prints `ms / peak RSS MB`.
 async fn resync_child(a: &str, b: &str) -> Result<(), Box<dyn std::error::Error>> {
+    let opening = Instant::now();
     let a = Multifeed::builder()
         .value_encoding(ValueEncoding::Json)
         .disk(a)
@@ -149,8 +155,13 @@ async fn resync_child(a: &str, b: &str) -> Result<(), Box<dyn std::error::Error>
         .disk(b)
         .open()
         .await?;
+    let open_ms = opening.elapsed().as_secs_f64() * 1e3;
     let run = sync(&a, &b).await?;
-    println!("{:.0} / {:.0}", run.time.as_secs_f64() * 1e3, peak_rss_mb());
+    println!(
+        "open both {open_ms:.0} + sync {:.0} ms / {:.0} MB",
+        run.time.as_secs_f64() * 1e3,
+        peak_rss_mb()
+    );
     Ok(())
 }
 
