@@ -3,20 +3,22 @@
 //! about 140 µs and several file reads a feed: 14 s for 100,000 feeds on disk).
 //!
 //! A snapshot is a hint, never the truth: at open, a feed's entry is trusted only when the
-//! feed's four files are exactly as they were when the snapshot was taken: same existence,
-//! size, inode and change time (`ctime`, which no ordinary write or `touch` can leave as it
-//! was). A feed whose files were written, truncated, deleted or replaced since, by this library
-//! or anyone else, is opened as before, so damage and loss are found as they were without the
-//! snapshot. As git does with its index, a file changed within the same clock tick as the
-//! snapshot was written ("racily clean") is not trusted either: a later write in that tick could
-//! leave its change time as it was.
+//! files its lengths come from (oplog, tree, bitfield) are exactly as they were when the
+//! snapshot was taken: same existence, size, inode and change time (`ctime`, which no ordinary
+//! write or `touch` can leave as it was). A feed whose files were written, truncated, deleted or
+//! replaced since, by this library or anyone else, is opened as before, so damage and loss are
+//! found as they were without the snapshot. As git does with its index, a file changed within
+//! the same clock tick as the snapshot was written ("racily clean") is not trusted either: a
+//! later write in that tick could leave its change time as it was. Checking costs one `stat` a
+//! file, spread over the cores: about 0.25 s per store of 30,000 feeds here, against 3.5 s
+//! for opening them.
 //!
 //! The snapshot is consumed by the open that reads it (emptied at once), so it only ever
 //! describes the clean close right before; a session that crashes leaves none. Its bytes carry
 //! a CRC32: a torn or damaged snapshot is ignored.
 //!
-//! The four stamps of a feed are kept as one 16-byte BLAKE2b digest (the `blake2` crate, RustCrypto's,
-//! already built for hypercore): 80 bytes a feed, 8 MB for 100,000.
+//! The three stamps of a feed are kept as one 16-byte BLAKE2b digest (the `blake2` crate,
+//! RustCrypto's, already built for hypercore): 80 bytes a feed, 8 MB for 100,000.
 //!
 //! Only backends that can tell what a file looks like ([`StorageFactory::file_stamp`]: the disk
 //! factory) use one.
@@ -30,8 +32,14 @@ use crate::{FeedKey, StorageError, StorageFactory};
 /// Where a root keeps its lengths snapshot.
 pub const LENGTHS_PATH: &str = "lengths";
 
-/// The files of a feed, as stamped.
-const FEED_FILES: [&str; 4] = ["tree", "data", "bitfield", "oplog"];
+/// The files of a feed that its lengths come from, as stamped: the oplog (its header holds
+/// the length), the tree (its roots, and its leaves past a damaged header) and the bitfield
+/// (the blocks held). Block data is not among them: damage to it never showed at open, and is
+/// found where it always was, when a block is read or served and checked against its leaf.
+const STAMPED_FILES: [&str; 3] = ["oplog", "tree", "bitfield"];
+
+/// Below this many feeds, stamping runs on the calling thread.
+const PARALLEL_FROM: usize = 2_000;
 
 const MAGIC: &[u8; 8] = b"MFLENGT1";
 /// Key, length, contiguous length, stamp digest, newest change time.
@@ -62,17 +70,49 @@ impl FileStamp {
     };
 }
 
-/// A feed's files, stamped: a digest of their four stamps and the newest change among them.
+/// A feed's files, stamped: a digest of their three stamps and the newest change among them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct FeedStamp {
     digest: [u8; 16],
     newest: i128,
 }
 
+/// The stamps of many feeds' files, in order: one `stat` a file, spread over the machine's
+/// cores for large stores (a system call each is most of a snapshot's cost: ~3 µs a file here).
+fn feed_stamps(factory: &dyn StorageFactory, namespaces: &[&str]) -> Vec<Option<FeedStamp>> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, std::num::NonZeroUsize::get)
+        .min(4);
+    if namespaces.len() < PARALLEL_FROM || threads < 2 {
+        return namespaces
+            .iter()
+            .map(|namespace| feed_stamp(factory, namespace))
+            .collect();
+    }
+    let chunk = namespaces.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let parts: Vec<_> = namespaces
+            .chunks(chunk)
+            .map(|part| {
+                scope.spawn(move || {
+                    part.iter()
+                        .map(|namespace| feed_stamp(factory, namespace))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        parts
+            .into_iter()
+            // A panicking stamp (none is known) only loses the shortcut for its part.
+            .flat_map(|part| part.join().unwrap_or_default())
+            .collect()
+    })
+}
+
 fn feed_stamp(factory: &dyn StorageFactory, namespace: &str) -> Option<FeedStamp> {
     let mut hasher = blake2::Blake2bVar::new(16).ok()?;
     let mut newest = i128::MIN;
-    for file in FEED_FILES {
+    for file in STAMPED_FILES {
         let stamp = factory.file_stamp(&format!("{namespace}/{file}"))?;
         hasher.update(&[u8::from(stamp.exists)]);
         hasher.update(&stamp.len.to_le_bytes());
@@ -105,11 +145,12 @@ pub async fn write_lengths_snapshot<'a>(
     if factory.file_stamp(LENGTHS_PATH).is_none() {
         return Ok(0);
     }
+    let feeds: Vec<(&FeedKey, &str, SnapshotLengths)> = feeds.into_iter().collect();
+    let namespaces: Vec<&str> = feeds.iter().map(|(_, namespace, _)| *namespace).collect();
     let entries: Vec<(FeedKey, SnapshotLengths, FeedStamp)> = feeds
-        .into_iter()
-        .filter_map(|(key, namespace, lengths)| {
-            Some((*key, lengths, feed_stamp(factory, namespace)?))
-        })
+        .iter()
+        .zip(feed_stamps(factory, &namespaces))
+        .filter_map(|((key, _, lengths), stamp)| Some((**key, *lengths, stamp?)))
         .collect();
     let bytes = encode(&entries);
     let mut store = factory
@@ -216,16 +257,22 @@ pub async fn take_lengths_snapshot<'a>(
         .into_iter()
         .map(|(key, lengths, stamp)| (key, (lengths, stamp)))
         .collect();
-    for (key, namespace) in feeds {
-        let Some((lengths, stamp)) = recorded.get(key) else {
-            continue;
-        };
-        // Racily clean: changed in the tick the snapshot was written in, or later.
-        if stamp.newest >= snapshot.changed {
-            continue;
-        }
-        if feed_stamp(factory, namespace) == Some(*stamp) {
-            trusted.insert(*key, *lengths);
+    // Racily clean entries (changed in the tick the snapshot was written in, or later) are
+    // not even looked at.
+    let candidates: Vec<(&FeedKey, &str, &(SnapshotLengths, FeedStamp))> = feeds
+        .into_iter()
+        .filter_map(|(key, namespace)| Some((key, namespace, recorded.get(key)?)))
+        .filter(|(_, _, (_, stamp))| stamp.newest < snapshot.changed)
+        .collect();
+    let namespaces: Vec<&str> = candidates
+        .iter()
+        .map(|(_, namespace, _)| *namespace)
+        .collect();
+    for ((key, _, (lengths, stamp)), now) in
+        candidates.iter().zip(feed_stamps(factory, &namespaces))
+    {
+        if now == Some(*stamp) {
+            trusted.insert(**key, *lengths);
         }
     }
     Ok(trusted)
@@ -267,5 +314,92 @@ mod tests {
             damaged[at] ^= 0x10;
             assert_eq!(decode(&damaged), None, "damaged at {at}");
         }
+    }
+
+    /// Waits (bounded) until the file system's clock is past `changed`.
+    fn wait_for_fs_clock_past(factory: &dyn StorageFactory, dir: &std::path::Path, changed: i128) {
+        let started = std::time::Instant::now();
+        loop {
+            std::fs::write(dir.join("probe"), b"tick").expect("probe");
+            let now = factory.file_stamp("probe").expect("stamp").changed;
+            if now > changed {
+                return;
+            }
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(10),
+                "the file system's clock did not move within 10 s"
+            );
+        }
+    }
+
+    #[test]
+    fn thousands_of_feeds_are_trusted_but_the_one_changed_after_the_snapshot() {
+        async_std::task::block_on(async {
+            let dir = tempfile::tempdir().expect("dir");
+            let factory = crate::DiskFactory::new(dir.path(), 16);
+            let n = PARALLEL_FROM + 500;
+            let keys: Vec<FeedKey> = (0..n)
+                .map(|i| {
+                    let mut key = [0u8; 32];
+                    key[..8].copy_from_slice(&(i as u64).to_le_bytes());
+                    key
+                })
+                .collect();
+            let namespaces: Vec<String> = keys.iter().map(crate::namespace_for).collect();
+            let mut newest = i128::MIN;
+            for namespace in &namespaces {
+                std::fs::create_dir_all(dir.path().join(namespace)).expect("dir");
+                for file in ["oplog", "tree", "bitfield"] {
+                    std::fs::write(dir.path().join(namespace).join(file), b"bytes").expect("file");
+                }
+                let stamp = factory
+                    .file_stamp(&format!("{namespace}/oplog"))
+                    .expect("stamp");
+                newest = newest.max(stamp.changed);
+            }
+            wait_for_fs_clock_past(&factory, dir.path(), newest);
+            let lengths = |i: usize| SnapshotLengths {
+                length: i as u64,
+                contiguous_length: i as u64 / 2,
+            };
+            let written = write_lengths_snapshot(
+                &factory,
+                keys.iter()
+                    .zip(&namespaces)
+                    .enumerate()
+                    .map(|(i, (key, namespace))| (key, namespace.as_str(), lengths(i))),
+            )
+            .await
+            .expect("write");
+            assert_eq!(written, n);
+            // One bitfield written behind the snapshot's back, with the same size.
+            let changed = 1234;
+            std::fs::write(
+                dir.path().join(&namespaces[changed]).join("bitfield"),
+                b"BYTES",
+            )
+            .expect("write");
+            let trusted = take_lengths_snapshot(
+                &factory,
+                keys.iter()
+                    .zip(&namespaces)
+                    .map(|(key, ns)| (key, ns.as_str())),
+            )
+            .await
+            .expect("take");
+            assert_eq!(trusted.len(), n - 1);
+            assert!(!trusted.contains_key(&keys[changed]));
+            assert_eq!(trusted.get(&keys[7]), Some(&lengths(7)));
+            // Consumed: a second take trusts nothing.
+            let again = take_lengths_snapshot(
+                &factory,
+                keys.iter()
+                    .zip(&namespaces)
+                    .map(|(key, ns)| (key, ns.as_str())),
+            )
+            .await
+            .expect("take");
+            assert!(again.is_empty());
+        });
     }
 }
