@@ -61,7 +61,10 @@ pub struct KeyMarks {
 impl KeyMarks {
     /// Whether `key` is removed or denied.
     pub fn blocks(&self, key: &FeedKey) -> bool {
-        self.removed.contains(key) || self.denied.contains(key)
+        // Asked for every feed on every connection: most stores mark no key, and hashing one
+        // into an empty set is most of the cost of a re-sync's filter.
+        (!self.removed.is_empty() && self.removed.contains(key))
+            || (!self.denied.is_empty() && self.denied.contains(key))
     }
 
     fn apply(&mut self, key: FeedKey, mark: KeyMark) {

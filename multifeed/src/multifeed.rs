@@ -71,6 +71,9 @@ impl Multifeed {
         events.set_overflow(true);
         events.set_await_active(false);
         let inner = Inner {
+            any_marks: AtomicBool::new(
+                !root.marks().removed.is_empty() || !root.marks().denied.is_empty(),
+            ),
             marks: RwLock::new(root.marks().clone()),
             opener: root.opener(),
             root: async_lock::Mutex::new(Some(root)),
@@ -170,7 +173,7 @@ impl Multifeed {
         if let Some(feed) = self.by_key(key) {
             return Ok(feed);
         }
-        if self.inner.marks().blocks(key) {
+        if self.inner.blocks(key) {
             return Err(Error::Denied { key: *key });
         }
         let public = VerifyingKey::from_bytes(key).map_err(|_| Error::InvalidKey {

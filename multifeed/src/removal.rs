@@ -91,7 +91,7 @@ impl Multifeed {
 
     /// Whether `key` is denied or removed (kept out of replication).
     pub fn is_denied(&self, key: &FeedKey) -> bool {
-        self.inner.marks().blocks(key)
+        self.inner.blocks(key)
     }
 
     /// The denied keys.

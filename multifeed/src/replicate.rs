@@ -276,7 +276,7 @@ impl Multifeed {
         let wrap = |filter: Option<KeyFilter>| -> KeyFilter {
             let inner = self.inner.clone();
             Arc::new(move |key: &FeedKey| {
-                !inner.marks().blocks(key) && filter.as_ref().is_none_or(|filter| filter(key))
+                !inner.blocks(key) && filter.as_ref().is_none_or(|filter| filter(key))
             })
         };
         config = config

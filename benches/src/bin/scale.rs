@@ -81,14 +81,20 @@ async fn child(n: usize, disk: bool) -> Result<(), Box<dyn std::error::Error>> {
     if b.feeds().len() != n {
         return Err(format!("B holds {} feeds of {n}", b.feeds().len()).into());
     }
-    let unchanged = sync(&a, &b).await?;
-    // For profiling the re-sync of equal stores: `SCALE_RESYNC_REPEAT=k` runs it k more times.
+    let mut unchanged = sync(&a, &b).await?;
+    // For profiling and steadier figures: `SCALE_RESYNC_REPEAT=k` runs the re-sync of equal
+    // stores k more times and reports the median of all.
     let repeat: usize = std::env::var("SCALE_RESYNC_REPEAT")
         .ok()
         .and_then(|k| k.parse().ok())
         .unwrap_or(0);
-    for _ in 0..repeat {
-        sync(&a, &b).await?;
+    if repeat > 0 {
+        let mut times = vec![unchanged.time];
+        for _ in 0..repeat {
+            times.push(sync(&a, &b).await?.time);
+        }
+        times.sort();
+        unchanged.time = times[times.len() / 2];
     }
     for feed in writers.iter().take(100) {
         feed.append(br#"{"msg":"again"}"#).await?;
