@@ -119,6 +119,9 @@ pub struct Exchange {
     needed: HashSet<ItemId>,
     /// Every feed we offer, with the length it was last offered at.
     local: HashMap<FeedKey, u64>,
+    /// The first offers, not in `local` yet: indexed at the next offer (a connection that
+    /// offers once, as every non-live one does, never builds that map).
+    first_offers: Vec<(FeedKey, u64)>,
     /// Feeds sent to the peer in manifests (the ones it may request).
     offered: HashMap<FeedKey, u64>,
     remote_offers: HashMap<FeedKey, u64>,
@@ -147,6 +150,7 @@ impl Exchange {
             late: Vec::new(),
             needed: HashSet::new(),
             local: HashMap::new(),
+            first_offers: Vec::new(),
             offered: HashMap::new(),
             remote_offers: HashMap::new(),
             undecided: HashSet::new(),
@@ -176,6 +180,30 @@ impl Exchange {
     /// after it, a feed is offered again only at a greater length and only while it is not
     /// agreed (an agreed feed's later entries come over its channel).
     pub fn offer(&mut self, feeds: Vec<FeedOffer>) -> Vec<Action> {
+        let fresh = if self.local.is_empty() && self.first_offers.is_empty() {
+            // The first offers: nothing to compare them with. (Repeats of a key within them
+            // are all offered; the reconciliation keeps one item per key and length.)
+            self.first_offers = feeds.iter().map(|feed| (feed.key, feed.length)).collect();
+            feeds
+        } else {
+            self.index_first_offers();
+            self.fresh_offers(feeds)
+        };
+        self.offer_fresh(fresh)
+    }
+
+    /// Moves the first offers into `local`.
+    fn index_first_offers(&mut self) {
+        let first = std::mem::take(&mut self.first_offers);
+        self.local.reserve(first.len());
+        for (key, length) in first {
+            let known = self.local.entry(key).or_insert(length);
+            *known = (*known).max(length);
+        }
+    }
+
+    /// The offers not made already at the same or a greater length (nor agreed); recorded.
+    fn fresh_offers(&mut self, feeds: Vec<FeedOffer>) -> Vec<FeedOffer> {
         self.local.reserve(feeds.len());
         let mut fresh = Vec::with_capacity(feeds.len());
         for feed in feeds {
@@ -188,6 +216,10 @@ impl Exchange {
             self.local.insert(feed.key, feed.length);
             fresh.push(feed);
         }
+        fresh
+    }
+
+    fn offer_fresh(&mut self, fresh: Vec<FeedOffer>) -> Vec<Action> {
         match (self.state, self.round) {
             (State::Ready | State::Finished, Round::Sent) => {
                 if fresh.is_empty() {

@@ -65,6 +65,11 @@ impl Connection {
 
     /// The peer opened a channel and we know every local feed's discovery key.
     pub(super) fn peer_opened(&mut self, dk: DiscoveryKey) -> Result<(), ReplicateError> {
+        if !self.known.contains_key(&dk) && !self.unindexed.is_empty() {
+            let unindexed = std::mem::take(&mut self.unindexed);
+            self.known.reserve(unindexed.len());
+            self.known.extend(unindexed);
+        }
         match self.known.get(&dk).copied() {
             Some(key) => self.track_feed(key, None, false),
             // Before the exchange, an unknown channel means the peer has another key.

@@ -22,15 +22,14 @@ impl Connection {
         if self.exchange.is_none() {
             return Ok(());
         }
-        let mut feeds_held: foldhash::HashMap<FeedKey, (u64, u64)> =
-            foldhash::HashMap::with_capacity_and_hasher(feeds.len(), Default::default());
+        let mut feeds_held: Vec<(FeedKey, u64, u64)> = Vec::with_capacity(feeds.len());
         let mut offers: Vec<FeedOffer> = Vec::with_capacity(feeds.len());
         // A feed held with gaps is always offered (the peer may fill them), even where the
         // reconciliation finds the lengths equal.
         let mut incomplete: Vec<(FeedKey, u64)> = Vec::new();
-        self.known.reserve(feeds.len());
+        self.unindexed.reserve(feeds.len());
         for feed in feeds {
-            feeds_held.insert(feed.key, (feed.length, feed.contiguous_length));
+            feeds_held.push((feed.key, feed.length, feed.contiguous_length));
             if !self.offers(&feed.key) {
                 continue;
             }
@@ -39,7 +38,7 @@ impl Connection {
             let dk = feed
                 .discovery_key
                 .unwrap_or_else(|| discovery_key(&feed.key));
-            self.known.insert(dk, feed.key);
+            self.unindexed.push((dk, feed.key));
             offers.push(FeedOffer {
                 key: feed.key,
                 length: feed.length,
@@ -49,6 +48,7 @@ impl Connection {
             }
         }
         self.local_lengths = feeds_held;
+        self.local_index = None;
         let actions = match self.exchange.as_mut() {
             Some(exchange) => {
                 exchange.mark_incomplete(incomplete);
@@ -86,10 +86,12 @@ impl Connection {
                 Action::RemoteOffered(offers) => {
                     // Keys that are not ed25519 public keys, or are of small order (anyone can
                     // sign for those), can never be trusted: ignore them.
+                    let lacking = self.lacking(&offers);
                     let wanted: Vec<FeedKey> = offers
                         .iter()
-                        .filter(|offer| self.lacks(&offer.key, offer.length))
-                        .map(|offer| offer.key)
+                        .zip(lacking)
+                        .filter(|(_, lacks)| *lacks)
+                        .map(|(offer, _)| offer.key)
                         .filter(usable_feed_key)
                         .filter(|key| self.accepts(key))
                         .collect();
@@ -139,14 +141,42 @@ impl Connection {
     /// Whether a feed the peer offers at `length` can bring us anything. Live, every feed is
     /// agreed (its later entries come over it); non-live, a feed we hold complete and as long
     /// costs the peer nothing, not even a channel.
-    fn lacks(&self, key: &FeedKey, length: u64) -> bool {
+    ///
+    /// One answer per offer, in order.
+    fn lacking(&mut self, offers: &[FeedOffer]) -> Vec<bool> {
         if self.config.live {
-            return true;
+            return vec![true; offers.len()];
         }
-        match self.local_lengths.get(key) {
+        let lacks = |ours: Option<&(u64, u64)>, length: u64| match ours {
             Some(&(ours, contiguous)) => ours < length || contiguous < ours,
             None => true,
+        };
+        // Few offers against many feeds (a re-sync): one pass over our list finds them all,
+        // cheaper than a map of every feed. Many (a first replication): the map, kept.
+        if self.local_index.is_none() && offers.len().saturating_mul(32) < self.local_lengths.len()
+        {
+            let mut ours: foldhash::HashMap<FeedKey, Option<(u64, u64)>> =
+                offers.iter().map(|offer| (offer.key, None)).collect();
+            for (key, length, contiguous) in &self.local_lengths {
+                if let Some(slot) = ours.get_mut(key) {
+                    *slot = Some((*length, *contiguous));
+                }
+            }
+            return offers
+                .iter()
+                .map(|offer| lacks(ours.get(&offer.key).and_then(Option::as_ref), offer.length))
+                .collect();
         }
+        let index = self.local_index.get_or_insert_with(|| {
+            self.local_lengths
+                .iter()
+                .map(|(key, length, contiguous)| (*key, (*length, *contiguous)))
+                .collect()
+        });
+        offers
+            .iter()
+            .map(|offer| lacks(index.get(&offer.key), offer.length))
+            .collect()
     }
 
     fn send_meta(&mut self, bytes: Vec<u8>) {

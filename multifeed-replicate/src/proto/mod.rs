@@ -88,6 +88,10 @@ pub(crate) struct Connection {
     root_open: bool,
     /// Discovery keys we may open: the root, local feeds, agreed feeds.
     known: foldhash::HashMap<DiscoveryKey, FeedKey>,
+    /// Feeds offered at the start of the exchange, not in `known` yet: indexed only when the
+    /// peer opens a channel `known` does not name (a re-sync of equal stores never does, and
+    /// so never builds a map of every feed).
+    unindexed: Vec<(DiscoveryKey, FeedKey)>,
     feeds: HashMap<DiscoveryKey, FeedSync>,
     /// Downloads still short of their target (non-live).
     incomplete: HashSet<DiscoveryKey>,
@@ -139,8 +143,11 @@ pub(crate) struct Connection {
     /// Downloads waiting for a slot, with their targets.
     queued_downloads: VecDeque<(FeedKey, u64)>,
     /// Our feeds' lengths and contiguous lengths when the exchange started (non-live: what we
-    /// ask the peer for).
-    local_lengths: foldhash::HashMap<FeedKey, (u64, u64)>,
+    /// ask the peer for), in the host's order.
+    local_lengths: Vec<(FeedKey, u64, u64)>,
+    /// `local_lengths` by key, built the first time the peer offers many feeds at once (a
+    /// re-sync's few offers are found by one pass over the list instead).
+    local_index: Option<foldhash::HashMap<FeedKey, (u64, u64)>>,
     /// Waiting announcements and requests are being handed out, one at a time.
     draining: bool,
     /// What waits for the local feed list, in the order it was asked for.
@@ -191,6 +198,7 @@ impl Connection {
             exchange,
             root_open: false,
             known: foldhash::HashMap::default(),
+            unindexed: Vec::new(),
             feeds: HashMap::new(),
             incomplete: HashSet::new(),
             summary: ReplicateSummary::default(),
@@ -217,7 +225,8 @@ impl Connection {
             synced_reported: false,
             syncing: HashSet::new(),
             queued_downloads: VecDeque::new(),
-            local_lengths: foldhash::HashMap::default(),
+            local_lengths: Vec::new(),
+            local_index: None,
             draining: false,
             local_feeds_for: VecDeque::new(),
             queued: (0, 0),
