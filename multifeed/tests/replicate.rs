@@ -1218,3 +1218,33 @@ async fn live_replications_report_synced_when_both_sides_caught_up_and_again_aft
     within("b's replication to end", rb).await??;
     Ok(())
 }
+
+#[async_std::test]
+async fn a_re_sync_of_a_large_set_moves_only_the_few_changed_feeds_both_ways() -> TestResult {
+    // 200 feeds on each side, equal after a first sync; then a few change on each side. The
+    // re-sync finds the changed feeds without indexing every feed (few offers against many
+    // feeds), and the peer's channel opens are answered from feeds never indexed before.
+    let a = Multifeed::open_memory().await?;
+    let b = Multifeed::open_memory().await?;
+    let mut writers = Vec::new();
+    for i in 0..100 {
+        let feed = a.writer(&format!("a{i}")).await?;
+        feed.append(b"first").await?;
+        writers.push(feed);
+        let feed = b.writer(&format!("b{i}")).await?;
+        feed.append(b"first").await?;
+        writers.push(feed);
+    }
+    sync_ok(&a, &b).await?;
+    let (sa, sb) = sync_ok(&a, &b).await?;
+    assert_eq!((sa.blocks_received, sb.blocks_received), (0, 0), "equal");
+    // Two of A's writers and one of B's append.
+    writers[0].append(b"again").await?;
+    writers[2].append(b"again").await?;
+    writers[1].append(b"again").await?;
+    let (sa, sb) = sync_ok(&a, &b).await?;
+    assert_eq!(sb.blocks_received, 2, "A's two appends reached B");
+    assert_eq!(sa.blocks_received, 1, "B's append reached A");
+    assert_converged(&a, &b).await?;
+    Ok(())
+}
