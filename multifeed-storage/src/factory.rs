@@ -99,7 +99,7 @@ pub trait StorageFactory: Send + Sync + fmt::Debug + 'static {
     /// What the file at `path` looks like now (existence, size, identity, change time),
     /// without opening or creating it, or `None` when the backend cannot tell (the default).
     /// A factory that stamps files lets a root keep a lengths snapshot across a clean close
-    /// (see [`take_lengths_snapshot`](crate::take_lengths_snapshot)): any write to a file must
+    /// (see [`LengthsSnapshot`](crate::LengthsSnapshot)): any write to a file must
     /// change its stamp. The disk factory stamps them.
     fn file_stamp(&self, path: &str) -> Option<crate::FileStamp> {
         let _ = path;

@@ -134,23 +134,153 @@ pub struct SnapshotLengths {
     pub contiguous_length: u64,
 }
 
-/// Writes the lengths snapshot of `feeds` (key, namespace, lengths), as their files are now:
-/// call it once every write of the feeds has reached the backend and nothing writes them any
-/// more (at close). Feeds whose files cannot be stamped are left out; a backend that stamps
-/// nothing gets no snapshot. Returns how many feeds it recorded.
+/// A feed's entry in a lengths snapshot: its lengths and what its files looked like then.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotEntry {
+    /// The lengths recorded.
+    pub lengths: SnapshotLengths,
+    stamp: FeedStamp,
+}
+
+/// A feed to record in a lengths snapshot ([`write_lengths_snapshot`]).
+#[derive(Debug, Clone, Copy)]
+pub enum SnapshotFeed<'a> {
+    /// A feed opened in this session: its files are stamped now.
+    Fresh {
+        /// Its key.
+        key: &'a FeedKey,
+        /// Its namespace (`feeds/ab/ab12…`).
+        namespace: &'a str,
+        /// Its lengths as its core last had them.
+        lengths: SnapshotLengths,
+    },
+    /// A feed whose core was not opened in this session: its entry from the snapshot this
+    /// session was opened with, kept as it is (checked or not). The next open checks it
+    /// against the files as they are then, as any entry.
+    Carried {
+        /// Its key.
+        key: &'a FeedKey,
+        /// Its entry.
+        entry: SnapshotEntry,
+    },
+}
+
+/// The lengths snapshot a root was opened with ([`LengthsSnapshot::take`]): its entries, not
+/// trusted until [`check`](Self::check)ed against the files.
+#[derive(Debug, Default)]
+pub struct LengthsSnapshot {
+    entries: HashMap<FeedKey, SnapshotEntry>,
+    /// When the snapshot was written, on the backend's clock.
+    written: i128,
+}
+
+impl LengthsSnapshot {
+    /// Reads and consumes the root's lengths snapshot (it is emptied at once, whatever it
+    /// held). Empty when there is none, it is damaged, or the backend cannot stamp files.
+    pub async fn take(factory: &dyn StorageFactory) -> Result<Self, StorageError> {
+        let Some(snapshot) = factory.file_stamp(LENGTHS_PATH) else {
+            return Ok(Self::default());
+        };
+        if !snapshot.exists || snapshot.len == 0 {
+            return Ok(Self::default());
+        }
+        let mut store = factory
+            .open(LENGTHS_PATH)
+            .await
+            .map_err(|e| StorageError::io(LENGTHS_PATH, e))?;
+        let bytes = store
+            .read(0, snapshot.len)
+            .await
+            .map_err(|e| StorageError::io(LENGTHS_PATH, e))?;
+        // Consumed before anything can change the feeds it describes.
+        store
+            .truncate(0)
+            .await
+            .map_err(|e| StorageError::io(LENGTHS_PATH, e))?;
+        store
+            .sync_all()
+            .await
+            .map_err(|e| StorageError::io(LENGTHS_PATH, e))?;
+        drop(store);
+        let entries = decode(&bytes)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(key, lengths, stamp)| (key, SnapshotEntry { lengths, stamp }))
+            .collect();
+        Ok(Self {
+            entries,
+            written: snapshot.changed,
+        })
+    }
+
+    /// How many feeds it has entries for.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether it has no entry.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The entry of `key`, unchecked (to carry it to the next snapshot).
+    pub fn entry(&self, key: &FeedKey) -> Option<SnapshotEntry> {
+        self.entries.get(key).copied()
+    }
+
+    /// The entries of the feeds among `feeds` (key, namespace) whose files are exactly as the
+    /// snapshot saw them: one `stat` a file, over several threads for large stores.
+    pub fn check<'a>(
+        &self,
+        factory: &dyn StorageFactory,
+        feeds: impl IntoIterator<Item = (&'a FeedKey, &'a str)>,
+    ) -> HashMap<FeedKey, SnapshotEntry> {
+        // Racily clean entries (changed in the tick the snapshot was written in, or later)
+        // are not even looked at.
+        let candidates: Vec<(&FeedKey, &str, &SnapshotEntry)> = feeds
+            .into_iter()
+            .filter_map(|(key, namespace)| Some((key, namespace, self.entries.get(key)?)))
+            .filter(|(_, _, entry)| entry.stamp.newest < self.written)
+            .collect();
+        let namespaces: Vec<&str> = candidates
+            .iter()
+            .map(|(_, namespace, _)| *namespace)
+            .collect();
+        candidates
+            .iter()
+            .zip(feed_stamps(factory, &namespaces))
+            .filter(|((_, _, entry), now)| *now == Some(entry.stamp))
+            .map(|((key, _, entry), _)| (**key, **entry))
+            .collect()
+    }
+}
+
+/// Writes the lengths snapshot of `feeds`: call it once every write of the feeds has reached
+/// the backend and nothing writes them any more (at close). Fresh feeds whose files cannot be
+/// stamped are left out; a backend that stamps nothing gets no snapshot. Returns how many feeds
+/// it recorded.
 pub async fn write_lengths_snapshot<'a>(
     factory: &dyn StorageFactory,
-    feeds: impl IntoIterator<Item = (&'a FeedKey, &'a str, SnapshotLengths)>,
+    feeds: impl IntoIterator<Item = SnapshotFeed<'a>>,
 ) -> Result<usize, StorageError> {
     if factory.file_stamp(LENGTHS_PATH).is_none() {
         return Ok(0);
     }
-    let feeds: Vec<(&FeedKey, &str, SnapshotLengths)> = feeds.into_iter().collect();
-    let namespaces: Vec<&str> = feeds.iter().map(|(_, namespace, _)| *namespace).collect();
+    let feeds: Vec<SnapshotFeed<'a>> = feeds.into_iter().collect();
+    let namespaces: Vec<&str> = feeds
+        .iter()
+        .filter_map(|feed| match feed {
+            SnapshotFeed::Fresh { namespace, .. } => Some(*namespace),
+            SnapshotFeed::Carried { .. } => None,
+        })
+        .collect();
+    let mut stamps = feed_stamps(factory, &namespaces).into_iter();
     let entries: Vec<(FeedKey, SnapshotLengths, FeedStamp)> = feeds
         .iter()
-        .zip(feed_stamps(factory, &namespaces))
-        .filter_map(|((key, _, lengths), stamp)| Some((**key, *lengths, stamp?)))
+        .filter_map(|feed| match feed {
+            SnapshotFeed::Fresh { key, lengths, .. } => Some((**key, *lengths, stamps.next()??)),
+            SnapshotFeed::Carried { key, entry } => Some((**key, entry.lengths, entry.stamp)),
+        })
         .collect();
     let bytes = encode(&entries);
     let mut store = factory
@@ -215,67 +345,6 @@ fn decode(bytes: &[u8]) -> Option<Vec<(FeedKey, SnapshotLengths, FeedStamp)>> {
             })
             .collect(),
     )
-}
-
-/// Reads and consumes the lengths snapshot (it is emptied at once, whatever it held), and
-/// returns the lengths of the feeds among `feeds` (key, namespace) whose files are exactly as
-/// the snapshot saw them. Empty when there is none, it is damaged, or the backend cannot stamp
-/// files.
-pub async fn take_lengths_snapshot<'a>(
-    factory: &dyn StorageFactory,
-    feeds: impl IntoIterator<Item = (&'a FeedKey, &'a str)>,
-) -> Result<HashMap<FeedKey, SnapshotLengths>, StorageError> {
-    let mut trusted = HashMap::new();
-    let Some(snapshot) = factory.file_stamp(LENGTHS_PATH) else {
-        return Ok(trusted);
-    };
-    if !snapshot.exists || snapshot.len == 0 {
-        return Ok(trusted);
-    }
-    let mut store = factory
-        .open(LENGTHS_PATH)
-        .await
-        .map_err(|e| StorageError::io(LENGTHS_PATH, e))?;
-    let bytes = store
-        .read(0, snapshot.len)
-        .await
-        .map_err(|e| StorageError::io(LENGTHS_PATH, e))?;
-    // Consumed before anything can change the feeds it describes.
-    store
-        .truncate(0)
-        .await
-        .map_err(|e| StorageError::io(LENGTHS_PATH, e))?;
-    store
-        .sync_all()
-        .await
-        .map_err(|e| StorageError::io(LENGTHS_PATH, e))?;
-    drop(store);
-    let Some(entries) = decode(&bytes) else {
-        return Ok(trusted);
-    };
-    let recorded: HashMap<FeedKey, (SnapshotLengths, FeedStamp)> = entries
-        .into_iter()
-        .map(|(key, lengths, stamp)| (key, (lengths, stamp)))
-        .collect();
-    // Racily clean entries (changed in the tick the snapshot was written in, or later) are
-    // not even looked at.
-    let candidates: Vec<(&FeedKey, &str, &(SnapshotLengths, FeedStamp))> = feeds
-        .into_iter()
-        .filter_map(|(key, namespace)| Some((key, namespace, recorded.get(key)?)))
-        .filter(|(_, _, (_, stamp))| stamp.newest < snapshot.changed)
-        .collect();
-    let namespaces: Vec<&str> = candidates
-        .iter()
-        .map(|(_, namespace, _)| *namespace)
-        .collect();
-    for ((key, _, (lengths, stamp)), now) in
-        candidates.iter().zip(feed_stamps(factory, &namespaces))
-    {
-        if now == Some(*stamp) {
-            trusted.insert(**key, *lengths);
-        }
-    }
-    Ok(trusted)
 }
 
 #[cfg(test)]
@@ -367,7 +436,11 @@ mod tests {
                 keys.iter()
                     .zip(&namespaces)
                     .enumerate()
-                    .map(|(i, (key, namespace))| (key, namespace.as_str(), lengths(i))),
+                    .map(|(i, (key, namespace))| SnapshotFeed::Fresh {
+                        key,
+                        namespace,
+                        lengths: lengths(i),
+                    }),
             )
             .await
             .expect("write");
@@ -379,26 +452,41 @@ mod tests {
                 b"BYTES",
             )
             .expect("write");
-            let trusted = take_lengths_snapshot(
-                &factory,
+            let snapshot = LengthsSnapshot::take(&factory).await.expect("take");
+            assert_eq!(snapshot.len(), n);
+            let feeds = || {
                 keys.iter()
                     .zip(&namespaces)
-                    .map(|(key, ns)| (key, ns.as_str())),
-            )
-            .await
-            .expect("take");
+                    .map(|(key, ns)| (key, ns.as_str()))
+            };
+            let trusted = snapshot.check(&factory, feeds());
             assert_eq!(trusted.len(), n - 1);
             assert!(!trusted.contains_key(&keys[changed]));
-            assert_eq!(trusted.get(&keys[7]), Some(&lengths(7)));
+            assert_eq!(
+                trusted.get(&keys[7]).map(|entry| entry.lengths),
+                Some(lengths(7))
+            );
+            // Carried as they are to the next snapshot (no stamp taken), they are checked
+            // against the files then, as any entry.
+            let carried: Vec<SnapshotFeed<'_>> = keys
+                .iter()
+                .filter_map(|key| {
+                    Some(SnapshotFeed::Carried {
+                        key,
+                        entry: snapshot.entry(key)?,
+                    })
+                })
+                .collect();
+            assert_eq!(carried.len(), n);
+            write_lengths_snapshot(&factory, carried)
+                .await
+                .expect("write");
+            let snapshot = LengthsSnapshot::take(&factory).await.expect("take");
+            let trusted = snapshot.check(&factory, feeds());
+            assert_eq!(trusted.len(), n - 1);
+            assert!(!trusted.contains_key(&keys[changed]));
             // Consumed: a second take trusts nothing.
-            let again = take_lengths_snapshot(
-                &factory,
-                keys.iter()
-                    .zip(&namespaces)
-                    .map(|(key, ns)| (key, ns.as_str())),
-            )
-            .await
-            .expect("take");
+            let again = LengthsSnapshot::take(&factory).await.expect("take");
             assert!(again.is_empty());
         });
     }

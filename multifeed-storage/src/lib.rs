@@ -11,7 +11,7 @@
 //! missing or damaged gives a typed error naming it when opened; the other feeds still open.
 //! Writer names are local and never leave the machine; no replication secret is ever stored here.
 //!
-//! A clean close can leave a [lengths snapshot](take_lengths_snapshot) of every feed, trusted at
+//! A clean close can leave a [lengths snapshot](LengthsSnapshot) of every feed, trusted at
 //! the next open only for feeds whose files are exactly as it saw them.
 //!
 //! Every feed's `oplog` and `bitfield` stores are guarded against defects of hypercore 0.16's
@@ -54,7 +54,8 @@ mod factory;
 mod index;
 mod lengths;
 pub use lengths::{
-    take_lengths_snapshot, write_lengths_snapshot, FileStamp, SnapshotLengths, LENGTHS_PATH,
+    write_lengths_snapshot, FileStamp, LengthsSnapshot, SnapshotEntry, SnapshotFeed,
+    SnapshotLengths, LENGTHS_PATH,
 };
 mod oplog;
 pub use oplog::oplog_tree_nodes;

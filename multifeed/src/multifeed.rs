@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use hypercore::{generate_signing_key, PartialKeypair, SigningKey, VerifyingKey};
+use multifeed_storage::SnapshotFeed;
 use multifeed_storage::{
     FeedKey, FeedOrigin, IndexRecovery, RootStorage, SharedCore, StorageFactory,
 };
@@ -50,23 +51,13 @@ impl Multifeed {
                 table.insert(Arc::new(FeedSlot::new(record, CoreState::Unopened)));
             }
         }
-        // The lengths the last clean close recorded, for the feeds whose files are as it left
-        // them: listing those needs no open. A snapshot that cannot be read is only a lost
-        // shortcut (and one that cannot be emptied is still checked against the files).
-        let known = multifeed_storage::take_lengths_snapshot(
-            &*factory,
-            table
-                .list
-                .iter()
-                .map(|slot| (&slot.record.key, slot.record.namespace.as_str())),
-        )
-        .await
-        .unwrap_or_default();
-        for slot in &table.list {
-            if let Some(lengths) = known.get(&slot.record.key) {
-                slot.set_known_lengths(lengths.length, lengths.contiguous_length);
-            }
-        }
+        // The lengths the last clean close recorded: checked against the files when a
+        // replication first lists the feeds (an open that only appends pays nothing for it).
+        // A snapshot that cannot be read is only a lost shortcut (and one that cannot be
+        // emptied is still checked against the files at the next open).
+        let snapshot = multifeed_storage::LengthsSnapshot::take(&*factory)
+            .await
+            .unwrap_or_default();
         let (mut events, receiver) = async_broadcast::broadcast(config.event_capacity.max(1));
         events.set_overflow(true);
         events.set_await_active(false);
@@ -75,6 +66,7 @@ impl Multifeed {
                 !root.marks().removed.is_empty() || !root.marks().denied.is_empty(),
             ),
             marks: RwLock::new(root.marks().clone()),
+            snapshot: std::sync::Mutex::new((!snapshot.is_empty()).then_some(snapshot)),
             opener: root.opener(),
             root: async_lock::Mutex::new(Some(root)),
             factory,
@@ -306,12 +298,25 @@ impl Multifeed {
             }
         }
         let slots: Vec<Arc<FeedSlot>> = self.inner.table().list.clone();
+        // Never checked: the snapshot this session opened with, carried on for the feeds it
+        // did not open.
+        let unchecked = self.inner.take_unchecked_snapshot();
         let mut lengths = Vec::with_capacity(slots.len());
         for slot in slots {
             let mut state = slot.core.lock().await;
             let known = match &*state {
-                CoreState::Open(core) => Some(crate::registry::held_lengths(&*core.lock().await)),
-                CoreState::Unopened => self.inner.closed_lengths(&slot),
+                CoreState::Open(core) => Some(Recorded::Fresh(crate::registry::held_lengths(
+                    &*core.lock().await,
+                ))),
+                CoreState::Unopened => match self.inner.closed_lengths(&slot) {
+                    Some(lengths) if slot.opened.load(std::sync::atomic::Ordering::Acquire) => {
+                        Some(Recorded::Fresh(lengths))
+                    }
+                    _ => slot
+                        .snapshot_entry()
+                        .or_else(|| unchecked.as_ref()?.entry(&slot.record.key))
+                        .map(Recorded::Carried),
+                },
                 CoreState::Closed => None,
             };
             let state = std::mem::replace(&mut *state, CoreState::Closed);
@@ -321,12 +326,8 @@ impl Multifeed {
             if let CoreState::Open(core) = state {
                 core.notify_changed();
             }
-            if let Some((length, contiguous_length)) = known {
-                let lengths_now = multifeed_storage::SnapshotLengths {
-                    length,
-                    contiguous_length,
-                };
-                lengths.push((slot.clone(), lengths_now));
+            if let Some(known) = known {
+                lengths.push((slot.clone(), known));
             }
         }
         self.inner.factory.release();
@@ -334,8 +335,19 @@ impl Multifeed {
         // opening them, if their files are still as they are now. Only the call that closed
         // the root writes it (a second, concurrent call saw the cores closed already).
         if took_root && result.is_ok() {
-            let feeds = lengths.iter().map(|(slot, lengths)| {
-                (&slot.record.key, slot.record.namespace.as_str(), *lengths)
+            let feeds = lengths.iter().map(|(slot, known)| match known {
+                Recorded::Fresh((length, contiguous_length)) => SnapshotFeed::Fresh {
+                    key: &slot.record.key,
+                    namespace: slot.record.namespace.as_str(),
+                    lengths: multifeed_storage::SnapshotLengths {
+                        length: *length,
+                        contiguous_length: *contiguous_length,
+                    },
+                },
+                Recorded::Carried(entry) => SnapshotFeed::Carried {
+                    key: &slot.record.key,
+                    entry: *entry,
+                },
             });
             // A snapshot that could not be written (a full disk) is only a lost shortcut: the
             // feeds' data is all stored, and a torn snapshot fails its checksum at the next open.
@@ -395,4 +407,12 @@ pub(crate) fn parse_key(input: &[u8]) -> Result<FeedKey, Error> {
             reason: "expected 32 bytes or 64 hex characters",
         }),
     }
+}
+
+/// How a feed goes into the lengths snapshot at close.
+enum Recorded {
+    /// Lengths of a core opened in this session: its files are stamped now.
+    Fresh((u64, u64)),
+    /// Not opened in this session: its entry from the last snapshot, as it was.
+    Carried(multifeed_storage::SnapshotEntry),
 }

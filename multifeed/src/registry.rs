@@ -55,6 +55,9 @@ pub(crate) struct FeedSlot {
     pub(crate) idle_closed: AtomicBool,
     /// Whether its core was opened in this process (with the checks of a first open).
     pub(crate) opened: AtomicBool,
+    /// Its entry in the lengths snapshot, checked against its files, while its core was not
+    /// opened in this process (carried to the next snapshot at close).
+    snapshot_entry: std::sync::Mutex<Option<multifeed_storage::SnapshotEntry>>,
 }
 
 impl FeedSlot {
@@ -70,16 +73,41 @@ impl FeedSlot {
             closed_lengths: std::sync::Mutex::new(None),
             idle_closed: AtomicBool::new(false),
             opened: AtomicBool::new(false),
+            snapshot_entry: std::sync::Mutex::new(None),
         }
     }
 
-    /// Its lengths, known without opening its core (from the last clean close's snapshot).
-    pub(crate) fn set_known_lengths(&self, length: u64, contiguous_length: u64) {
+    /// Its lengths are known without opening its core: the last clean close's snapshot has
+    /// them, and its files are as that close left them. Only for a core never opened in this
+    /// process (checked under the core's lock: a core opening now has changed nothing yet).
+    fn trust_snapshot(&self, entry: multifeed_storage::SnapshotEntry) {
+        let Some(state) = self.core.try_lock() else {
+            return;
+        };
+        if !matches!(*state, CoreState::Unopened) || self.opened.load(Ordering::Acquire) {
+            return;
+        }
         *self
             .closed_lengths
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some((length, contiguous_length));
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) =
+            Some((entry.lengths.length, entry.lengths.contiguous_length));
+        *self
+            .snapshot_entry
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(entry);
         self.idle_closed.store(true, Ordering::Release);
+    }
+
+    /// Its checked snapshot entry, while its core was never opened in this process.
+    pub(crate) fn snapshot_entry(&self) -> Option<multifeed_storage::SnapshotEntry> {
+        if self.opened.load(Ordering::Acquire) {
+            return None;
+        }
+        *self
+            .snapshot_entry
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -168,6 +196,9 @@ pub(crate) struct Inner {
     pub(crate) marks: RwLock<multifeed_storage::KeyMarks>,
     /// Whether `marks` holds any key (kept by [`Inner::marks_mut`]).
     pub(crate) any_marks: AtomicBool,
+    /// The lengths snapshot this multifeed was opened with, until a replication first lists
+    /// the feeds and checks it ([`Inner::check_snapshot`]).
+    pub(crate) snapshot: std::sync::Mutex<Option<multifeed_storage::LengthsSnapshot>>,
     pub(crate) factory: Arc<dyn StorageFactory>,
     pub(crate) table: RwLock<FeedTable>,
     pub(crate) events: async_broadcast::Sender<Event>,
@@ -282,6 +313,40 @@ impl Inner {
                 Closing::Busy => open.queue.push_back(slot),
             }
         }
+    }
+
+    /// Checks the lengths snapshot against the feeds' files, once (the first listing): the
+    /// feeds whose files are as the last clean close left them are then listed without
+    /// opening their cores.
+    pub(crate) fn check_snapshot(&self) {
+        let Some(snapshot) = self
+            .snapshot
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take()
+        else {
+            return;
+        };
+        let slots: Vec<Arc<FeedSlot>> = self.table().list.clone();
+        let trusted = snapshot.check(
+            &*self.factory,
+            slots
+                .iter()
+                .map(|slot| (&slot.record.key, slot.record.namespace.as_str())),
+        );
+        for slot in &slots {
+            if let Some(entry) = trusted.get(&slot.record.key) {
+                slot.trust_snapshot(*entry);
+            }
+        }
+    }
+
+    /// The lengths snapshot, if no listing checked it (at close: its entries are carried).
+    pub(crate) fn take_unchecked_snapshot(&self) -> Option<multifeed_storage::LengthsSnapshot> {
+        self.snapshot
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take()
     }
 
     /// The feed's length and contiguous length without opening its core when it was closed

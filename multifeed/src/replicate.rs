@@ -363,6 +363,7 @@ impl FeedHost for Host {
         // Feeds closed to free memory (most, in a large store) are listed from their slots
         // without opening them and without a `Feed` handle; open ones are asked. The list keeps
         // the store's order (the peer schedules downloads in it).
+        self.multi.inner.check_snapshot();
         let mut open = Vec::new();
         let mut feeds: Vec<Option<LocalFeed>> = {
             let table = self.multi.inner.table();

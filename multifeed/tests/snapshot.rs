@@ -82,6 +82,7 @@ async fn store_of(
         keys.push(*feed.key());
     }
     sync_ok(&a, peer).await?;
+    a.flush().await?;
     wait_for_fs_clock_past(dir)?;
     a.close().await?;
     Ok(keys)
@@ -202,6 +203,31 @@ async fn a_snapshot_is_used_once_and_a_session_that_ends_unclean_leaves_none() -
     );
     assert_eq!(b.feed(keys[1])?.ok_or("on b")?.len().await?, 3);
     assert_eq!(b.feed(keys[0])?.ok_or("on b")?.len().await?, 2);
+    a.close().await?;
+    Ok(())
+}
+
+#[async_std::test]
+async fn a_session_that_does_not_replicate_carries_the_snapshot_on() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let b = Multifeed::open_memory().await?;
+    let keys = store_of(dir.path(), 20, &b).await?;
+    {
+        // Opened, one feed appended to, closed: no listing checked the snapshot.
+        let a = Multifeed::open_disk(dir.path()).await?;
+        a.writer("w0").await?.append(b"three").await?;
+        // Writes the disk store holds back reach the files now, not at close.
+        a.flush().await?;
+        wait_for_fs_clock_past(dir.path())?;
+        a.close().await?;
+    }
+    let a = Multifeed::open_disk(dir.path()).await?;
+    let (_, sb) = sync_ok(&a, &b).await?;
+    assert_eq!(sb.blocks_received, 1, "the append reached the peer");
+    // Only the appended feed opened, to serve its new entry. Was: the 19 feeds the session
+    // did not open were left out of its snapshot, and opened to be listed.
+    assert_eq!(a.open_feeds(), 1, "no core opened to list the feeds");
+    assert_eq!(b.feed(keys[0])?.ok_or("on b")?.len().await?, 3);
     a.close().await?;
     Ok(())
 }
