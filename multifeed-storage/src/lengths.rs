@@ -2,7 +2,7 @@
 //! so the next open can list a large store without opening each feed's hypercore (which costs
 //! about 140 µs and several file reads a feed: 14 s for 100,000 feeds on disk).
 //!
-//! A snapshot is a hint, never the truth: at open, a feed's entry is trusted only when the
+//! A snapshot is a hint, never the truth: a feed's entry is trusted only when the
 //! files its lengths come from (oplog, tree, bitfield) are exactly as they were when the
 //! snapshot was taken: same existence, size, inode and change time (`ctime`, which no ordinary
 //! write or `touch` can leave as it was). A feed whose files were written, truncated, deleted or
@@ -15,7 +15,11 @@
 //!
 //! The snapshot is consumed by the open that reads it (emptied at once), so it only ever
 //! describes the clean close right before; a session that crashes leaves none. Its bytes carry
-//! a CRC32: a torn or damaged snapshot is ignored.
+//! a CRC32: a torn or damaged snapshot is ignored. The multifeed checks it when a replication
+//! first lists the feeds, not at open, and at close carries the entries of the feeds it did
+//! not open to the next snapshot as they were (checked or not: the next check compares them
+//! with the files as they are then), so a close costs a `stat` only for the feeds the session
+//! opened.
 //!
 //! The three stamps of a feed are kept as one 16-byte BLAKE2b digest (the `blake2` crate,
 //! RustCrypto's, already built for hypercore): 80 bytes a feed, 8 MB for 100,000.
@@ -134,6 +138,10 @@ pub struct SnapshotLengths {
     pub contiguous_length: u64,
 }
 
+fn io(source: random_access_storage::RandomAccessError) -> StorageError {
+    StorageError::io(LENGTHS_PATH, source)
+}
+
 /// A feed's entry in a lengths snapshot: its lengths and what its files looked like then.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SnapshotEntry {
@@ -184,23 +192,11 @@ impl LengthsSnapshot {
         if !snapshot.exists || snapshot.len == 0 {
             return Ok(Self::default());
         }
-        let mut store = factory
-            .open(LENGTHS_PATH)
-            .await
-            .map_err(|e| StorageError::io(LENGTHS_PATH, e))?;
-        let bytes = store
-            .read(0, snapshot.len)
-            .await
-            .map_err(|e| StorageError::io(LENGTHS_PATH, e))?;
+        let mut store = factory.open(LENGTHS_PATH).await.map_err(io)?;
+        let bytes = store.read(0, snapshot.len).await.map_err(io)?;
         // Consumed before anything can change the feeds it describes.
-        store
-            .truncate(0)
-            .await
-            .map_err(|e| StorageError::io(LENGTHS_PATH, e))?;
-        store
-            .sync_all()
-            .await
-            .map_err(|e| StorageError::io(LENGTHS_PATH, e))?;
+        store.truncate(0).await.map_err(io)?;
+        store.sync_all().await.map_err(io)?;
         drop(store);
         let entries = decode(&bytes)
             .unwrap_or_default()
@@ -283,18 +279,9 @@ pub async fn write_lengths_snapshot<'a>(
         })
         .collect();
     let bytes = encode(&entries);
-    let mut store = factory
-        .open(LENGTHS_PATH)
-        .await
-        .map_err(|e| StorageError::io(LENGTHS_PATH, e))?;
-    store
-        .truncate(0)
-        .await
-        .map_err(|e| StorageError::io(LENGTHS_PATH, e))?;
-    store
-        .write(0, &bytes)
-        .await
-        .map_err(|e| StorageError::io(LENGTHS_PATH, e))?;
+    let mut store = factory.open(LENGTHS_PATH).await.map_err(io)?;
+    store.truncate(0).await.map_err(io)?;
+    store.write(0, &bytes).await.map_err(io)?;
     Ok(entries.len())
 }
 

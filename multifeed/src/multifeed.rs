@@ -279,7 +279,8 @@ impl Multifeed {
     /// lists the store to a peer without opening each feed's hypercore: an equal re-sync after
     /// a restart then costs what changed, not how many feeds there are. A feed whose files are
     /// not exactly as this close left them (written, truncated, deleted or replaced since) is
-    /// opened and checked as before; see `multifeed_storage::take_lengths_snapshot`.
+    /// opened and checked as before; see `multifeed_storage::LengthsSnapshot`. Only feeds
+    /// opened in this session are looked at again: the others keep their entries.
     ///
     /// Any later use of this multifeed or its feeds fails with [`Error::Closed`].
     pub async fn close(&self) -> Result<(), Error> {

@@ -62,6 +62,8 @@ pub(crate) struct FeedSlot {
 
 impl FeedSlot {
     pub(crate) fn new(record: FeedRecord, core: CoreState) -> Self {
+        // A feed created open (a new writer, a feed just learned) was opened in this process.
+        let opened = matches!(core, CoreState::Open(_));
         Self {
             discovery_key: hypercore_protocol::discovery_key(&record.key),
             record,
@@ -72,7 +74,7 @@ impl FeedSlot {
             used: AtomicBool::new(true),
             closed_lengths: std::sync::Mutex::new(None),
             idle_closed: AtomicBool::new(false),
-            opened: AtomicBool::new(false),
+            opened: AtomicBool::new(opened),
             snapshot_entry: std::sync::Mutex::new(None),
         }
     }

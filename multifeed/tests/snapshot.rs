@@ -231,3 +231,32 @@ async fn a_session_that_does_not_replicate_carries_the_snapshot_on() -> TestResu
     a.close().await?;
     Ok(())
 }
+
+#[async_std::test]
+async fn feeds_created_here_and_closed_to_free_memory_are_in_the_snapshot_too() -> TestResult {
+    let b = Multifeed::open_memory().await?;
+    for i in 0..10 {
+        b.writer(&format!("w{i}")).await?.append(b"one").await?;
+    }
+    let dir = tempfile::tempdir()?;
+    {
+        // A replica with at most 2 cores open: the 10 feeds it learns are created open and
+        // 8 of them closed to free memory, never to be opened again in this session.
+        let c = Multifeed::builder()
+            .disk(dir.path())
+            .max_open_feeds(2)
+            .open()
+            .await?;
+        sync_ok(&c, &b).await?;
+        c.flush().await?;
+        wait_for_fs_clock_past(dir.path())?;
+        c.close().await?;
+    }
+    let c = Multifeed::open_disk(dir.path()).await?;
+    let (sc, sb) = sync_ok(&c, &b).await?;
+    assert_eq!((sc.blocks_received, sb.blocks_received), (0, 0));
+    // Was: only the 2 open at close were recorded; the other 8 opened to be listed.
+    assert_eq!(c.open_feeds(), 0, "no core opened to list the feeds");
+    c.close().await?;
+    Ok(())
+}
