@@ -92,13 +92,41 @@ impl Sparse {
                     if let Some(last) = added.iter().rposition(|&byte| byte != 0) {
                         run.extend_from_slice(&added[..=last]);
                     }
+                    self.join(at);
                     return;
                 }
             }
         }
         self.punch(offset, end);
         if let Some((skip, kept)) = trim_zeros(data) {
-            self.runs.insert(offset + skip as u64, kept.to_vec());
+            let at = offset + skip as u64;
+            self.runs.insert(at, kept.to_vec());
+            self.join(at);
+            if let Some((&before, _)) = self.runs.range(..at).next_back() {
+                self.join(before);
+            }
+        }
+    }
+
+    /// Joins the run at `at` with the run right after it when they touch (hypercore writes
+    /// tree nodes a little out of order: gaps fill in, and a file would otherwise end as many
+    /// small runs), unless the later run is much the larger (copying it onto the end of a small
+    /// one again and again could cost a copy of the file per write).
+    fn join(&mut self, at: u64) {
+        let Some(len) = self.runs.get(&at).map(Vec::len) else {
+            return;
+        };
+        let next = at + len as u64;
+        let Some(later) = self.runs.get(&next).map(Vec::len) else {
+            return;
+        };
+        if later > len + 4096 {
+            return;
+        }
+        if let Some(later) = self.runs.remove(&next) {
+            if let Some(run) = self.runs.get_mut(&at) {
+                run.extend_from_slice(&later);
+            }
         }
     }
 
@@ -311,6 +339,17 @@ mod tests {
         sparse.write(14, &[3, 4, 0, 0], 18);
         assert_eq!(sparse.runs.len(), 1);
         assert_eq!(sparse.read(12, 6), [1, 2, 3, 4, 0, 0]);
+        // A gap filled in: the runs on both sides of it become one.
+        let mut gaps = Sparse::default();
+        gaps.write(0, &[1; 40], 40);
+        gaps.write(80, &[3; 40], 120);
+        assert_eq!(gaps.runs.len(), 2);
+        gaps.write(40, &[2; 40], 80);
+        assert_eq!(gaps.runs.len(), 1);
+        assert_eq!(
+            gaps.read(30, 60),
+            [vec![1u8; 10], vec![2; 40], vec![3; 10]].concat()
+        );
         // Zeros over the middle, then a cut.
         sparse.write(13, &[0, 0], 15);
         assert_eq!(sparse.read(12, 4), [1, 0, 0, 4]);
