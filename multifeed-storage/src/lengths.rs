@@ -98,17 +98,19 @@ fn feed_stamps(factory: &dyn StorageFactory, namespaces: &[&str]) -> Vec<Option<
         let parts: Vec<_> = namespaces
             .chunks(chunk)
             .map(|part| {
-                scope.spawn(move || {
+                let stamps = scope.spawn(move || {
                     part.iter()
                         .map(|namespace| feed_stamp(factory, namespace))
                         .collect::<Vec<_>>()
-                })
+                });
+                (part.len(), stamps)
             })
             .collect();
         parts
             .into_iter()
-            // A panicking stamp (none is known) only loses the shortcut for its part.
-            .flat_map(|part| part.join().unwrap_or_default())
+            // A panicking stamp (none is known) only loses the shortcut for its part: no
+            // stamp for any of its feeds, and the parts after it stay in step.
+            .flat_map(|(len, part)| part.join().unwrap_or_else(|_| vec![None; len]))
             .collect()
     })
 }
