@@ -11,6 +11,9 @@ use multifeed_storage::FeedKey;
 use super::{Connection, OpenFeed, Opened, Output, Purpose, EXTENSION};
 use crate::{LocalFeed, ReplicateError, ReplicationEvent};
 
+/// Passes over our feed list for few offers before the map of it is built.
+const MAX_LOCAL_SCANS: u8 = 4;
+
 impl Connection {
     /// The local feeds are listed (our HANDSHAKE left when the root channel opened): our
     /// offers.
@@ -49,6 +52,7 @@ impl Connection {
         }
         self.local_lengths = feeds_held;
         self.local_index = None;
+        self.local_scans = 0;
         let actions = match self.exchange.as_mut() {
             Some(exchange) => {
                 exchange.mark_incomplete(incomplete);
@@ -143,7 +147,7 @@ impl Connection {
     /// costs the peer nothing, not even a channel.
     ///
     /// One answer per offer, in order.
-    fn lacking(&mut self, offers: &[FeedOffer]) -> Vec<bool> {
+    pub(super) fn lacking(&mut self, offers: &[FeedOffer]) -> Vec<bool> {
         if self.config.live {
             return vec![true; offers.len()];
         }
@@ -152,9 +156,13 @@ impl Connection {
             None => true,
         };
         // Few offers against many feeds (a re-sync): one pass over our list finds them all,
-        // cheaper than a map of every feed. Many (a first replication): the map, kept.
-        if self.local_index.is_none() && offers.len().saturating_mul(32) < self.local_lengths.len()
+        // cheaper than a map of every feed. Many (a first replication), or offers in many
+        // small messages: the map, kept.
+        if self.local_index.is_none()
+            && self.local_scans < MAX_LOCAL_SCANS
+            && offers.len().saturating_mul(32) < self.local_lengths.len()
         {
+            self.local_scans += 1;
             let mut ours: foldhash::HashMap<FeedKey, Option<(u64, u64)>> =
                 offers.iter().map(|offer| (offer.key, None)).collect();
             for (key, length, contiguous) in &self.local_lengths {

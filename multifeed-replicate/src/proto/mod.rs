@@ -148,6 +148,9 @@ pub(crate) struct Connection {
     /// `local_lengths` by key, built the first time the peer offers many feeds at once (a
     /// re-sync's few offers are found by one pass over the list instead).
     local_index: Option<foldhash::HashMap<FeedKey, (u64, u64)>>,
+    /// Passes over `local_lengths` made for few offers: bounded (a peer sending many small
+    /// offers gets the map, not a pass over every feed per message).
+    local_scans: u8,
     /// Waiting announcements and requests are being handed out, one at a time.
     draining: bool,
     /// What waits for the local feed list, in the order it was asked for.
@@ -227,6 +230,7 @@ impl Connection {
             queued_downloads: VecDeque::new(),
             local_lengths: Vec::new(),
             local_index: None,
+            local_scans: 0,
             draining: false,
             local_feeds_for: VecDeque::new(),
             queued: (0, 0),

@@ -615,3 +615,37 @@ fn a_peer_open_reported_before_the_handshake_still_shows_a_key_mismatch_on_both_
         );
     }
 }
+
+#[test]
+fn many_small_offers_get_the_map_of_our_feeds_not_a_pass_over_them_each() {
+    let mut conn = Connection::new(config(false), Instant::now());
+    // 10,000 feeds of ours; feed i holds i entries, all of them.
+    conn.local_lengths = (0..10_000u64)
+        .map(|i| {
+            let mut feed = [0u8; 32];
+            feed[..8].copy_from_slice(&i.to_le_bytes());
+            (feed, i, i)
+        })
+        .collect();
+    let offer = |i: u64, length: u64| {
+        let mut feed = [0u8; 32];
+        feed[..8].copy_from_slice(&i.to_le_bytes());
+        multifeed_meta::FeedOffer { key: feed, length }
+    };
+    // A hostile peer offers one feed per message: each answer is right, and after a few
+    // passes over our list the map answers (was: a pass over all 10,000 per message).
+    for round in 0..100u64 {
+        let offers = [
+            offer(round, round + 1),
+            offer(round + 1, round),
+            offer(20_000 + round, 1),
+        ];
+        assert_eq!(conn.lacking(&offers), [true, false, true], "round {round}");
+    }
+    assert!(conn.local_index.is_some(), "the map was built");
+    assert!(
+        conn.local_scans <= 4,
+        "{} passes over our feeds",
+        conn.local_scans
+    );
+}
