@@ -4,9 +4,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use hypercore::{generate_signing_key, PartialKeypair, SigningKey, VerifyingKey};
-use multifeed_storage::SnapshotFeed;
 use multifeed_storage::{
-    FeedKey, FeedOrigin, IndexRecovery, RootStorage, SharedCore, StorageFactory,
+    FeedKey, FeedOrigin, IndexRecovery, RootStorage, SharedCore, SnapshotFeed, StorageFactory,
 };
 
 use crate::builder::{Config, MultifeedBuilder};
@@ -62,9 +61,6 @@ impl Multifeed {
         events.set_overflow(true);
         events.set_await_active(false);
         let inner = Inner {
-            any_marks: AtomicBool::new(
-                !root.marks().removed.is_empty() || !root.marks().denied.is_empty(),
-            ),
             marks: RwLock::new(root.marks().clone()),
             snapshot: std::sync::Mutex::new((!snapshot.is_empty()).then_some(snapshot)),
             opener: root.opener(),

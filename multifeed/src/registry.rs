@@ -156,32 +156,6 @@ fn close_idle(slot: &FeedSlot) -> Closing {
     Closing::Closed
 }
 
-/// The index's marks, held for writing; on drop, [`Inner::blocks`] learns whether any is left.
-pub(crate) struct MarksGuard<'a> {
-    marks: RwLockWriteGuard<'a, multifeed_storage::KeyMarks>,
-    any: &'a AtomicBool,
-}
-
-impl std::ops::Deref for MarksGuard<'_> {
-    type Target = multifeed_storage::KeyMarks;
-    fn deref(&self) -> &Self::Target {
-        &self.marks
-    }
-}
-
-impl std::ops::DerefMut for MarksGuard<'_> {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.marks
-    }
-}
-
-impl Drop for MarksGuard<'_> {
-    fn drop(&mut self) {
-        let any = !self.marks.removed.is_empty() || !self.marks.denied.is_empty();
-        self.any.store(any, Ordering::Release);
-    }
-}
-
 /// The cores open now, oldest first, for the bound on open cores (`max_open_feeds`).
 #[derive(Debug, Default)]
 pub(crate) struct OpenCores {
@@ -196,8 +170,6 @@ pub(crate) struct Inner {
     /// The index's removed and denied keys, for the replication filters (kept in step with
     /// the root's).
     pub(crate) marks: RwLock<multifeed_storage::KeyMarks>,
-    /// Whether `marks` holds any key (kept by [`Inner::marks_mut`]).
-    pub(crate) any_marks: AtomicBool,
     /// The lengths snapshot this multifeed was opened with, until a replication first lists
     /// the feeds and checks it ([`Inner::check_snapshot`]).
     pub(crate) snapshot: std::sync::Mutex<Option<multifeed_storage::LengthsSnapshot>>,
@@ -564,20 +536,15 @@ impl Inner {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    pub(crate) fn marks_mut(&self) -> MarksGuard<'_> {
-        MarksGuard {
-            marks: self
-                .marks
-                .write()
-                .unwrap_or_else(|poisoned| poisoned.into_inner()),
-            any: &self.any_marks,
-        }
+    pub(crate) fn marks_mut(&self) -> RwLockWriteGuard<'_, multifeed_storage::KeyMarks> {
+        self.marks
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Whether `key` is removed or denied. Asked for every feed on every connection: without
-    /// marks (most stores) it takes no lock.
+    /// Whether `key` is removed or denied.
     pub(crate) fn blocks(&self, key: &FeedKey) -> bool {
-        self.any_marks.load(Ordering::Acquire) && self.marks().blocks(key)
+        self.marks().blocks(key)
     }
 
     pub(crate) fn table(&self) -> RwLockReadGuard<'_, FeedTable> {

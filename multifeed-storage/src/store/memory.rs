@@ -132,19 +132,16 @@ impl Sparse {
 
     fn read(&self, offset: u64, length: u64) -> Vec<u8> {
         let end = offset + length;
+        let before = self.runs.range(..=offset).next_back();
         // Fast path: one run holds it all.
-        if let Some((&at, run)) = self.runs.range(..=offset).next_back() {
+        if let Some((&at, run)) = before {
             if at + run.len() as u64 >= end {
                 let from = (offset - at) as usize;
                 return run[from..from + length as usize].to_vec();
             }
         }
         let mut out = vec![0u8; length as usize];
-        let first = self
-            .runs
-            .range(..=offset)
-            .next_back()
-            .map_or(offset, |(&at, _)| at);
+        let first = before.map_or(offset, |(&at, _)| at);
         for (&at, run) in self.runs.range(first..end) {
             let run_end = at + run.len() as u64;
             let (from, to) = (at.max(offset), run_end.min(end));
