@@ -20,8 +20,9 @@
 //! Why negentropy: it is the maintained, specified implementation of range-based set
 //! reconciliation (Aljoscha Meyer's method, as iroh-docs uses it), with a conformance suite
 //! across languages, bounded frames, and checks on every count it reads; the crate has no
-//! dependencies. Its ids are 32 bytes, ours are 24 bytes of the feed key and 8 of the length
-//! ([`item_id`]), so no hashing is needed.
+//! dependencies. Its ids are 32 bytes, ours are 24 bytes of the feed key and 8 mixed from the
+//! key and the length ([`item_id`]): no cryptographic hash per feed, and, since negentropy's
+//! fingerprints are sums of ids, no two changed lengths that cancel out.
 //!
 //! ```
 //! use multifeed_meta::{Action, Exchange, ExchangeConfig, FeedOffer, Message};
