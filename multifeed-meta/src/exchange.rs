@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 
 use crate::message::{FeedKey, FeedOffer, Message, MAX_KEYS_PER_MESSAGE};
-use crate::reconcile::{incomplete_item_id, item_id, ItemId, Reconciler};
+use crate::reconcile::{incomplete_item_id, item_id, IdKey, ItemId, Reconciler};
 use crate::MetaError;
 
 /// Our client name, as JS multifeed sends it.
@@ -32,6 +32,11 @@ pub struct ExchangeConfig {
     /// Whether we drive the reconciliation (the replication's initiator); the other side
     /// answers. Exactly one side of a connection must.
     pub initiator: bool,
+    /// 16 random bytes for our handshake (default: fresh from the thread's CSPRNG). XORed
+    /// with the peer's, they key the connection's item ids, so that no third party can plant a
+    /// feed whose item collides with another's ([`item_id`](crate::item_id)). Set it only to
+    /// make a test deterministic.
+    pub nonce: [u8; 16],
 }
 
 impl Default for ExchangeConfig {
@@ -43,6 +48,7 @@ impl Default for ExchangeConfig {
             live: false,
             max_remote_feeds: 100_000,
             initiator: false,
+            nonce: rand::random(),
         }
     }
 }
@@ -107,6 +113,8 @@ pub struct Exchange {
     state: State,
     /// Offers made before our first round began: the set we reconcile.
     queued: Vec<FeedOffer>,
+    /// The key of this connection's item ids: the two handshake nonces XORed.
+    id_key: IdKey,
     /// Feeds we hold with gaps (key and contiguous length), marked before the round began.
     incomplete: HashMap<FeedKey, u64>,
     /// Whether our first round waits for the handshake (even an empty one).
@@ -143,6 +151,7 @@ impl Exchange {
             config,
             state: State::New,
             queued: Vec::new(),
+            id_key: [0; 16],
             incomplete: HashMap::new(),
             round_queued: false,
             round: Round::Waiting,
@@ -173,6 +182,7 @@ impl Exchange {
             client: self.config.client.clone(),
             version: self.config.version.clone(),
             user_data: self.config.user_data.clone(),
+            nonce: self.config.nonce,
         })]
     }
 
@@ -339,6 +349,7 @@ impl Exchange {
                     client,
                     version,
                     user_data,
+                    nonce,
                 },
             ) => {
                 if client != self.config.client {
@@ -354,6 +365,13 @@ impl Exchange {
                     });
                 }
                 self.state = State::Ready;
+                for (key, (ours, theirs)) in self
+                    .id_key
+                    .iter_mut()
+                    .zip(self.config.nonce.iter().zip(nonce))
+                {
+                    *key = ours ^ theirs;
+                }
                 let mut actions = vec![Action::RemoteHandshake { version, user_data }];
                 if self.round_queued {
                     actions.extend(self.begin_round()?);
@@ -468,8 +486,10 @@ impl Exchange {
             .into_iter()
             .map(|offer| {
                 let id = match self.incomplete.get(&offer.key) {
-                    Some(&contiguous) => incomplete_item_id(&offer.key, contiguous, initiator),
-                    None => item_id(&offer.key, offer.length),
+                    Some(&contiguous) => {
+                        incomplete_item_id(&self.id_key, &offer.key, contiguous, initiator)
+                    }
+                    None => item_id(&self.id_key, &offer.key, offer.length),
                 };
                 (id, offer)
             })
@@ -499,7 +519,7 @@ impl Exchange {
         let (have, need) = reconciler.outcome();
         let lacking: HashSet<ItemId> = have
             .iter()
-            .map(|offer| item_id(&offer.key, offer.length))
+            .map(|offer| item_id(&self.id_key, &offer.key, offer.length))
             .collect();
         // Ours the peer lacks (and the ones we hold with gaps, whose ids never match), then
         // the peer's we lack.

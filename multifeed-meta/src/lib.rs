@@ -20,9 +20,9 @@
 //! Why negentropy: it is the maintained, specified implementation of range-based set
 //! reconciliation (Aljoscha Meyer's method, as iroh-docs uses it), with a conformance suite
 //! across languages, bounded frames, and checks on every count it reads; the crate has no
-//! dependencies. Its ids are 32 bytes, ours are 24 bytes of the feed key and 8 mixed from the
-//! key and the length ([`item_id`]): no cryptographic hash per feed, and, since negentropy's
-//! fingerprints are sums of ids, no two changed lengths that cancel out.
+//! dependencies. Its ids are 32 bytes, ours are 24 bytes of the feed key and 8 of SipHash-1-3
+//! of the key and length, keyed by both handshake nonces ([`item_id`]): negentropy's
+//! fingerprints are sums of ids, so ids must not be predictable, nor lengths add up.
 //!
 //! ```
 //! use multifeed_meta::{Action, Exchange, ExchangeConfig, FeedOffer, Message};
@@ -78,7 +78,7 @@ pub use message::{
     MAX_USER_DATA_LEN, MAX_VERSION_LEN,
 };
 pub use reconcile::{
-    incomplete_item_id, item_id, ItemId, MAX_RECONCILE_BYTES, MAX_RECONCILE_ROUNDS,
+    incomplete_item_id, item_id, IdKey, ItemId, MAX_RECONCILE_BYTES, MAX_RECONCILE_ROUNDS,
 };
 pub use semver;
 

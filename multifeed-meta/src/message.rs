@@ -43,7 +43,7 @@ pub struct FeedOffer {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Message {
-    /// Who we are: client name, protocol version, application data.
+    /// Who we are: client name, protocol version, application data, and a nonce.
     Handshake {
         /// Client name, `MULTIFEED` for this implementation.
         client: String,
@@ -51,6 +51,8 @@ pub enum Message {
         version: semver::Version,
         /// Opaque application data.
         user_data: Vec<u8>,
+        /// 16 random bytes; the two sides' nonces, XORed, key the connection's item ids.
+        nonce: [u8; 16],
     },
     /// Feeds we offer; `complete` ends a round of offers.
     Manifest {
@@ -108,11 +110,13 @@ impl Message {
                 client,
                 version,
                 user_data,
+                nonce,
             } => {
                 out.push(HANDSHAKE);
                 put_bytes(&mut out, client.as_bytes());
                 put_bytes(&mut out, version.to_string().as_bytes());
                 put_bytes(&mut out, user_data);
+                out.extend_from_slice(nonce);
             }
             Self::Manifest { feeds, complete } => {
                 out.push(MANIFEST);
@@ -168,10 +172,13 @@ impl Message {
                 let version = semver::Version::parse(&version)
                     .map_err(|_| DecodeError::InvalidVersion(version.clone()))?;
                 let user_data = r.bytes("user_data", MAX_USER_DATA_LEN)?.to_vec();
+                let mut nonce = [0u8; 16];
+                nonce.copy_from_slice(r.take(16, "nonce")?);
                 Self::Handshake {
                     client,
                     version,
                     user_data,
+                    nonce,
                 }
             }
             MANIFEST => {

@@ -1,26 +1,35 @@
 //! Range-based set reconciliation of the offered (key, length) sets, with negentropy.
 //!
 //! Each side's set holds one item per feed it offers. An item's id is the first 24 bytes of
-//! the feed key followed by 8 bytes mixed from the rest of the key and the length
-//! ([`item_id`]), so a feed held at another length is another item, and an equal feed is the
-//! same item on both sides.
+//! the feed key followed by 8 bytes of SipHash-1-3 of the key and the length, keyed by the
+//! connection's [`IdKey`] ([`item_id`]), so a feed held at another length is another item, and
+//! an equal feed is the same item on both sides.
 //!
-//! Why mixed, not the length itself: negentropy's fingerprint of a range is the *sum* of its
-//! ids (mod 2^256) and their count. With the length in the id as it is, two feeds that each grew
-//! by one, one on either side, sum to the same fingerprint whenever they fall in the same range,
-//! and neither was ever offered: found by CI, where 1 re-sync in 12 of 200 feeds missed two of
-//! three changes, and every re-sync after it too. Through a bijective 64-bit mix (splitmix64's
-//! finalizer, keyed by the key's last 8 bytes) the ids of one feed at two lengths differ
-//! unpredictably, so sums of different sets collide with odds of about 2^-64. A BLAKE2b of
-//! (key, length) would do the same at about 100 times the cost, paid for every feed on every
-//! connection. A peer that picks its own items to collide gains nothing: a collision only
-//! hides differences between its set and ours, which it could hide by not offering them. The replication's initiator
-//! drives negentropy's rounds: it sends fingerprints of ranges of ids, the responder answers
-//! each range whose fingerprint differs with finer ranges or with its ids, and so on. Equal sets
-//! agree in one round trip; d differences cost about O(d log n) bytes. At the end the
-//! initiator knows its items the responder lacks (`have`) and the responder's items it lacks
-//! (`need`); it offers the first and asks for the second. Everything else is held the same by
-//! both and is never sent.
+//! The replication's initiator drives negentropy's rounds: it sends fingerprints of ranges of
+//! ids, the responder answers each range whose fingerprint differs with finer ranges or with
+//! its ids, and so on. Equal sets agree in one round trip; d differences cost about
+//! O(d log n) bytes. At the end the initiator knows its items the responder lacks (`have`) and
+//! the responder's items it lacks (`need`); it offers the first and asks for the second.
+//! Everything else is held the same by both and is never sent.
+//!
+//! Why a keyed hash, not the length itself: negentropy's fingerprint of a range is the *sum* of
+//! its ids (mod 2^256) and their count.
+//! - With the length in the id as it is, two feeds that each grew by one, one on either side,
+//!   summed to the same fingerprint whenever they fell in the same range, and neither was ever
+//!   offered. CI found it: 1 re-sync in 12 of 200 feeds missed two of three changes, and every
+//!   re-sync after it did too.
+//! - With an unkeyed mix, a third party could still plant a feed in one store whose item equals
+//!   an honest feed's item in another (same 24-byte prefix, tail solved for), so that the two
+//!   stores never swap either; or plant sets whose sums cancel.
+//! - Keyed by both sides' handshake nonces, ids are unpredictable before the connection: sums
+//!   of different sets collide with odds of about 2^-64 per range, whoever made the keys.
+//!   A side of the connection that picks its own items to collide gains nothing: a collision
+//!   only hides differences between its set and the other's, which it could hide by not
+//!   offering them.
+//!
+//! SipHash-1-3 costs about 20 ns a feed; a BLAKE2b would cost ten times that, for every feed on
+//! every connection. The `siphasher` crate's output is specified and stable across versions,
+//! unlike the standard library's hasher.
 //!
 //! A feed held with gaps must always reach the other side (the peer may fill them), so its item
 //! carries, instead of its length, a value no complete feed has and that differs per side.
@@ -41,32 +50,33 @@ pub const MAX_RECONCILE_ROUNDS: u32 = 64;
 
 const _: () = assert!(MAX_RECONCILE_BYTES + 16 < MAX_MESSAGE_BYTES);
 
-/// The id of a feed held complete at `length`: the key's first 24 bytes, then
-/// `mix(last 8 bytes of the key as little-endian u64 XOR length)` big-endian, where `mix` is
-/// splitmix64's finalizer (a bijection, so every length of a feed has its own id).
-pub fn item_id(key: &FeedKey, length: u64) -> ItemId {
-    let mut tail = [0u8; 8];
-    tail.copy_from_slice(&key[24..]);
+/// The key of a connection's item ids: the two handshake nonces XORed.
+pub type IdKey = [u8; 16];
+
+/// The id of a feed held complete at `length`: the key's first 24 bytes, then SipHash-1-3,
+/// keyed by `id_key`, of the key followed by the length (little-endian), big-endian.
+pub fn item_id(id_key: &IdKey, key: &FeedKey, length: u64) -> ItemId {
+    let mut input = [0u8; 40];
+    input[..32].copy_from_slice(key);
+    input[32..].copy_from_slice(&length.to_le_bytes());
+    let tail = siphasher::sip::SipHasher13::new_with_key(id_key).hash(&input);
     let mut id = [0u8; 32];
     id[..24].copy_from_slice(&key[..24]);
-    id[24..].copy_from_slice(&mix(u64::from_le_bytes(tail) ^ length).to_be_bytes());
+    id[24..].copy_from_slice(&tail.to_be_bytes());
     id
 }
 
-/// splitmix64's finalizer (Stafford's "Mix13"): a bijection of `u64` whose outputs for
-/// nearby inputs are unrelated, so sums of ids do not cancel as sums of lengths do.
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-/// The id of a feed held with gaps (contiguous below its length): mixed from a value with the
-/// top bit set (no length has it) and one bit for the side; the mix being a bijection, it never
-/// matches an item of the peer.
-pub fn incomplete_item_id(key: &FeedKey, contiguous: u64, initiator: bool) -> ItemId {
+/// The id of a feed held with gaps (contiguous below its length): hashed from a value with the
+/// top bit set (no length has it) and one bit for the side, so it matches no item of the peer
+/// (but with odds of 2^-64).
+pub fn incomplete_item_id(
+    id_key: &IdKey,
+    key: &FeedKey,
+    contiguous: u64,
+    initiator: bool,
+) -> ItemId {
     let marker = (1u64 << 63) | (u64::from(initiator) << 62) | (contiguous & ((1 << 62) - 1));
-    item_id(key, marker)
+    item_id(id_key, key, marker)
 }
 
 /// One side's part of a reconciliation.

@@ -4,7 +4,9 @@ use std::collections::HashSet;
 
 use proptest::prelude::*;
 
-use crate::tests::{handshake, initiator, past_first_round, sends};
+use crate::tests::{
+    encoded_len, first_round, handshake, initiator, past_first_round, sends, FirstRound,
+};
 use crate::*;
 
 /// A distinct, well-spread key per number.
@@ -82,8 +84,7 @@ fn differences_cost_what_differs_and_the_union_is_offered() {
     theirs.extend(feeds(20_000..20_020, 9));
 
     let (from_a, from_b) = reconcile(ours, theirs);
-    let bytes = |messages: &[Message]| -> usize { messages.iter().map(|m| m.encode().len()).sum() };
-    let (bytes_a, bytes_b) = (bytes(&from_a), bytes(&from_b));
+    let (bytes_a, bytes_b) = (encoded_len(&from_a), encoded_len(&from_b));
     let expect_a: HashSet<FeedKey> = (10_000..10_050).chain(20_000..20_020).map(key).collect();
     let expect_b: HashSet<FeedKey> = (30_000..30_030).chain(20_000..20_020).map(key).collect();
     assert_eq!(offered_in(&from_a), expect_a);
@@ -93,30 +94,16 @@ fn differences_cost_what_differs_and_the_union_is_offered() {
     assert!(bytes_a + bytes_b < 64 * 1024, "{bytes_a} + {bytes_b} bytes");
 }
 
-/// Runs a first round between an initiator offering `ours` and a responder offering `theirs`,
-/// every message through its encoding: the messages each sent.
+/// The messages an initiator offering `ours` and a responder offering `theirs` sent in their
+/// first round.
 fn reconcile(ours: Vec<FeedOffer>, theirs: Vec<FeedOffer>) -> (Vec<Message>, Vec<Message>) {
-    let mut a = Exchange::new(initiator());
-    let mut b = Exchange::new(ExchangeConfig::default());
-    let mut to_b = sends(&a.start());
-    to_b.extend(sends(&a.offer(ours)));
-    let mut to_a = sends(&b.start());
-    to_a.extend(sends(&b.offer(theirs)));
-    let (mut from_a, mut from_b) = (Vec::new(), Vec::new());
-    for _ in 0..100 {
-        if to_a.is_empty() && to_b.is_empty() {
-            return (from_a, from_b);
-        }
-        for message in std::mem::take(&mut to_b) {
-            from_a.push(message.clone());
-            to_a.extend(sends(&b.handle(&message.encode()).expect("valid")));
-        }
-        for message in std::mem::take(&mut to_a) {
-            from_b.push(message.clone());
-            to_b.extend(sends(&a.handle(&message.encode()).expect("valid")));
-        }
-    }
-    panic!("the round did not end in 100 steps");
+    let round = first_round(
+        ExchangeConfig::default(),
+        ExchangeConfig::default(),
+        ours,
+        theirs,
+    );
+    (round.from_a, round.from_b)
 }
 
 #[test]
@@ -127,7 +114,8 @@ fn two_feeds_that_each_grew_by_one_on_either_side_are_both_found() {
     // share every range; pairs from all over the set.
     let count = 2_000u32;
     let mut order: Vec<u32> = (0..count).collect();
-    order.sort_by_key(|&n| item_id(&key(n), 1));
+    // Ids sort by the key's first 24 bytes.
+    order.sort_by_key(|&n| key(n)[..24].to_vec());
     for at in (0..count as usize - 1).step_by(97) {
         let (p, q) = (order[at], order[at + 1]);
         let at_lengths = |lp: u64, lq: u64| -> Vec<FeedOffer> {
@@ -147,6 +135,29 @@ fn two_feeds_that_each_grew_by_one_on_either_side_are_both_found() {
             offered_in(&from_b),
             both,
             "responder's offers, pair at {at}"
+        );
+    }
+}
+
+#[test]
+fn item_ids_are_keyed_per_connection_by_both_nonces() {
+    // Ids a third party can predict could be planted to collide with an honest feed's: they
+    // depend on the id key, and the id key on both sides' nonces.
+    let feed = key(1);
+    assert_ne!(item_id(&[1; 16], &feed, 3), item_id(&[2; 16], &feed, 3));
+    assert_ne!(item_id(&[1; 16], &feed, 3), item_id(&[1; 16], &feed, 4));
+    assert_eq!(item_id(&[1; 16], &feed, 3)[..24], feed[..24]);
+    let set = feeds(0..1_000, 2);
+    for (na, nb) in [([1; 16], [2; 16]), ([1; 16], [3; 16]), ([9; 16], [9; 16])] {
+        let config = |nonce| ExchangeConfig {
+            nonce,
+            ..ExchangeConfig::default()
+        };
+        let FirstRound { a, b, .. } = first_round(config(na), config(nb), set.clone(), set.clone());
+        assert!(a.settled() && b.settled());
+        assert!(
+            a.wanted().is_empty() && b.wanted().is_empty(),
+            "equal sets agree"
         );
     }
 }
@@ -249,7 +260,9 @@ fn a_responder_that_never_agrees_is_cut_off_after_the_round_limit() {
 #[test]
 fn a_need_list_of_unknown_ids_names_nothing() {
     let mut ex = responder();
-    let unknown: Vec<ItemId> = (5_000..6_000).map(|n| item_id(&key(n), 1)).collect();
+    let unknown: Vec<ItemId> = (5_000..6_000)
+        .map(|n| item_id(&[7; 16], &key(n), 1))
+        .collect();
     let mut sent = Vec::new();
     for (i, chunk) in unknown.chunks(500).enumerate() {
         sent.extend(sends(

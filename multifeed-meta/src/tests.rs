@@ -20,6 +20,7 @@ pub(crate) fn handshake() -> Message {
         client: CLIENT.into(),
         version: PROTOCOL_VERSION,
         user_data: b"hi".to_vec(),
+        nonce: [7; 16],
     }
 }
 
@@ -40,42 +41,77 @@ pub(crate) fn initiator() -> ExchangeConfig {
     }
 }
 
-/// Runs an initiator and a responder through the handshake and the reconciliation, requesting
-/// nothing; returns both and the bytes each sent.
-pub(crate) fn past_first_round(
-    config: ExchangeConfig,
+/// An initiator (`a`) and a responder (`b`) past their first round, and every message each
+/// sent, through its encoding.
+pub(crate) struct FirstRound {
+    pub(crate) a: Exchange,
+    pub(crate) b: Exchange,
+    pub(crate) from_a: Vec<Message>,
+    pub(crate) from_b: Vec<Message>,
+}
+
+/// Runs the first round of an initiator configured `a` offering `ours` and a responder
+/// configured `b` offering `theirs`.
+pub(crate) fn first_round(
+    a: ExchangeConfig,
+    b: ExchangeConfig,
     ours: Vec<FeedOffer>,
     theirs: Vec<FeedOffer>,
-) -> (Exchange, Exchange, usize, usize) {
+) -> FirstRound {
     let mut a = Exchange::new(ExchangeConfig {
         initiator: true,
-        ..config.clone()
+        ..a
     });
     let mut b = Exchange::new(ExchangeConfig {
         initiator: false,
-        ..config
+        ..b
     });
     let mut to_b = sends(&a.start());
     to_b.extend(sends(&a.offer(ours)));
     let mut to_a = sends(&b.start());
     to_a.extend(sends(&b.offer(theirs)));
-    let (mut sent_a, mut sent_b) = (0, 0);
+    let (mut from_a, mut from_b) = (Vec::new(), Vec::new());
     for _ in 0..100 {
         if to_a.is_empty() && to_b.is_empty() {
-            break;
+            return FirstRound {
+                a,
+                b,
+                from_a,
+                from_b,
+            };
         }
         for message in std::mem::take(&mut to_b) {
-            let bytes = message.encode();
-            sent_a += bytes.len();
-            to_a.extend(sends(&b.handle(&bytes).expect("valid for the responder")));
+            to_a.extend(sends(
+                &b.handle(&message.encode())
+                    .expect("valid for the responder"),
+            ));
+            from_a.push(message);
         }
         for message in std::mem::take(&mut to_a) {
-            let bytes = message.encode();
-            sent_b += bytes.len();
-            to_b.extend(sends(&a.handle(&bytes).expect("valid for the initiator")));
+            to_b.extend(sends(
+                &a.handle(&message.encode())
+                    .expect("valid for the initiator"),
+            ));
+            from_b.push(message);
         }
     }
-    (a, b, sent_a, sent_b)
+    panic!("the first round did not end in 100 steps");
+}
+
+/// The bytes of these messages, encoded.
+pub(crate) fn encoded_len(messages: &[Message]) -> usize {
+    messages.iter().map(|m| m.encode().len()).sum()
+}
+
+/// [`first_round`] with one config for both sides: the exchanges and the bytes each sent.
+pub(crate) fn past_first_round(
+    config: ExchangeConfig,
+    ours: Vec<FeedOffer>,
+    theirs: Vec<FeedOffer>,
+) -> (Exchange, Exchange, usize, usize) {
+    let round = first_round(config.clone(), config, ours, theirs);
+    let (sent_a, sent_b) = (encoded_len(&round.from_a), encoded_len(&round.from_b));
+    (round.a, round.b, sent_a, sent_b)
 }
 
 /// An initiator past its first round, with nothing offered either way.
@@ -147,6 +183,9 @@ fn decoding_rejects_malformed_input() {
         Message::decode(&bad_version),
         Err(InvalidVersion(_))
     ));
+    // A handshake of the nonce-less format: client, version, user data, and no nonce.
+    let no_nonce = [1, 1, b'M', 5, b'2', b'.', b'0', b'.', b'0', 0];
+    assert_eq!(Message::decode(&no_nonce), Err(Truncated("nonce")));
     let huge = vec![5; MAX_MESSAGE_BYTES + 1];
     assert!(matches!(
         Message::decode(&huge),
@@ -184,6 +223,7 @@ fn handshake_checks_client_and_version() {
             client: "OTHER".into(),
             version: PROTOCOL_VERSION,
             user_data: vec![],
+            nonce: [0; 16],
         })
         .unwrap_err();
     assert_eq!(err.code(), "ERR_CLIENT_MISMATCH");
@@ -195,6 +235,7 @@ fn handshake_checks_client_and_version() {
             client: CLIENT.into(),
             version: semver::Version::new(1, 0, 0),
             user_data: vec![],
+            nonce: [0; 16],
         })
         .unwrap_err();
     // A 1.x peer offers every feed on every connection: refused.
@@ -215,6 +256,7 @@ fn handshake_checks_client_and_version() {
             client: CLIENT.into(),
             version: semver::Version::new(2, 7, 3),
             user_data: vec![],
+            nonce: [0; 16],
         })
         .is_ok());
     let mut ex = Exchange::new(ExchangeConfig {
@@ -227,6 +269,7 @@ fn handshake_checks_client_and_version() {
             client: CLIENT.into(),
             version: semver::Version::new(0, 4, 0),
             user_data: vec![],
+            nonce: [0; 16],
         })
         .unwrap_err();
     assert_eq!(err.code(), "ERR_VERSION_MISMATCH");
@@ -549,13 +592,17 @@ fn arb_message() -> impl Strategy<Value = Message> {
         (
             "[A-Z]{0,64}",
             any::<(u16, u16, u16)>(),
-            proptest::collection::vec(any::<u8>(), 0..100)
+            proptest::collection::vec(any::<u8>(), 0..100),
+            any::<[u8; 16]>()
         )
-            .prop_map(|(client, (ma, mi, pa), user_data)| Message::Handshake {
-                client,
-                version: semver::Version::new(ma.into(), mi.into(), pa.into()),
-                user_data
-            }),
+            .prop_map(
+                |(client, (ma, mi, pa), user_data, nonce)| Message::Handshake {
+                    client,
+                    version: semver::Version::new(ma.into(), mi.into(), pa.into()),
+                    user_data,
+                    nonce
+                }
+            ),
         (
             proptest::collection::hash_map(arb_key(), any::<u64>(), 0..20),
             any::<bool>()

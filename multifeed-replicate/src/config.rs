@@ -144,6 +144,9 @@ pub struct ReplicateConfig {
     pub(crate) plain_feeds: Option<Vec<FeedKey>>,
     pub(crate) protocol_version: Option<multifeed_meta::semver::Version>,
     pub(crate) client: Option<String>,
+    /// The meta handshake's nonce (None: a fresh random one); fixed by the simulator, so that
+    /// a seed gives the same item ids and the same run.
+    pub(crate) nonce: Option<[u8; 16]>,
 }
 
 impl fmt::Debug for ReplicateConfig {
@@ -181,6 +184,7 @@ impl ReplicateConfig {
             plain_feeds: None,
             protocol_version: None,
             client: None,
+            nonce: None,
         }
     }
 

@@ -451,6 +451,7 @@ async fn junk_after_both_sides_synced_does_not_undo_a_completed_sync() {
                 client: "MULTIFEED".to_owned(),
                 version: multifeed_meta::PROTOCOL_VERSION,
                 user_data: Vec::new(),
+                nonce: [0; 16],
             };
             messages.push(Message::Extension(Extension {
                 name: "multifeed".to_owned(),

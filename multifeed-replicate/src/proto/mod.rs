@@ -193,6 +193,9 @@ impl Connection {
             if let Some(client) = &config.client {
                 exchange_config.client = client.clone();
             }
+            if let Some(nonce) = config.nonce {
+                exchange_config.nonce = nonce;
+            }
             Exchange::new(exchange_config)
         });
         let clock = Clock::new(now, &config);

@@ -525,7 +525,11 @@ impl Pair {
         seed: u64,
     ) -> Self {
         let start = Instant::now();
-        let [config_a, config_b] = configs;
+        let [mut config_a, mut config_b] = configs;
+        // The handshake nonces, from the seed (but not the link's draws).
+        let mut rng = StdRng::seed_from_u64(!seed);
+        config_a.nonce = Some(rng.gen());
+        config_b.nonce = Some(rng.gen());
         let [feeds_a, feeds_b] = feeds;
         let mut truth = BTreeMap::new();
         for (key, feed) in feeds_a.iter().chain(feeds_b.iter()) {
