@@ -516,11 +516,7 @@ impl Exchange {
         if let Some(next) = reconciler.step(answer, max_need)? {
             return Ok(vec![Action::Send(Message::Reconcile { data: next })]);
         }
-        let (have, need) = reconciler.outcome();
-        let lacking: HashSet<ItemId> = have
-            .iter()
-            .map(|offer| item_id(&self.id_key, &offer.key, offer.length))
-            .collect();
+        let (have, lacking, need) = reconciler.outcome();
         // Ours the peer lacks (and the ones we hold with gaps, whose ids never match), then
         // the peer's we lack.
         let mut actions = self.end_round(have, &|id| lacking.contains(id));

@@ -36,10 +36,12 @@
 
 use negentropy::{Id, Negentropy, NegentropyStorageVector};
 
+use foldhash::HashSet;
+
 use crate::message::{FeedKey, FeedOffer, MAX_MESSAGE_BYTES};
 use crate::MetaError;
 
-/// An item id: 24 bytes of the feed key, then 8 bytes mixed from the key and the length.
+/// An item id: 24 bytes of the feed key, then 8 bytes of a keyed hash of the key and length.
 pub type ItemId = [u8; 32];
 
 /// The most bytes of one reconciliation message (negentropy's frame size limit).
@@ -183,15 +185,18 @@ impl Reconciler {
     }
 
     /// Initiator, once reconciled: our offers the peer lacks (in the order they were offered),
-    /// and the peer's ids we lack.
-    pub(crate) fn outcome(&mut self) -> (Vec<FeedOffer>, Vec<ItemId>) {
-        let have = std::mem::take(&mut self.have);
-        let have = self.in_offered_order(have.iter().map(|id| &**id));
+    /// their ids, and the peer's ids we lack.
+    pub(crate) fn outcome(&mut self) -> (Vec<FeedOffer>, HashSet<ItemId>, Vec<ItemId>) {
+        let have: HashSet<ItemId> = std::mem::take(&mut self.have)
+            .into_iter()
+            .map(|id| *id)
+            .collect();
+        let offers = self.in_offered_order(have.iter());
         let need = std::mem::take(&mut self.need)
             .into_iter()
             .map(|id| *id)
             .collect();
-        (have, need)
+        (offers, have, need)
     }
 
     fn item(&self, id: &ItemId) -> Option<(usize, FeedOffer)> {
