@@ -26,7 +26,7 @@ impl Connection {
         }
         self.clock.progress(now);
         if self.exchange.is_some() {
-            self.push(Output::OpenChannel(self.config.encryption_key));
+            self.open_root();
         } else {
             self.want_local_feeds(LocalFeedsFor::PlainStart);
         }
@@ -34,6 +34,13 @@ impl Connection {
             self.handle_discovery_key(now, dk)?;
         }
         Ok(())
+    }
+
+    /// Asks the protocol to open our root channel, once per connection.
+    fn open_root(&mut self) {
+        if !std::mem::replace(&mut self.root_asked, true) {
+            self.push(Output::OpenChannel(self.config.encryption_key));
+        }
     }
 
     /// The peer opened a channel we have not opened (yet).
@@ -52,7 +59,8 @@ impl Connection {
             return Ok(());
         }
         if dk == self.root_dk && self.exchange.is_some() {
-            self.push(Output::OpenChannel(self.config.encryption_key));
+            // The peer's open of the root often comes after we asked for ours.
+            self.open_root();
             return Ok(());
         }
         if self.exchange.is_none() || !self.root_open {
@@ -102,7 +110,11 @@ impl Connection {
         self.clock.received(now);
         self.clock.progress(now);
         if dk == self.root_dk && self.exchange.is_some() {
-            self.root_open = true;
+            // Reported again (the peer opened it a second time): the exchange is under way,
+            // and starting it again would list every local feed again.
+            if std::mem::replace(&mut self.root_open, true) {
+                return Ok(());
+            }
             // Our HANDSHAKE goes out before the host lists its feeds: listing a large store
             // can take longer than the peer's handshake timeout.
             let actions = match self.exchange.as_mut() {

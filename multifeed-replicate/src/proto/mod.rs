@@ -86,6 +86,9 @@ pub(crate) struct Connection {
     root_dk: DiscoveryKey,
     /// Our root channel is open both ways.
     root_open: bool,
+    /// We asked the protocol to open our root channel (once: a second open of the same key
+    /// makes hypercore-protocol report the channel again, and the exchange would start twice).
+    root_asked: bool,
     /// Discovery keys we may open: the root, local feeds, agreed feeds.
     known: foldhash::HashMap<DiscoveryKey, FeedKey>,
     /// Feeds offered at the start of the exchange, not in `known` yet: indexed only when the
@@ -203,6 +206,7 @@ impl Connection {
             root_dk: discovery_key(&config.encryption_key),
             exchange,
             root_open: false,
+            root_asked: false,
             known: foldhash::HashMap::default(),
             unindexed: Vec::new(),
             feeds: HashMap::new(),

@@ -23,6 +23,8 @@ pub struct TestHost {
     phantom: Mutex<Vec<FeedKey>>,
     /// How long listing the feeds takes (a large store on a slow disk).
     listing_takes: Mutex<Option<std::time::Duration>>,
+    /// How many times the feeds were listed.
+    listings: std::sync::atomic::AtomicUsize,
 }
 
 impl TestHost {
@@ -103,6 +105,11 @@ impl TestHost {
         *self.listing_takes.lock().unwrap() = Some(time);
     }
 
+    /// How many times a replication listed the feeds so far.
+    pub fn listings(&self) -> usize {
+        self.listings.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Offers `keys` (with length 1) without holding them.
     pub fn offer_phantoms(&self, keys: Vec<FeedKey>) {
         self.phantom.lock().unwrap().extend(keys);
@@ -132,6 +139,8 @@ impl TestHost {
 #[async_trait]
 impl FeedHost for TestHost {
     async fn local_feeds(&self) -> Result<Vec<LocalFeed>, HostError> {
+        self.listings
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let takes = *self.listing_takes.lock().unwrap();
         if let Some(time) = takes {
             async_io::Timer::after(time).await;
