@@ -60,8 +60,10 @@ impl Multifeed {
         let (mut events, receiver) = async_broadcast::broadcast(config.event_capacity.max(1));
         events.set_overflow(true);
         events.set_await_active(false);
+        let marks = root.marks().clone();
         let inner = Inner {
-            marks: RwLock::new(root.marks().clone()),
+            marked: AtomicBool::new(!marks.removed.is_empty() || !marks.denied.is_empty()),
+            marks: RwLock::new(marks),
             snapshot: std::sync::Mutex::new((!snapshot.is_empty()).then_some(snapshot)),
             opener: root.opener(),
             root: async_lock::Mutex::new(Some(root)),
