@@ -242,7 +242,11 @@ impl Exchange {
                 Vec::new()
             }
             (State::Ready, Round::Waiting) => {
-                self.queued.extend(fresh);
+                if self.queued.is_empty() {
+                    self.queued = fresh;
+                } else {
+                    self.queued.extend(fresh);
+                }
                 self.round_queued = true;
                 // Building a sealed negentropy set of our own offers cannot fail (its only
                 // errors are misuse of an unsealed or resealed set); nothing to report to a peer.
@@ -485,7 +489,12 @@ impl Exchange {
         let items = std::mem::take(&mut self.queued)
             .into_iter()
             .map(|offer| {
-                let id = match self.incomplete.get(&offer.key) {
+                let gaps = if self.incomplete.is_empty() {
+                    None
+                } else {
+                    self.incomplete.get(&offer.key)
+                };
+                let id = match gaps {
                     Some(&contiguous) => {
                         incomplete_item_id(&self.id_key, &offer.key, contiguous, initiator)
                     }

@@ -84,8 +84,11 @@ pub fn incomplete_item_id(
 /// One side's part of a reconciliation.
 pub(crate) struct Reconciler {
     negentropy: Negentropy<'static, NegentropyStorageVector>,
-    /// Our items sorted by id, with their place in the order they were offered.
-    items: Vec<(ItemId, usize, FeedOffer)>,
+    /// Our items, in the order they were offered.
+    items: Vec<(ItemId, FeedOffer)>,
+    /// The places in `items` of our distinct ids, sorted by id (the first place of an id
+    /// offered twice).
+    sorted: Vec<u32>,
     rounds: u32,
     /// Initiator: ids of ours the peer lacks.
     have: Vec<Id>,
@@ -120,32 +123,37 @@ fn failed(err: negentropy::Error) -> MetaError {
 impl Reconciler {
     /// A side holding `offers`, each with its item id.
     pub(crate) fn new(offers: Vec<(ItemId, FeedOffer)>) -> Result<Self, MetaError> {
-        let mut items: Vec<(ItemId, usize, FeedOffer)> = offers
-            .into_iter()
-            .enumerate()
-            .map(|(place, (id, offer))| (id, place, offer))
+        // Sorted as 16-byte (head, place) pairs, not as the 72-byte items: the ids' first 8
+        // bytes (the feed key's) almost always differ, and moving whole items was most of
+        // this sort. Equal heads fall back to the whole ids, then to the place.
+        let places = u32::try_from(offers.len()).map_err(|_| MetaError::TooManyFeeds {
+            limit: u32::MAX as usize,
+        })?;
+        let head = |id: &ItemId| u64::from_be_bytes(id[..8].try_into().unwrap_or_default());
+        let mut order: Vec<(u64, u32)> = offers
+            .iter()
+            .zip(0..places)
+            .map(|((id, _), place)| (head(id), place))
             .collect();
-        // Ordered by the ids' first 16 bytes as one integer first (they almost always differ
-        // there): comparing whole ids byte by byte was most of this sort.
-        let head = |id: &ItemId| u128::from_be_bytes(id[..16].try_into().unwrap_or_default());
-        items.sort_unstable_by(|a, b| {
-            head(&a.0)
-                .cmp(&head(&b.0))
-                .then_with(|| a.0.cmp(&b.0))
+        order.sort_unstable_by(|a, b| {
+            a.0.cmp(&b.0)
+                .then_with(|| offers[a.1 as usize].0.cmp(&offers[b.1 as usize].0))
                 .then(a.1.cmp(&b.1))
         });
-        items.dedup_by(|later, first| later.0 == first.0);
-        let mut storage = NegentropyStorageVector::with_capacity(items.len());
-        for (id, _, _) in &items {
+        let mut sorted: Vec<u32> = order.into_iter().map(|(_, place)| place).collect();
+        sorted.dedup_by(|later, first| offers[*later as usize].0 == offers[*first as usize].0);
+        let mut storage = NegentropyStorageVector::with_capacity(sorted.len());
+        for &place in &sorted {
             storage
-                .insert(0, Id::from_byte_array(*id))
+                .insert(0, Id::from_byte_array(offers[place as usize].0))
                 .map_err(failed)?;
         }
         storage.seal().map_err(failed)?;
         let negentropy = Negentropy::owned(storage, MAX_RECONCILE_BYTES as u64).map_err(failed)?;
         Ok(Self {
             negentropy,
-            items,
+            items: offers,
+            sorted,
             rounds: 0,
             have: Vec::new(),
             need: Vec::new(),
@@ -209,11 +217,11 @@ impl Reconciler {
 
     fn item(&self, id: &ItemId) -> Option<(usize, FeedOffer)> {
         let at = self
-            .items
-            .binary_search_by(|(item, _, _)| item.cmp(id))
+            .sorted
+            .binary_search_by(|&place| self.items[place as usize].0.cmp(id))
             .ok()?;
-        let (_, place, offer) = self.items[at];
-        Some((place, offer))
+        let place = self.sorted[at] as usize;
+        Some((place, self.items[place].1))
     }
 
     /// Whether this id is one of our items.
@@ -234,13 +242,16 @@ impl Reconciler {
 
     /// Every offer of ours whose id is not in `lacking`: the ones both sides hold the same.
     pub(crate) fn common(&self, lacking: &dyn Fn(&ItemId) -> bool) -> Vec<FeedOffer> {
-        let mut offers: Vec<(usize, FeedOffer)> = self
-            .items
+        let mut places: Vec<u32> = self
+            .sorted
             .iter()
-            .filter(|(id, _, _)| !lacking(id))
-            .map(|&(_, place, offer)| (place, offer))
+            .copied()
+            .filter(|&place| !lacking(&self.items[place as usize].0))
             .collect();
-        offers.sort_by_key(|(place, _)| *place);
-        offers.into_iter().map(|(_, offer)| offer).collect()
+        places.sort_unstable();
+        places
+            .into_iter()
+            .map(|place| self.items[place as usize].1)
+            .collect()
     }
 }
