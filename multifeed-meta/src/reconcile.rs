@@ -140,8 +140,10 @@ impl Reconciler {
                 .then_with(|| offers[a.1 as usize].0.cmp(&offers[b.1 as usize].0))
                 .then(a.1.cmp(&b.1))
         });
-        let mut sorted: Vec<u32> = order.into_iter().map(|(_, place)| place).collect();
-        sorted.dedup_by(|later, first| offers[*later as usize].0 == offers[*first as usize].0);
+        order.dedup_by(|later, first| {
+            later.0 == first.0 && offers[later.1 as usize].0 == offers[first.1 as usize].0
+        });
+        let sorted: Vec<u32> = order.into_iter().map(|(_, place)| place).collect();
         let mut storage = NegentropyStorageVector::with_capacity(sorted.len());
         for &place in &sorted {
             storage

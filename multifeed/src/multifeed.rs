@@ -194,7 +194,13 @@ impl Multifeed {
         origin: FeedOrigin,
     ) -> Result<Feed, Error> {
         let (record, core) = root.create_feed(key_pair, name, origin).await?;
-        self.inner.marks_mut().removed.remove(&record.key);
+        // A feed added again is no longer removed. (Only then the marks are written: a write
+        // would mark the store as one whose replication filters must look.)
+        if self.inner.marked.load(std::sync::atomic::Ordering::SeqCst)
+            && self.inner.marks().removed.contains(&record.key)
+        {
+            self.inner.marks_mut().removed.remove(&record.key);
+        }
         let core = SharedCore::new(core);
         let slot = Arc::new(FeedSlot::new(record.clone(), CoreState::Open(core)));
         self.inner.table_mut().insert(slot.clone());

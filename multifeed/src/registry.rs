@@ -690,4 +690,31 @@ mod tests {
             assert!(sibling_leaf(&mut core, 4).await.is_none());
         });
     }
+
+    /// Adding feeds marks no key: a store that never removed or denied one keeps its
+    /// replication filters lock-free (they once took the marks lock for every feed on every
+    /// connection, because each feed added wrote the marks).
+    #[test]
+    fn adding_feeds_leaves_the_marks_untouched_until_a_key_is_marked() {
+        use std::sync::atomic::Ordering;
+        async_std::task::block_on(async {
+            let source = crate::Multifeed::open_memory().await.expect("source");
+            let writer = *source.writer("a").await.expect("writer").key();
+            let other = *source.writer("b").await.expect("writer").key();
+            let multi = crate::Multifeed::open_memory().await.expect("store");
+            multi.writer("local").await.expect("writer");
+            multi.add_remote_feed(&writer).await.expect("add");
+            assert!(!multi.inner.marked.load(Ordering::SeqCst));
+            assert!(!multi.inner.blocks(&writer));
+
+            multi.remove_feed(&writer).await.expect("remove");
+            assert!(multi.inner.marked.load(Ordering::SeqCst));
+            assert!(multi.inner.blocks(&writer));
+            assert!(!multi.inner.blocks(&other));
+            // A feed added after a removal is not blocked; the removed one stays blocked.
+            multi.add_remote_feed(&other).await.expect("add");
+            assert!(!multi.inner.blocks(&other));
+            assert!(multi.inner.blocks(&writer));
+        });
+    }
 }

@@ -365,36 +365,45 @@ impl FeedHost for Host {
         // the store's order (the peer schedules downloads in it).
         self.multi.inner.check_snapshot();
         let mut open = Vec::new();
-        let mut feeds: Vec<Option<LocalFeed>> = {
+        let mut feeds: Vec<LocalFeed> = {
             let table = self.multi.inner.table();
             let mut feeds = Vec::with_capacity(table.list.len());
             for slot in &table.list {
                 let closed = self.multi.inner.closed_lengths(slot);
-                feeds.push(closed.map(|(length, contiguous_length)| LocalFeed {
+                let (length, contiguous_length) = closed.unwrap_or_default();
+                if closed.is_none() {
+                    // Its lengths are asked for below.
+                    let feed = crate::Feed::new(slot.clone(), self.multi.inner.clone());
+                    open.push((feeds.len(), feed));
+                }
+                feeds.push(LocalFeed {
                     key: slot.record.key,
                     length,
                     contiguous_length,
                     discovery_key: Some(slot.discovery_key),
-                }));
-                if closed.is_none() {
-                    let feed = crate::Feed::new(slot.clone(), self.multi.inner.clone());
-                    open.push((feeds.len() - 1, feed));
-                }
+                });
             }
             feeds
         };
+        let mut damaged = Vec::new();
         for (place, feed) in open {
-            // A damaged feed is not offered; the others still are.
-            if let Ok(info) = feed.info().await {
-                feeds[place] = Some(LocalFeed {
-                    key: *feed.key(),
-                    length: info.length,
-                    contiguous_length: info.contiguous_length,
-                    discovery_key: Some(*feed.discovery_key()),
-                });
+            match feed.info().await {
+                Ok(info) => {
+                    feeds[place].length = info.length;
+                    feeds[place].contiguous_length = info.contiguous_length;
+                }
+                // A damaged feed is not offered; the others still are.
+                Err(_) => damaged.push(place),
             }
         }
-        Ok(feeds.into_iter().flatten().collect())
+        if !damaged.is_empty() {
+            let mut place = 0;
+            feeds.retain(|_| {
+                place += 1;
+                damaged.binary_search(&(place - 1)).is_err()
+            });
+        }
+        Ok(feeds)
     }
 
     async fn open_feed(&self, key: &FeedKey) -> Result<Option<SharedCore>, HostError> {

@@ -3,7 +3,8 @@
 
 use std::time::Instant;
 
-use hypercore_protocol::Message;
+use hypercore_protocol::{discovery_key, Message};
+use multifeed_storage::FeedKey;
 
 use super::{
     Connection, DiscoveryKey, FeedView, LocalFeedsFor, Output, EXTENSION, MAX_UNKNOWN_CHANNELS,
@@ -73,10 +74,20 @@ impl Connection {
 
     /// The peer opened a channel and we know every local feed's discovery key.
     pub(super) fn peer_opened(&mut self, dk: DiscoveryKey) -> Result<(), ReplicateError> {
-        if !self.known.contains_key(&dk) && !self.unindexed.is_empty() {
-            let unindexed = std::mem::take(&mut self.unindexed);
-            self.known.reserve(unindexed.len());
-            self.known.extend(unindexed);
+        if !self.known.contains_key(&dk) && std::mem::take(&mut self.unindexed) {
+            let offered: Vec<(DiscoveryKey, FeedKey)> = self
+                .local_lengths
+                .iter()
+                .filter(|feed| self.offers(&feed.key))
+                .map(|feed| {
+                    let dk = feed
+                        .discovery_key
+                        .unwrap_or_else(|| discovery_key(&feed.key));
+                    (dk, feed.key)
+                })
+                .collect();
+            self.known.reserve(offered.len());
+            self.known.extend(offered);
         }
         match self.known.get(&dk).copied() {
             Some(key) => self.track_feed(key, None, false),

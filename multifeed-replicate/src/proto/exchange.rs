@@ -25,23 +25,14 @@ impl Connection {
         if self.exchange.is_none() {
             return Ok(());
         }
-        let mut feeds_held: Vec<(FeedKey, u64, u64)> = Vec::with_capacity(feeds.len());
         let mut offers: Vec<FeedOffer> = Vec::with_capacity(feeds.len());
         // A feed held with gaps is always offered (the peer may fill them), even where the
         // reconciliation finds the lengths equal.
         let mut incomplete: Vec<(FeedKey, u64)> = Vec::new();
-        self.unindexed.reserve(feeds.len());
-        for feed in feeds {
-            feeds_held.push((feed.key, feed.length, feed.contiguous_length));
+        for feed in &feeds {
             if !self.offers(&feed.key) {
                 continue;
             }
-            // The peer may open any feed we offer; the host's discovery keys save a keyed
-            // BLAKE2b per feed and connection.
-            let dk = feed
-                .discovery_key
-                .unwrap_or_else(|| discovery_key(&feed.key));
-            self.unindexed.push((dk, feed.key));
             offers.push(FeedOffer {
                 key: feed.key,
                 length: feed.length,
@@ -50,7 +41,10 @@ impl Connection {
                 incomplete.push((feed.key, feed.contiguous_length));
             }
         }
-        self.local_lengths = feeds_held;
+        // The peer may open any feed we offer: they are indexed by discovery key when it
+        // opens one we have not (the host's discovery keys save a keyed BLAKE2b per feed).
+        self.unindexed = true;
+        self.local_lengths = feeds;
         self.local_index = None;
         self.local_scans = 0;
         let actions = match self.exchange.as_mut() {
@@ -165,9 +159,9 @@ impl Connection {
             self.local_scans += 1;
             let mut ours: foldhash::HashMap<FeedKey, Option<(u64, u64)>> =
                 offers.iter().map(|offer| (offer.key, None)).collect();
-            for (key, length, contiguous) in &self.local_lengths {
-                if let Some(slot) = ours.get_mut(key) {
-                    *slot = Some((*length, *contiguous));
+            for feed in &self.local_lengths {
+                if let Some(slot) = ours.get_mut(&feed.key) {
+                    *slot = Some((feed.length, feed.contiguous_length));
                 }
             }
             return offers
@@ -178,7 +172,7 @@ impl Connection {
         let index = self.local_index.get_or_insert_with(|| {
             self.local_lengths
                 .iter()
-                .map(|(key, length, contiguous)| (*key, (*length, *contiguous)))
+                .map(|feed| (feed.key, (feed.length, feed.contiguous_length)))
                 .collect()
         });
         offers

@@ -19,7 +19,7 @@ use multifeed_meta::{Exchange, ExchangeConfig};
 use multifeed_storage::FeedKey;
 
 use crate::transport::weight_of_message;
-use crate::{ReplicateConfig, ReplicateError, ReplicateSummary, ReplicationEvent};
+use crate::{LocalFeed, ReplicateConfig, ReplicateError, ReplicateSummary, ReplicationEvent};
 
 mod channels;
 mod clock;
@@ -91,10 +91,10 @@ pub(crate) struct Connection {
     root_asked: bool,
     /// Discovery keys we may open: the root, local feeds, agreed feeds.
     known: foldhash::HashMap<DiscoveryKey, FeedKey>,
-    /// Feeds offered at the start of the exchange, not in `known` yet: indexed only when the
+    /// The feeds of `local_lengths` we offer are not in `known` yet: indexed only when the
     /// peer opens a channel `known` does not name (a re-sync of equal stores never does, and
     /// so never builds a map of every feed).
-    unindexed: Vec<(DiscoveryKey, FeedKey)>,
+    unindexed: bool,
     feeds: HashMap<DiscoveryKey, FeedSync>,
     /// Downloads still short of their target (non-live).
     incomplete: HashSet<DiscoveryKey>,
@@ -147,7 +147,7 @@ pub(crate) struct Connection {
     queued_downloads: VecDeque<(FeedKey, u64)>,
     /// Our feeds' lengths and contiguous lengths when the exchange started (non-live: what we
     /// ask the peer for), in the host's order.
-    local_lengths: Vec<(FeedKey, u64, u64)>,
+    local_lengths: Vec<LocalFeed>,
     /// `local_lengths` by key, built the first time the peer offers many feeds at once (a
     /// re-sync's few offers are found by one pass over the list instead).
     local_index: Option<foldhash::HashMap<FeedKey, (u64, u64)>>,
@@ -208,7 +208,7 @@ impl Connection {
             root_open: false,
             root_asked: false,
             known: foldhash::HashMap::default(),
-            unindexed: Vec::new(),
+            unindexed: false,
             feeds: HashMap::new(),
             incomplete: HashSet::new(),
             summary: ReplicateSummary::default(),

@@ -624,7 +624,12 @@ fn many_small_offers_get_the_map_of_our_feeds_not_a_pass_over_them_each() {
         .map(|i| {
             let mut feed = [0u8; 32];
             feed[..8].copy_from_slice(&i.to_le_bytes());
-            (feed, i, i)
+            crate::LocalFeed {
+                key: feed,
+                length: i,
+                contiguous_length: i,
+                discovery_key: None,
+            }
         })
         .collect();
     let offer = |i: u64, length: u64| {
