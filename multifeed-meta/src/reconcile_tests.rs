@@ -297,3 +297,28 @@ proptest! {
         let _ = a.handle_message(Message::Reconcile { data });
     }
 }
+
+proptest! {
+    /// The bucketed sort orders (head, place) pairs exactly as a comparison sort does: spread
+    /// heads, heads sharing their top bits (keys made to), and repeated heads.
+    #[test]
+    fn the_bucketed_sort_orders_as_a_comparison_sort(
+        heads in prop::collection::vec(any::<u64>(), 0..5000),
+        shared_top in any::<bool>(),
+        repeat_every in 1usize..50,
+    ) {
+        let mut order: Vec<(u64, u32)> = heads
+            .iter()
+            .enumerate()
+            .map(|(place, &head)| {
+                let head = if shared_top { head >> 20 } else { head };
+                let head = if place % repeat_every == 0 { 7 } else { head };
+                (head, place as u32)
+            })
+            .collect();
+        let mut expected = order.clone();
+        expected.sort_unstable();
+        crate::reconcile::sort_by_head(&mut order, |a, b| a.cmp(b));
+        prop_assert_eq!(order, expected);
+    }
+}

@@ -32,10 +32,26 @@ impl fmt::Debug for CoreState {
 }
 
 /// One feed as the multifeed holds it: its record and, once used, its open hypercore.
+///
+/// Laid out by hand: listing a large store's feeds reads, of every slot, its key, discovery
+/// key, `idle_closed` and `closed_lengths`, and these come first, in the slot's first two
+/// cache lines (scattered among the other fields, they were most of a re-sync's listing).
 #[derive(Debug)]
+#[repr(C, align(64))]
 pub(crate) struct FeedSlot {
-    pub(crate) record: FeedRecord,
+    /// The feed's key (as in `record`).
+    key: FeedKey,
     pub(crate) discovery_key: [u8; 32],
+    /// Whether the core is closed to free memory now, or was never opened but its lengths are
+    /// known from the lengths snapshot of the last clean close (set and cleared under the
+    /// core's lock), so listing feeds reads `closed_lengths` without taking that lock.
+    pub(crate) idle_closed: AtomicBool,
+    /// The length and contiguous length its core had when it was closed to free memory
+    /// (nothing changes a closed core), so the replication's feed list needs no open.
+    /// Lock-free: listing a large store reads it for every feed, and a lock per feed was a
+    /// third of the listing.
+    closed_lengths: ClosedLengths,
+    pub(crate) record: FeedRecord,
     pub(crate) core: async_lock::Mutex<CoreState>,
     /// A second handle on the feed's tree store, to check blocks read against their leaves.
     pub(crate) tree: async_lock::Mutex<Option<multifeed_storage::BoxedStore>>,
@@ -46,15 +62,6 @@ pub(crate) struct FeedSlot {
     pub(crate) read_only: std::sync::atomic::AtomicBool,
     /// Used since the open-core bound last looked at it (a second chance before closing).
     pub(crate) used: AtomicBool,
-    /// The length and contiguous length its core had when it was closed to free memory
-    /// (nothing changes a closed core), so the replication's feed list needs no open.
-    /// Lock-free: listing a large store reads it for every feed, and a lock per feed was a
-    /// third of the listing.
-    closed_lengths: ClosedLengths,
-    /// Whether the core is closed to free memory now, or was never opened but its lengths are
-    /// known from the lengths snapshot of the last clean close (set and cleared under the
-    /// core's lock), so listing feeds reads `closed_lengths` without taking that lock.
-    pub(crate) idle_closed: AtomicBool,
     /// Whether its core was opened in this process (with the checks of a first open).
     pub(crate) opened: AtomicBool,
     /// Its entry in the lengths snapshot, checked against its files, while its core was not
@@ -63,19 +70,25 @@ pub(crate) struct FeedSlot {
 }
 
 impl FeedSlot {
+    /// The feed's key.
+    pub(crate) fn key(&self) -> &FeedKey {
+        &self.key
+    }
+
     pub(crate) fn new(record: FeedRecord, core: CoreState) -> Self {
         // A feed created open (a new writer, a feed just learned) was opened in this process.
         let opened = matches!(core, CoreState::Open(_));
         Self {
+            key: record.key,
             discovery_key: hypercore_protocol::discovery_key(&record.key),
+            idle_closed: AtomicBool::new(false),
+            closed_lengths: ClosedLengths::default(),
             record,
             core: async_lock::Mutex::new(core),
             tree: async_lock::Mutex::new(None),
             restored_length: std::sync::OnceLock::new(),
             read_only: std::sync::atomic::AtomicBool::new(false),
             used: AtomicBool::new(true),
-            closed_lengths: ClosedLengths::default(),
-            idle_closed: AtomicBool::new(false),
             opened: AtomicBool::new(opened),
             snapshot_entry: std::sync::Mutex::new(None),
         }

@@ -377,7 +377,7 @@ impl FeedHost for Host {
                     open.push((feeds.len(), feed));
                 }
                 feeds.push(LocalFeed {
-                    key: slot.record.key,
+                    key: *slot.key(),
                     length,
                     contiguous_length,
                     discovery_key: Some(slot.discovery_key),
