@@ -489,12 +489,7 @@ impl Exchange {
         let items = std::mem::take(&mut self.queued)
             .into_iter()
             .map(|offer| {
-                let gaps = if self.incomplete.is_empty() {
-                    None
-                } else {
-                    self.incomplete.get(&offer.key)
-                };
-                let id = match gaps {
+                let id = match self.incomplete.get(&offer.key) {
                     Some(&contiguous) => {
                         incomplete_item_id(&self.id_key, &offer.key, contiguous, initiator)
                     }

@@ -88,23 +88,19 @@ fn id_head(id: &ItemId) -> u64 {
     u64::from_be_bytes(head)
 }
 
-/// Sorts `order` as `cmp` orders it, which must agree with the order of `head`.
+/// Sorts `order`, whose order must agree with the order of `head`.
 ///
 /// Heads are the first 8 bytes of feed keys, nearly uniform: a large set is first spread into
 /// about one bucket per item by the heads' top bits (one counting pass and one scatter), then
 /// each bucket is sorted on its own; that is linear where a comparison sort of 100,000 items
 /// was a sixth of a re-sync. Keys made to share their top bits only fill one bucket, which is
 /// then sorted as the whole set was before.
-pub(crate) fn sort_by_head<T: Copy + Default>(
-    order: &mut Vec<T>,
-    head: impl Fn(&T) -> u64,
-    cmp: impl Fn(&T, &T) -> std::cmp::Ordering,
-) {
+pub(crate) fn sort_by_head<T: Copy + Default + Ord>(order: &mut Vec<T>, head: impl Fn(&T) -> u64) {
     const MIN_BUCKETED: usize = 1024;
     const MAX_BITS: u32 = 16;
     let n = order.len();
     if n < MIN_BUCKETED {
-        order.sort_unstable_by(cmp);
+        order.sort_unstable();
         return;
     }
     let bits = (usize::BITS - 1 - n.leading_zeros()).min(MAX_BITS);
@@ -128,7 +124,7 @@ pub(crate) fn sort_by_head<T: Copy + Default>(
     for b in 0..(1 << bits) {
         let part = &mut out[starts[b]..starts[b + 1]];
         if part.len() > 1 {
-            part.sort_unstable_by(&cmp);
+            part.sort_unstable();
         }
     }
     *order = out;
@@ -188,7 +184,7 @@ impl Reconciler {
             .zip(0..places)
             .map(|((id, _), place)| (*id, place))
             .collect();
-        sort_by_head(&mut order, |item| id_head(&item.0), |a, b| a.cmp(b));
+        sort_by_head(&mut order, |item| id_head(&item.0));
         order.dedup_by(|later, first| later.0 == first.0);
         let mut storage = NegentropyStorageVector::with_capacity(order.len());
         for (id, _) in &order {

@@ -3,8 +3,7 @@
 
 use std::time::Instant;
 
-use hypercore_protocol::{discovery_key, Message};
-use multifeed_storage::FeedKey;
+use hypercore_protocol::Message;
 
 use super::{
     Connection, DiscoveryKey, FeedView, LocalFeedsFor, Output, EXTENSION, MAX_UNKNOWN_CHANNELS,
@@ -75,19 +74,9 @@ impl Connection {
     /// The peer opened a channel and we know every local feed's discovery key.
     pub(super) fn peer_opened(&mut self, dk: DiscoveryKey) -> Result<(), ReplicateError> {
         if !self.known.contains_key(&dk) && std::mem::take(&mut self.unindexed) {
-            let offered: Vec<(DiscoveryKey, FeedKey)> = self
-                .local_lengths
-                .iter()
-                .filter(|feed| self.offers(&feed.key))
-                .map(|feed| {
-                    let dk = feed
-                        .discovery_key
-                        .unwrap_or_else(|| discovery_key(&feed.key));
-                    (dk, feed.key)
-                })
-                .collect();
-            self.known.reserve(offered.len());
-            self.known.extend(offered);
+            let feeds = std::mem::take(&mut self.local_lengths);
+            self.index_local_feeds(&feeds);
+            self.local_lengths = feeds;
         }
         match self.known.get(&dk).copied() {
             Some(key) => self.track_feed(key, None, false),

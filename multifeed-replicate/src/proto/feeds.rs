@@ -78,11 +78,16 @@ impl Connection {
         }
     }
 
-    /// Learns the discovery keys of every local feed we may serve.
-    fn index_local_feeds(&mut self, feeds: &[LocalFeed]) {
+    /// Learns the discovery keys of every local feed we may serve (the host's, where it keeps
+    /// them: a keyed BLAKE2b saved per feed).
+    pub(super) fn index_local_feeds(&mut self, feeds: &[LocalFeed]) {
+        self.known.reserve(feeds.len());
         for feed in feeds {
             if self.offers(&feed.key) {
-                self.known.insert(discovery_key(&feed.key), feed.key);
+                let dk = feed
+                    .discovery_key
+                    .unwrap_or_else(|| discovery_key(&feed.key));
+                self.known.insert(dk, feed.key);
             }
         }
     }
