@@ -14,7 +14,14 @@ pub const CLIENT: &str = "MULTIFEED";
 /// The version of this exchange protocol. Peers with another major version are refused.
 ///
 /// 2.0.0 reconciles the offered sets before offering (1.x offered every feed every time).
-pub const PROTOCOL_VERSION: semver::Version = semver::Version::new(2, 0, 0);
+/// 2.1.0 adds no message: it tells the peer that we reopen a live feed's channel on news after
+/// it was closed idle (see [`REOPENS_IDLE_CHANNELS`]), so a 2.1 initiator may close idle
+/// channels towards us. A 2.0 peer keeps every live channel open, as before.
+pub const PROTOCOL_VERSION: semver::Version = semver::Version::new(2, 1, 0);
+
+/// The first protocol version whose live peers reopen a feed's channel when they have news for
+/// it, after the initiator closed it idle.
+pub const REOPENS_IDLE_CHANNELS: semver::Version = semver::Version::new(2, 1, 0);
 
 /// Settings of one exchange.
 #[derive(Debug, Clone)]

@@ -72,7 +72,9 @@ mod message;
 mod reconcile;
 
 pub use error::{DecodeError, MetaError};
-pub use exchange::{Action, Exchange, ExchangeConfig, CLIENT, PROTOCOL_VERSION};
+pub use exchange::{
+    Action, Exchange, ExchangeConfig, CLIENT, PROTOCOL_VERSION, REOPENS_IDLE_CHANNELS,
+};
 pub use message::{
     FeedKey, FeedOffer, Message, MAX_CLIENT_LEN, MAX_KEYS_PER_MESSAGE, MAX_MESSAGE_BYTES,
     MAX_USER_DATA_LEN, MAX_VERSION_LEN,

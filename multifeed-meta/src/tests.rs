@@ -242,7 +242,7 @@ fn handshake_checks_client_and_version() {
     assert_eq!(
         err,
         MetaError::VersionMismatch {
-            ours: semver::Version::new(2, 0, 0),
+            ours: semver::Version::new(2, 1, 0),
             theirs: semver::Version::new(1, 0, 0)
         }
     );

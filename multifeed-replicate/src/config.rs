@@ -141,6 +141,7 @@ pub struct ReplicateConfig {
     pub(crate) max_queued_requests: usize,
     pub(crate) max_new_feeds: usize,
     pub(crate) max_syncing_feeds: usize,
+    pub(crate) idle_channel_timeout: Option<Duration>,
     pub(crate) plain_feeds: Option<Vec<FeedKey>>,
     pub(crate) protocol_version: Option<multifeed_meta::semver::Version>,
     pub(crate) client: Option<String>,
@@ -181,6 +182,7 @@ impl ReplicateConfig {
             max_queued_requests: 65_536,
             max_new_feeds: 100_000,
             max_syncing_feeds: 256,
+            idle_channel_timeout: Some(Duration::from_secs(10)),
             plain_feeds: None,
             protocol_version: None,
             client: None,
@@ -280,6 +282,17 @@ impl ReplicateConfig {
     /// feed complete. The limit is ours: the peer trusts nothing of it.
     pub fn max_syncing_feeds(mut self, max: usize) -> Self {
         self.max_syncing_feeds = max.max(1);
+        self
+    }
+
+    /// Live: how long a feed both sides hold the same, complete, stays idle before its channel
+    /// closes (default 10 s; `None` keeps every live channel open). Its hypercore is let go
+    /// with the channel, so a live connection's memory follows the feeds that change, not the
+    /// feeds agreed. When either side has news for the feed (an append, or blocks from another
+    /// connection), it opens the channel again. The initiator closes, and only towards a peer
+    /// of meta protocol 2.1 or later (an older one would not reopen on news).
+    pub fn close_idle_channels_after(mut self, timeout: Option<Duration>) -> Self {
+        self.idle_channel_timeout = timeout;
         self
     }
 

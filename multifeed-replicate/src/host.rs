@@ -22,6 +22,16 @@ pub struct LocalFeed {
     pub discovery_key: Option<[u8; 32]>,
 }
 
+/// A change to the host's feeds, as [`FeedHost::subscribe_changes`] reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LocalChange {
+    /// This feed got new entries or blocks (an append, or blocks stored by any connection).
+    Feed(FeedKey),
+    /// Changes may have been missed (the host's queue overflowed): any feed may have changed.
+    /// A live replication then lists the host's feeds and compares.
+    Lagged,
+}
+
 /// The set of feeds a replication runs against (implemented by the `multifeed` facade).
 ///
 /// All methods may be called concurrently from several connections.
@@ -39,6 +49,17 @@ pub trait FeedHost: Send + Sync + 'static {
     /// A stream of keys of feeds added to the host after this call (local writers created, or
     /// feeds learned from other connections), for live replication to offer them.
     fn subscribe_new_feeds(&self) -> futures::stream::BoxStream<'static, FeedKey>;
+
+    /// A stream of changes to the host's feeds after this call: every append and every batch
+    /// of blocks stored, by any connection, or [`LocalChange::Lagged`] when some may have been
+    /// missed. A live replication closes the channels of idle feeds and lets their hypercores
+    /// go; this is how it hears that one of them has news and opens its channel again. A
+    /// change may be reported more than once; it must not be lost.
+    fn subscribe_changes(&self) -> futures::stream::BoxStream<'static, LocalChange>;
+
+    /// A live connection let go of the cores of feeds whose channels closed idle: a host that
+    /// bounds its open cores may close idle ones now. The default does nothing.
+    fn cores_released(&self) {}
 
     /// Called after a batch of received blocks was stored (before each new burst of requests,
     /// and when the connection ends). A host that promises durability across power loss makes

@@ -41,6 +41,9 @@
 //! #     fn subscribe_new_feeds(&self) -> futures::stream::BoxStream<'static, FeedKey> {
 //! #         Box::pin(futures::stream::pending())
 //! #     }
+//! #     fn subscribe_changes(&self) -> futures::stream::BoxStream<'static, multifeed_replicate::LocalChange> {
+//! #         Box::pin(futures::stream::pending())
+//! #     }
 //! # }
 //! let (a, b) = async_std::os::unix::net::UnixStream::pair()?;
 //! let (host_a, host_b): (Arc<dyn FeedHost>, Arc<dyn FeedHost>) = (Arc::new(Empty), Arc::new(Empty));
@@ -76,7 +79,7 @@ pub use config::{
     DEFAULT_ENCRYPTION_KEY,
 };
 pub use error::{PeerViolation, Phase, ReplicateError};
-pub use host::{FeedHost, HostError, LocalFeed};
+pub use host::{FeedHost, HostError, LocalChange, LocalFeed};
 pub use hypercore_handshake::CipherTrait;
 pub use multifeed_meta::{semver, MetaError};
 

@@ -70,7 +70,7 @@ pub use root::{
     namespace_for, CoreOptions, Durability, FeedOpener, KeyMarks, RestoredFeed, RootStorage,
     INDEX_PATH,
 };
-pub use shared::SharedCore;
+pub use shared::{ChangeHook, ChangeWatch, SharedCore};
 pub use store::{DiskStore, FdPool, MemoryStore};
 
 /// A 32-byte hypercore public key.

@@ -60,6 +60,10 @@ impl Multifeed {
         let (mut events, receiver) = async_broadcast::broadcast(config.event_capacity.max(1));
         events.set_overflow(true);
         events.set_await_active(false);
+        let (mut changes, changes_receiver) =
+            async_broadcast::broadcast(config.event_capacity.max(1024));
+        changes.set_overflow(true);
+        changes.set_await_active(false);
         let marks = root.marks().clone();
         let inner = Inner {
             marked: AtomicBool::new(!marks.removed.is_empty() || !marks.denied.is_empty()),
@@ -71,6 +75,8 @@ impl Multifeed {
             table: RwLock::new(table),
             events,
             _events_open: receiver.deactivate(),
+            changes,
+            _changes_open: changes_receiver.deactivate(),
             closed: AtomicBool::new(false),
             recovery,
             config,
@@ -201,7 +207,7 @@ impl Multifeed {
         {
             self.inner.marks_mut().removed.remove(&record.key);
         }
-        let core = SharedCore::new(core);
+        let core = SharedCore::with_change_hook(core, self.inner.change_hook(record.key));
         let slot = Arc::new(FeedSlot::new(record.clone(), CoreState::Open(core)));
         self.inner.table_mut().insert(slot.clone());
         self.inner.opened(slot.clone());

@@ -212,6 +212,11 @@ pub(crate) struct Inner {
     pub(crate) table: RwLock<FeedTable>,
     pub(crate) events: async_broadcast::Sender<Event>,
     pub(crate) _events_open: async_broadcast::InactiveReceiver<Event>,
+    /// The key of every feed that changes (each core's change hook sends it): what live
+    /// replications watch for news of the feeds whose channels they closed idle. A slow
+    /// receiver loses the oldest and hears that it lagged.
+    pub(crate) changes: async_broadcast::Sender<FeedKey>,
+    pub(crate) _changes_open: async_broadcast::InactiveReceiver<FeedKey>,
     pub(crate) closed: AtomicBool,
     pub(crate) recovery: IndexRecovery,
     pub(crate) config: Config,
@@ -442,7 +447,7 @@ impl Inner {
                     };
                     let _ = slot.restored_length.set(known);
                 }
-                let core = SharedCore::new(core);
+                let core = SharedCore::with_change_hook(core, self.change_hook(*slot.key()));
                 *state = CoreState::Open(core.clone());
                 slot.idle_closed.store(false, Ordering::Release);
                 slot.opened.store(true, Ordering::Release);
@@ -595,6 +600,15 @@ impl Inner {
 
     pub(crate) fn new_event_receiver(&self) -> async_broadcast::Receiver<Event> {
         self.events.new_receiver()
+    }
+
+    /// What a feed's core calls on every change: its key goes to the change watchers.
+    pub(crate) fn change_hook(&self, key: FeedKey) -> multifeed_storage::ChangeHook {
+        let changes = self.changes.clone();
+        Arc::new(move || {
+            // Full: the oldest goes and slow watchers hear `Overflowed`; none: nobody watches.
+            let _ = changes.try_broadcast(key);
+        })
     }
 
     /// Flushes to stable storage after a batch, if the durability option asks for it.

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use futures::stream::{BoxStream, StreamExt};
 use futures::{AsyncRead, AsyncWrite};
-use multifeed_replicate::{FeedHost, HostError, LocalFeed, ReplicateConfig, ReplicationEvent};
+use multifeed_replicate::{
+    FeedHost, HostError, LocalChange, LocalFeed, ReplicateConfig, ReplicationEvent,
+};
 use multifeed_storage::{FeedKey, SharedCore};
 
 pub use multifeed_replicate::{ReplicateSummary, StopHandle, DEFAULT_ENCRYPTION_KEY};
@@ -35,6 +37,7 @@ pub struct ReplicateOptions {
     max_new_feeds: Option<usize>,
     max_in_flight: Option<usize>,
     max_syncing_feeds: Option<usize>,
+    idle_channel_timeout: Option<Option<std::time::Duration>>,
 }
 
 impl fmt::Debug for ReplicateOptions {
@@ -70,6 +73,7 @@ impl ReplicateOptions {
             max_new_feeds: None,
             max_in_flight: None,
             max_syncing_feeds: None,
+            idle_channel_timeout: None,
         }
     }
 
@@ -118,6 +122,16 @@ impl ReplicateOptions {
     /// Non-live, a feed's channel closes once both sides hold it complete.
     pub fn max_syncing_feeds(mut self, max: usize) -> Self {
         self.max_syncing_feeds = Some(max);
+        self
+    }
+
+    /// Live: how long a feed both sides hold the same stays idle before its channel and its
+    /// hypercore are let go (default 10 s; `None` keeps them open). Either side reopens the
+    /// channel when it has news for the feed, so a live connection's memory follows the feeds
+    /// that change. Only the initiator closes, and only towards a peer that reopens on news
+    /// (meta protocol 2.1 or later).
+    pub fn close_idle_channels_after(mut self, timeout: Option<std::time::Duration>) -> Self {
+        self.idle_channel_timeout = Some(timeout);
         self
     }
 
@@ -306,6 +320,9 @@ impl Multifeed {
         if let Some(max) = options.max_in_flight {
             config = config.max_in_flight(max);
         }
+        if let Some(timeout) = options.idle_channel_timeout {
+            config = config.close_idle_channels_after(timeout);
+        }
         if let Some(max) = options.max_syncing_feeds {
             config = config.max_syncing_feeds(max);
         }
@@ -433,6 +450,24 @@ impl FeedHost for Host {
             Some(feed) => feed.block_intact(index, value).await,
             None => true,
         }
+    }
+
+    fn cores_released(&self) {
+        self.multi.inner.trim_open_cores();
+    }
+
+    fn subscribe_changes(&self) -> BoxStream<'static, LocalChange> {
+        let receiver = self.multi.inner.changes.new_receiver();
+        futures::stream::unfold(receiver, |mut receiver| async move {
+            match receiver.recv().await {
+                Ok(key) => Some((LocalChange::Feed(key), receiver)),
+                Err(async_broadcast::RecvError::Overflowed(_)) => {
+                    Some((LocalChange::Lagged, receiver))
+                }
+                Err(async_broadcast::RecvError::Closed) => None,
+            }
+        })
+        .boxed()
     }
 
     fn subscribe_new_feeds(&self) -> BoxStream<'static, FeedKey> {

@@ -1248,3 +1248,75 @@ async fn a_re_sync_of_a_large_set_moves_only_the_few_changed_feeds_both_ways() -
     assert_converged(&a, &b).await?;
     Ok(())
 }
+
+/// Waits (bounded: `what` names the condition) until `done` holds, looking again every 20 ms.
+/// For states no event reports (how many cores are open).
+async fn poll_until(what: &str, mut done: impl FnMut() -> bool) -> TestResult {
+    for _ in 0..1_000 {
+        if done() {
+            return Ok(());
+        }
+        async_io::Timer::after(Duration::from_millis(20)).await;
+    }
+    Err(format!("timed out after 20 s waiting for {what}").into())
+}
+
+/// Live, the channels of idle feeds close and both sides let their cores go, so the stores'
+/// bound on open cores holds again while the connection lives on (before, a live connection
+/// held every agreed feed's core until it ended); an append on either side still arrives,
+/// through a channel opened again for it.
+#[async_std::test]
+async fn live_idle_feeds_let_their_cores_go_and_news_still_arrives() -> TestResult {
+    const FEEDS: usize = 2_000;
+    const MAX_OPEN: usize = 64;
+    let open = || {
+        Multifeed::builder()
+            .memory()
+            .max_open_feeds(MAX_OPEN)
+            .open()
+    };
+    let (a, b) = (open().await?, open().await?);
+    let mut writers = Vec::new();
+    for f in 0..FEEDS {
+        let feed = a.writer(&format!("w{f}")).await?;
+        feed.append(b"one").await?;
+        writers.push(feed);
+    }
+    let wb = b.writer("b").await?;
+    wb.append(b"from b").await?;
+    let idle = Some(Duration::from_millis(200));
+    let options_a = ReplicateOptions::new(true)
+        .live(true)
+        .close_idle_channels_after(idle);
+    let options_b = ReplicateOptions::new(false)
+        .live(true)
+        .close_idle_channels_after(idle);
+    let (stop_a, stop_b) = (options_a.stop_handle(), options_b.stop_handle());
+    let (left, right) = async_std::os::unix::net::UnixStream::pair()?;
+    let ra = {
+        let a = a.clone();
+        async_std::task::spawn(async move { a.replicate(left, options_a).await })
+    };
+    let rb = {
+        let b = b.clone();
+        async_std::task::spawn(async move { b.replicate(right, options_b).await })
+    };
+    for feed in &writers {
+        wait_for_len(&b, *feed.key(), 1).await?;
+    }
+    wait_for_len(&a, *wb.key(), 1).await?;
+    let bounded = || a.open_feeds() <= MAX_OPEN && b.open_feeds() <= MAX_OPEN;
+    poll_until("both stores back within their bound on open cores", bounded).await?;
+
+    writers[7].append(b"two").await?;
+    wait_for_len(&b, *writers[7].key(), 2).await?;
+    wb.append(b"again").await?;
+    wait_for_len(&a, *wb.key(), 2).await?;
+    poll_until("the bound to hold again after the news", bounded).await?;
+
+    stop_a.stop();
+    stop_b.stop();
+    within("a's replication to end", ra).await??;
+    within("b's replication to end", rb).await??;
+    Ok(())
+}

@@ -70,6 +70,8 @@ pub(crate) async fn run(
         cores: HashMap::new(),
         inbound: SelectAll::new(),
         changes: SelectAll::new(),
+        watching: HashMap::new(),
+        released: false,
         backlog,
         timer: async_io::Timer::never(),
         timer_at: None,
@@ -126,6 +128,11 @@ struct Driver {
     /// one message each interleaved every feed's blocks).
     inbound: SelectAll<BoxStream<'static, (DiscoveryKey, Vec<Message>)>>,
     changes: SelectAll<BoxStream<'static, DiscoveryKey>>,
+    /// Live: ends the change stream of each tracked core when the core lets it go (so the
+    /// stream's handle on the core goes too).
+    watching: HashMap<DiscoveryKey, futures::channel::oneshot::Sender<()>>,
+    /// Live cores were let go since the host last heard of it.
+    released: bool,
     backlog: Arc<Backlog>,
     /// Wakes the driver at the core's next deadline (set for `timer_at`).
     timer: async_io::Timer,
@@ -145,6 +152,12 @@ impl Driver {
     ) -> Result<ReplicateSummary, ReplicateError> {
         let mut new_feeds = if subscribe {
             self.host.subscribe_new_feeds().fuse()
+        } else {
+            futures::stream::pending().boxed().fuse()
+        };
+        // Live: news of feeds whose channels closed idle comes from the host.
+        let mut host_changes = if subscribe {
+            self.host.subscribe_changes().fuse()
         } else {
             futures::stream::pending().boxed().fuse()
         };
@@ -187,6 +200,9 @@ impl Driver {
                 continue;
             }
             self.flush_outbox().await?;
+            if std::mem::take(&mut self.released) {
+                self.host.cores_released();
+            }
             let drained = async {
                 if !waiting {
                     futures::future::pending::<()>().await;
@@ -213,6 +229,12 @@ impl Driver {
                     Step::End(result) => return result,
                 },
                 dk = self.changes.select_next_some() => self.on_local_change(dk).await?,
+                change = host_changes.select_next_some() => {
+                    self.conn.handle_host_change(change);
+                    self.drain().await?;
+                    self.conn.check_synced(Instant::now())?;
+                    self.drain().await?;
+                }
                 key = new_feeds.select_next_some() => {
                     self.conn.handle_new_local_feed(key);
                     self.drain().await?;
@@ -499,12 +521,23 @@ fn trace_event(event: &ReplicationEvent) {
     }
 }
 
-/// Yields `dk` whenever the core reports a change.
-fn change_stream(dk: DiscoveryKey, core: SharedCore) -> BoxStream<'static, DiscoveryKey> {
+impl Driver {
+    /// Live: reports the core's changes to the connection until the core lets the feed go.
+    fn watch(&mut self, dk: DiscoveryKey, core: &SharedCore) {
+        let (stop, stopped) = futures::channel::oneshot::channel::<()>();
+        self.watching.insert(dk, stop);
+        self.changes
+            .push(change_stream(dk, core).take_until(stopped).boxed());
+    }
+}
+
+/// Yields `dk` whenever the core reports a change (without keeping the core open: the driver
+/// lets a core go by dropping its handle, and the host may then close it).
+fn change_stream(dk: DiscoveryKey, core: &SharedCore) -> BoxStream<'static, DiscoveryKey> {
     let seen = core.version();
-    futures::stream::unfold((core, seen), move |(core, seen)| async move {
-        let now = core.changed(seen).await;
-        Some((dk, (core, now)))
+    futures::stream::unfold((core.watch(), seen), move |(watch, seen)| async move {
+        let now = watch.changed(seen).await?;
+        Some((dk, (watch, now)))
     })
     .boxed()
 }

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use hypercore_protocol::discovery_key;
 
-use super::{change_stream, Driver};
+use super::Driver;
 use crate::adapter;
 use crate::proto::{OpenFeed, Opened, Output, Purpose};
 use crate::ReplicateError;
@@ -81,6 +81,10 @@ impl Driver {
             }
             Output::DropFeed(dk) => {
                 self.cores.remove(&dk);
+                // Its change stream ends (and lets go of the core).
+                if self.watching.remove(&dk).is_some() {
+                    self.released = true;
+                }
             }
             Output::Serve { dk, request } => {
                 let Some(core) = self.cores.get(&dk).cloned() else {
@@ -102,7 +106,7 @@ impl Driver {
             Output::Promote { dk, key, proof } => {
                 let core = adapter::promote(&*self.host, &key, &proof).await?;
                 if self.live {
-                    self.changes.push(change_stream(dk, core.clone()));
+                    self.watch(dk, &core);
                 }
                 self.cores.insert(dk, core);
             }
@@ -138,7 +142,7 @@ impl Driver {
                 Ok(Some(core)) => {
                     if track {
                         if self.live {
-                            self.changes.push(change_stream(dk, core.clone()));
+                            self.watch(dk, &core);
                         }
                         self.cores.insert(dk, core.clone());
                     }

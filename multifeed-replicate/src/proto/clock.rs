@@ -53,6 +53,11 @@ impl Clock {
         self.last_progress = self.last_progress.max(now);
     }
 
+    /// The latest time handed in with an input.
+    pub(crate) fn latest(&self) -> Instant {
+        self.last_received.max(self.last_progress)
+    }
+
     /// We handed something to the peer.
     pub(crate) fn sent(&mut self) {
         self.sent_since_tick = true;

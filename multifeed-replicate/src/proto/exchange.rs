@@ -73,7 +73,8 @@ impl Connection {
         while let Some(action) = queue.pop_front() {
             match action {
                 Action::Send(message) => self.send_meta(message.encode()),
-                Action::RemoteHandshake { user_data, .. } => {
+                Action::RemoteHandshake { user_data, version } => {
+                    self.peer_reopens = version >= multifeed_meta::REOPENS_IDLE_CHANNELS;
                     self.clock.exchange_done();
                     let remote_key = self.remote_key;
                     self.emit(ReplicationEvent::RemoteHandshake {

@@ -31,6 +31,8 @@ pub(super) struct FeedSync {
     pub(super) remote_contiguous: u64,
     /// Both sides hold the same length of it, complete (as last seen).
     pub(super) in_sync: bool,
+    /// Since when it is in sync (live: its channel closes once it stayed so long enough).
+    pub(super) in_sync_since: Option<std::time::Instant>,
 }
 
 impl FeedSync {
@@ -75,6 +77,10 @@ impl Connection {
                 self.index_local_feeds(&feeds);
                 self.peer_opened(dk)
             }
+            LocalFeedsFor::Recheck => {
+                self.recheck_parked(&feeds);
+                Ok(())
+            }
         }
     }
 
@@ -112,6 +118,7 @@ impl Connection {
         self.known.insert(dk, key);
         self.unknown_channels.remove(&dk);
         self.unopened_served.remove(&dk);
+        self.parked.remove(&dk);
         if !self.feeds.contains_key(&dk) && self.unavailable.contains(&key) {
             return Ok(());
         }
@@ -189,6 +196,9 @@ impl Connection {
     fn insert_feed(&mut self, dk: DiscoveryKey, key: FeedKey, target: Option<u64>, probe: bool) {
         if self.feeds.get(&dk).is_none_or(|feed| feed.in_sync) {
             self.feeds_out_of_sync += 1;
+            // Live: a feed (re)opened on news is out of sync until both hold it again, and
+            // `Synced` is reported again then.
+            self.synced_reported = false;
         }
         let mut sync = SyncState::new(self.config.max_in_flight);
         if let Some(target) = target {
@@ -204,6 +214,7 @@ impl Connection {
                 probe,
                 remote_contiguous: 0,
                 in_sync: false,
+                in_sync_since: None,
             },
         );
     }

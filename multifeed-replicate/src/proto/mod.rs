@@ -26,6 +26,7 @@ mod clock;
 mod exchange;
 mod feeds;
 mod fetch;
+mod idle;
 mod output;
 mod schedule;
 mod serve;
@@ -141,6 +142,14 @@ pub(crate) struct Connection {
     feeds_out_of_sync: usize,
     /// `Synced` was reported and nothing changed since.
     synced_reported: bool,
+    /// The peer reopens a live feed's channel on news once we closed it idle (meta 2.1).
+    peer_reopens: bool,
+    /// Live: agreed feeds whose channel closed while both sides held the same, with that
+    /// length. A change to one of ours opens its channel again.
+    parked: foldhash::HashMap<DiscoveryKey, u64>,
+    /// Live initiator: feeds that came in sync, and when their channel may close if they
+    /// stay so (in order: every entry has the same delay).
+    idle_queue: VecDeque<(Instant, DiscoveryKey)>,
     /// Downloads that hold one of the `max_syncing_feeds` slots.
     syncing: HashSet<DiscoveryKey>,
     /// Downloads waiting for a slot, with their targets.
@@ -233,6 +242,9 @@ impl Connection {
             unsynced_blocks: false,
             feeds_out_of_sync: 0,
             synced_reported: false,
+            peer_reopens: false,
+            parked: foldhash::HashMap::default(),
+            idle_queue: VecDeque::new(),
             syncing: HashSet::new(),
             queued_downloads: VecDeque::new(),
             local_lengths: Vec::new(),
@@ -266,8 +278,13 @@ impl Connection {
 
     /// When [`handle_timeout`](Self::handle_timeout) should be called next.
     pub(crate) fn poll_timeout(&self) -> Option<Instant> {
-        self.clock
-            .next_deadline(self.exchange.is_some() && self.config.live)
+        let clock = self
+            .clock
+            .next_deadline(self.exchange.is_some() && self.config.live);
+        match (clock, self.idle_queue.front()) {
+            (Some(clock), Some(&(idle, _))) => Some(clock.min(idle)),
+            (clock, idle) => clock.or(idle.map(|&(at, _)| at)),
+        }
     }
 
     /// Whether the replication ended normally (finished, stopped, or the peer ended it live).
@@ -288,6 +305,12 @@ impl Connection {
     /// Whether the peer closed the root channel.
     pub(crate) fn peer_closed_root(&self) -> bool {
         self.peer_closed_root
+    }
+
+    /// The number of live feeds whose channel closed idle.
+    #[cfg(test)]
+    pub(crate) fn parked_feeds(&self) -> usize {
+        self.parked.len()
     }
 
     /// The number of feeds tracked on this connection (probes included).
@@ -359,6 +382,7 @@ impl Connection {
         if live_exchange && self.clock.keepalive_due(now) {
             self.keepalive();
         }
+        self.close_idle_channels(now);
         Ok(())
     }
 

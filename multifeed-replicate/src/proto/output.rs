@@ -121,6 +121,9 @@ pub(crate) enum LocalFeedsFor {
     PlainStart,
     /// The peer opened this channel: which local feed it is, if any.
     PeerOpened(DiscoveryKey),
+    /// Live: the host's changes may have been missed; which idle feeds whose channels we
+    /// closed have news.
+    Recheck,
 }
 
 /// A proof being applied: what the core needs to continue (handed back with the result).

@@ -105,9 +105,13 @@ impl Connection {
             }
             let _ = self.download_done(dk);
         }
-        if !self.config.live && self.forget_feed(dk) {
-            self.push(Output::DropFeed(dk));
+        if !self.config.live {
+            if self.forget_feed(dk) {
+                self.push(Output::DropFeed(dk));
+            }
+            return;
         }
+        self.live_feed_closed(dk);
     }
 
     /// Stops tracking a feed; false if it was not tracked.
@@ -137,7 +141,9 @@ impl Connection {
             feed.in_sync = in_sync;
             if in_sync {
                 self.feeds_out_of_sync = self.feeds_out_of_sync.saturating_sub(1);
+                self.came_in_sync(dk);
             } else {
+                feed.in_sync_since = None;
                 self.feeds_out_of_sync += 1;
                 self.synced_reported = false;
             }

@@ -174,6 +174,18 @@ impl Peer {
 
     /// Appends `n` blocks to a feed of ours and tells the connection (live).
     pub(crate) fn append(&mut self, key: FeedKey, n: u64, now: Instant, wire: &mut Vec<Wire>) {
+        self.append_heard(key, n, now, wire, crate::LocalChange::Feed(key));
+    }
+
+    /// Appends, and the host's change stream reports `change` (`Lagged`: the change was lost).
+    pub(crate) fn append_heard(
+        &mut self,
+        key: FeedKey,
+        n: u64,
+        now: Instant,
+        wire: &mut Vec<Wire>,
+        change: crate::LocalChange,
+    ) {
         let feed = self.feeds.entry(key).or_default();
         for _ in 0..n {
             feed.blocks.insert(feed.length);
@@ -185,6 +197,16 @@ impl Peer {
             self.conn.handle_local_change(dk, &view);
             self.drain(now, wire);
         }
+        // The host's change stream tells of it too (a parked feed opens again on it).
+        self.input(
+            now,
+            wire,
+            |c, _| {
+                c.handle_host_change(change);
+                Ok(())
+            },
+            None,
+        );
     }
 
     fn view(&self, dk: &DiscoveryKey) -> Option<FakeFeed> {
@@ -283,7 +305,9 @@ impl Peer {
                 }
             }
             Output::CloseChannel(dk) => {
+                // As hypercore-protocol: a close ends the channel both ways.
                 if self.local_open.remove(&dk) {
+                    self.remote_open.remove(&dk);
                     wire.push(Wire::Close(dk));
                 }
             }
@@ -391,7 +415,11 @@ impl Peer {
                 }
             }
             Wire::Close(dk) => {
-                self.remote_open.remove(&dk);
+                // As hypercore-protocol: the peer's close ends the channel both ways.
+                if !self.remote_open.remove(&dk) {
+                    return;
+                }
+                self.local_open.remove(&dk);
                 self.input(now, wire, |c, _| c.handle_channel_closed(now, dk), None);
             }
             Wire::Message(dk, message) => {
@@ -607,6 +635,18 @@ impl Pair {
         let now = self.now;
         let mut wire = Vec::new();
         self.peers[side].append(key, n, now, &mut wire);
+        self.send(side, wire);
+    }
+
+    /// Appends as [`append`](Self::append), but the host's change stream lost the change and
+    /// says it lagged.
+    pub(crate) fn append_lagged(&mut self, side: usize, key: FeedKey, n: u64) {
+        for peer in &mut self.peers {
+            *peer.truth.entry(key).or_insert(0) += n;
+        }
+        let now = self.now;
+        let mut wire = Vec::new();
+        self.peers[side].append_heard(key, n, now, &mut wire, crate::LocalChange::Lagged);
         self.send(side, wire);
     }
 

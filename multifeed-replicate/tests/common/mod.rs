@@ -7,10 +7,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::stream::BoxStream;
+use futures::stream::{BoxStream, StreamExt};
 use hypercore::{HypercoreBuilder, PartialKeypair, Storage, VerifyingKey};
 use multifeed_replicate::{
-    replicate, FeedHost, HostError, LocalFeed, ReplicateConfig, ReplicateError, ReplicateSummary,
+    replicate, FeedHost, HostError, LocalChange, LocalFeed, ReplicateConfig, ReplicateError,
+    ReplicateSummary,
 };
 use multifeed_storage::{FeedKey, SharedCore};
 
@@ -192,6 +193,20 @@ impl FeedHost for TestHost {
 
     fn subscribe_new_feeds(&self) -> BoxStream<'static, FeedKey> {
         Box::pin(futures::stream::pending())
+    }
+
+    /// The changes of the feeds held when subscribed (this host adds no feeds in live tests).
+    fn subscribe_changes(&self) -> BoxStream<'static, LocalChange> {
+        let feeds = self.feeds.lock().unwrap().clone();
+        let streams = feeds.into_iter().map(|(key, core)| {
+            let seen = core.version();
+            futures::stream::unfold((core, seen), move |(core, seen)| async move {
+                let now = core.changed(seen).await;
+                Some((LocalChange::Feed(key), (core, now)))
+            })
+            .boxed()
+        });
+        futures::stream::select_all(streams).boxed()
     }
 }
 

@@ -654,3 +654,135 @@ fn many_small_offers_get_the_map_of_our_feeds_not_a_pass_over_them_each() {
         conn.local_scans
     );
 }
+
+/// Live peers of meta protocol 2.1: once the first sync settled, every feed's channel closes
+/// after staying idle, and both sides let the feeds go. An append on either side opens the
+/// feed's channel again, the peer gets the entries, and the channel closes again.
+#[test]
+fn live_idle_channels_close_and_open_again_on_news_from_either_side() {
+    let idle = Duration::from_secs(10);
+    let live = |initiator| {
+        config(initiator)
+            .live(true)
+            .max_syncing_feeds(16)
+            .close_idle_channels_after(Some(idle))
+    };
+    let keys: Vec<FeedKey> = (1..=60).map(key).collect();
+    let stores = [
+        keys[..40].iter().map(|k| (*k, FakeFeed::full(3))).collect(),
+        keys[40..].iter().map(|k| (*k, FakeFeed::full(2))).collect(),
+    ];
+    let synced = |pair: &Pair, side: usize| {
+        pair.peers[side]
+            .events
+            .iter()
+            .filter(|e| matches!(e, ReplicationEvent::Synced))
+            .count()
+    };
+    let mut pair = Pair::new([live(true), live(false)], stores, Link::default(), 21);
+    pair.connect();
+    pair.run_for(Duration::from_secs(60), MAX_STEPS);
+    for side in 0..2 {
+        let peer = &pair.peers[side];
+        assert_eq!(peer.feeds.len(), 60, "side {side} holds every feed");
+        assert!(peer.error.is_none(), "side {side}: {:?}", peer.error);
+        assert_eq!(
+            peer.conn.tracked_feeds(),
+            0,
+            "side {side} tracks no idle feed"
+        );
+        assert_eq!(
+            peer.conn.parked_feeds(),
+            60,
+            "side {side} parked every feed"
+        );
+        assert_eq!(synced(&pair, side), 1, "side {side}");
+    }
+    let closes = pair.trace.iter().filter(|t| t.contains(": close")).count();
+    assert_eq!(closes, 60, "one close per feed, by the initiator");
+
+    // News on the side that does not close, then on the one that does.
+    for (side, feed) in [(1, keys[5]), (0, keys[50]), (1, keys[50])] {
+        let before = pair.peers[side].feeds[&feed].length;
+        pair.append(side, feed, 2);
+        pair.run_for(Duration::from_secs(3), MAX_STEPS);
+        let other = &pair.peers[1 - side];
+        assert_eq!(
+            other.feeds[&feed],
+            FakeFeed::full(before + 2),
+            "side {} got the append of side {side}",
+            1 - side
+        );
+        assert_eq!(
+            other.conn.tracked_feeds(),
+            1,
+            "only the feed with news opened"
+        );
+        pair.run_for(idle * 2, MAX_STEPS);
+        for peer in &pair.peers {
+            assert!(peer.error.is_none(), "{:?}", peer.error);
+            assert_eq!(peer.conn.tracked_feeds(), 0, "closed again once idle");
+            assert_eq!(peer.conn.parked_feeds(), 60);
+        }
+    }
+    for side in 0..2 {
+        assert_eq!(
+            synced(&pair, side),
+            4,
+            "side {side}: in sync again after each append"
+        );
+    }
+}
+
+/// Towards a peer of meta protocol 2.0 (which would not reopen on news), live channels stay
+/// open, and its appends still arrive.
+#[test]
+fn live_channels_stay_open_towards_a_peer_that_does_not_reopen() {
+    let live = |initiator| {
+        config(initiator)
+            .live(true)
+            .close_idle_channels_after(Some(Duration::from_secs(5)))
+    };
+    let mut old = live(false);
+    old.protocol_version = Some(multifeed_meta::semver::Version::new(2, 0, 0));
+    let (a, b) = (key(1), key(2));
+    let stores = [
+        feeds(&[(a, FakeFeed::full(3))]),
+        feeds(&[(b, FakeFeed::full(4))]),
+    ];
+    let mut pair = Pair::new([live(true), old], stores, Link::default(), 22);
+    pair.connect();
+    pair.run_for(Duration::from_secs(60), MAX_STEPS);
+    assert_eq!(pair.peers[0].conn.tracked_feeds(), 2, "nothing closed");
+    pair.append(1, b, 1);
+    pair.run_for(Duration::from_secs(3), MAX_STEPS);
+    assert_eq!(pair.peers[0].feeds[&b], FakeFeed::full(5));
+}
+
+/// The host's change stream lost a change to a parked feed and says it lagged: the feeds are
+/// listed and compared with what was parked, and only the one with news opens again.
+#[test]
+fn a_lagged_change_stream_still_opens_the_parked_feed_with_news() {
+    let live = |initiator| {
+        config(initiator)
+            .live(true)
+            .close_idle_channels_after(Some(Duration::from_secs(5)))
+    };
+    let keys: Vec<FeedKey> = (1..=8).map(key).collect();
+    let stores = [
+        keys.iter().map(|k| (*k, FakeFeed::full(2))).collect(),
+        BTreeMap::new(),
+    ];
+    let mut pair = Pair::new([live(true), live(false)], stores, Link::default(), 23);
+    pair.connect();
+    pair.run_for(Duration::from_secs(30), MAX_STEPS);
+    assert_eq!(pair.peers[1].conn.parked_feeds(), 8);
+    pair.append_lagged(1, keys[3], 1);
+    pair.run_for(Duration::from_secs(3), MAX_STEPS);
+    assert_eq!(pair.peers[0].feeds[&keys[3]], FakeFeed::full(3));
+    assert_eq!(
+        pair.peers[1].conn.tracked_feeds(),
+        1,
+        "only the feed with news"
+    );
+}
