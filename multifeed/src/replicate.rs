@@ -126,7 +126,7 @@ impl ReplicateOptions {
     }
 
     /// Live: how long a feed both sides hold the same stays idle before its channel and its
-    /// hypercore are let go (default 10 s; `None` keeps them open). Either side reopens the
+    /// hypercore are let go (default `None`: they stay open; opt in). Either side reopens the
     /// channel when it has news for the feed, so a live connection's memory follows the feeds
     /// that change. Only the initiator closes, and only towards a peer that reopens on news
     /// (meta protocol 2.1 or later).
