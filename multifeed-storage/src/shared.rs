@@ -115,11 +115,6 @@ pub struct ChangeWatch {
 }
 
 impl ChangeWatch {
-    /// The change counter now; `None` once the core is gone.
-    pub fn version(&self) -> Option<u64> {
-        Some(self.cell.upgrade()?.version.load(Ordering::SeqCst))
-    }
-
     /// Waits until the change counter differs from `seen` and returns the new value; `None`
     /// if the core is gone when it looks. (A core dropped during the wait sends no notice: the
     /// owner ends the wait itself when it lets the core go.)

@@ -17,6 +17,15 @@ fn config(initiator: bool) -> ReplicateConfig {
     ReplicateConfig::new(initiator).max_in_flight(16)
 }
 
+/// How many times `side` reported `Synced`.
+fn synced_reports(pair: &Pair, side: usize) -> usize {
+    pair.peers[side]
+        .events
+        .iter()
+        .filter(|e| matches!(e, ReplicationEvent::Synced))
+        .count()
+}
+
 fn feeds(list: &[(FeedKey, FakeFeed)]) -> BTreeMap<FeedKey, FakeFeed> {
     list.iter().cloned().collect()
 }
@@ -531,13 +540,6 @@ fn live_a_side_that_only_serves_opens_each_channel_after_the_downloader_does() {
 #[test]
 fn live_peers_report_synced_each_time_they_catch_up() {
     let live = |initiator| config(initiator).live(true);
-    let synced = |pair: &Pair, side: usize| {
-        pair.peers[side]
-            .events
-            .iter()
-            .filter(|e| matches!(e, ReplicationEvent::Synced))
-            .count()
-    };
     let (a, b) = (key(1), key(2));
     let stores = [
         feeds(&[(a, FakeFeed::full(30))]),
@@ -548,7 +550,7 @@ fn live_peers_report_synced_each_time_they_catch_up() {
     pair.run_for(Duration::from_secs(5), MAX_STEPS);
     for side in 0..2 {
         assert_eq!(
-            synced(&pair, side),
+            synced_reports(&pair, side),
             1,
             "side {side}: {:?}",
             pair.peers[side].events
@@ -558,12 +560,12 @@ fn live_peers_report_synced_each_time_they_catch_up() {
     }
     // Nothing changes: no new report.
     pair.run_for(Duration::from_secs(60), MAX_STEPS);
-    assert_eq!(synced(&pair, 0), 1);
+    assert_eq!(synced_reports(&pair, 0), 1);
     // An append: both catch up again and say so once more.
     pair.append(1, b, 3);
     pair.run_for(Duration::from_secs(5), MAX_STEPS);
     for side in 0..2 {
-        assert_eq!(synced(&pair, side), 2, "side {side}");
+        assert_eq!(synced_reports(&pair, side), 2, "side {side}");
         assert_eq!(pair.peers[side].feeds[&b], FakeFeed::full(7));
     }
 }
@@ -672,13 +674,6 @@ fn live_idle_channels_close_and_open_again_on_news_from_either_side() {
         keys[..40].iter().map(|k| (*k, FakeFeed::full(3))).collect(),
         keys[40..].iter().map(|k| (*k, FakeFeed::full(2))).collect(),
     ];
-    let synced = |pair: &Pair, side: usize| {
-        pair.peers[side]
-            .events
-            .iter()
-            .filter(|e| matches!(e, ReplicationEvent::Synced))
-            .count()
-    };
     let mut pair = Pair::new([live(true), live(false)], stores, Link::default(), 21);
     pair.connect();
     pair.run_for(Duration::from_secs(60), MAX_STEPS);
@@ -696,7 +691,7 @@ fn live_idle_channels_close_and_open_again_on_news_from_either_side() {
             60,
             "side {side} parked every feed"
         );
-        assert_eq!(synced(&pair, side), 1, "side {side}");
+        assert_eq!(synced_reports(&pair, side), 1, "side {side}");
     }
     let closes = pair.trace.iter().filter(|t| t.contains(": close")).count();
     assert_eq!(closes, 60, "one close per feed, by the initiator");
@@ -727,7 +722,7 @@ fn live_idle_channels_close_and_open_again_on_news_from_either_side() {
     }
     for side in 0..2 {
         assert_eq!(
-            synced(&pair, side),
+            synced_reports(&pair, side),
             4,
             "side {side}: in sync again after each append"
         );
